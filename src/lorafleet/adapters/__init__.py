@@ -1,0 +1,25 @@
+"""What an adapter is: spec, weights, PEFT-format I/O, and the one multi-adapter LoRA operator."""
+
+from lorafleet.adapters.errors import AdapterError
+from lorafleet.adapters.operator import LoraHost, MultiLoraLinear, lora_delta, lora_delta_reference
+from lorafleet.adapters.peft_io import from_bytes, load_peft, save_peft, to_bytes
+from lorafleet.adapters.slots import SlotTable, StackedWeights
+from lorafleet.adapters.spec import LoraSpec, expand_targets
+from lorafleet.adapters.weights import LoraAdapter
+
+__all__ = [
+    "AdapterError",
+    "LoraAdapter",
+    "LoraHost",
+    "LoraSpec",
+    "MultiLoraLinear",
+    "expand_targets",
+    "from_bytes",
+    "load_peft",
+    "lora_delta",
+    "lora_delta_reference",
+    "save_peft",
+    "SlotTable",
+    "StackedWeights",
+    "to_bytes",
+]

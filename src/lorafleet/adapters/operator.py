@@ -1,0 +1,226 @@
+r"""The multi-adapter LoRA operator: the one place where LoRA math lives.
+
+A :class:`MultiLoraLinear` wraps a frozen base ``nn.Linear`` and adds, for each batch row, the delta of
+that row's adapter(s). Training (per-user parameters stacked for the step) and serving (a fixed pool of
+compute slots) both go through :func:`lora_delta`.
+
+::
+
+            x ──────────────► base W ─────────────┐
+            │                                      ▼
+            └─► A[slot(row)] ─► B[slot(row)] ─► × scaling ─► (+) ─► y
+
+Semantics (the reference, :func:`lora_delta_reference`; every fast path must equal it)::
+
+    # x: (Bsz, T, in)  A: (S, r, in)  B: (S, out, r)  scaling: (S,)  slots: (Bsz, L), -1 = none
+    delta = zeros(Bsz, T, out)
+    for b in range(Bsz):
+        for level in range(L):              # L > 1: a stack of adapters, deltas summed
+            s = slots[b, level]
+            if s < 0:
+                continue
+            delta[b] += scaling[s] * (x[b] @ A[s].T) @ B[s].T
+    y = base(x) + delta
+
+Adapters of different ranks share one slot table: a rank-r adapter fills the first r rows of ``A[s]`` and
+the first r columns of ``B[s]``, the rest stays zero, which contributes exactly nothing.
+"""
+
+from __future__ import annotations
+
+import threading
+from contextlib import contextmanager
+from typing import Protocol
+
+import torch
+from torch import Tensor, nn
+
+# Above this many tokens per row the grouped path (one matmul per adapter over all its rows' tokens) wins
+# over per-row gathered weights; decode steps (T == 1) always take the gather + bmm path.
+GROUPED_MIN_TOKENS = 2
+
+
+def _as_levels(slots: Tensor) -> Tensor:
+    return slots.unsqueeze(1) if slots.dim() == 1 else slots  # (Bsz,) -> (Bsz, 1)
+
+
+def lora_delta_reference(x: Tensor, A: Tensor, B: Tensor, scaling: Tensor, slots: Tensor) -> Tensor:
+    """Plain-loop reference of the operator (see the module docstring). Slow; for tests only."""
+    slots = _as_levels(slots)
+    delta = x.new_zeros(x.shape[0], x.shape[1], B.shape[1])  # (Bsz, T, out)
+    for b in range(x.shape[0]):
+        for level in range(slots.shape[1]):
+            s = int(slots[b, level])
+            if s < 0:
+                continue
+            delta[b] += scaling[s] * (x[b] @ A[s].T) @ B[s].T
+    return delta
+
+
+def _row_dropout(x: Tensor, p: Tensor) -> Tensor:
+    """Inverted dropout with a per-row probability ``p: (n,)`` on ``x: (n, T, in)``."""
+    keep = 1.0 - p[:, None, None]  # (n, 1, 1)
+    mask = (torch.rand_like(x) < keep).to(x.dtype)
+    return x * mask / keep
+
+
+def _gather_bmm(x: Tensor, A: Tensor, B: Tensor, scale: Tensor, idx: Tensor) -> Tensor:
+    """Rows ``x: (n, T, in)`` each with slot ``idx: (n,)``; per-row weights gathered, two bmm."""
+    a = A.index_select(0, idx)  # (n, r, in)
+    b = B.index_select(0, idx)  # (n, out, r)
+    h = torch.bmm(x, a.transpose(1, 2))  # (n, T, r)
+    h = h * scale.index_select(0, idx)[:, None, None]
+    return torch.bmm(h, b.transpose(1, 2))  # (n, T, out)
+
+
+def _grouped(x: Tensor, A: Tensor, B: Tensor, scale: Tensor, idx: Tensor) -> Tensor:
+    """Same result as :func:`_gather_bmm`, one pair of matmuls per distinct adapter."""
+    out = x.new_zeros(x.shape[0], x.shape[1], B.shape[1])  # (n, T, out)
+    for s in torch.unique(idx).tolist():
+        rows = (idx == s).nonzero(as_tuple=True)[0]
+        xs = x.index_select(0, rows)  # (m, T, in)
+        h = (xs @ A[s].T) * scale[s]  # (m, T, r)
+        out.index_copy_(0, rows, h @ B[s].T)  # (m, T, out)
+    return out
+
+
+def lora_delta(
+    x: Tensor,
+    A: Tensor,
+    B: Tensor,
+    scaling: Tensor,
+    slots: Tensor,
+    dropout: Tensor | None = None,
+) -> Tensor:
+    """The operator's fast path. Shapes as in the module docstring; returns ``delta: (Bsz, T, out)``.
+
+    Only rows with an adapter are computed. ``dropout: (S,)`` per-slot probabilities (training only).
+    Differentiable w.r.t. ``x``, ``A`` and ``B`` (the trainer stacks per-user parameters into ``A``/``B``).
+    """
+    slots = _as_levels(slots)
+    delta: Tensor | None = None
+    for level in range(slots.shape[1]):
+        s = slots[:, level]
+        rows = (s >= 0).nonzero(as_tuple=True)[0]
+        if rows.numel() == 0:
+            continue
+        idx = s.index_select(0, rows)  # (n,)
+        xs = x.index_select(0, rows)  # (n, T, in)
+        if dropout is not None:
+            xs = _row_dropout(xs, dropout.index_select(0, idx))
+        few_adapters = torch.unique(idx).numel() * 4 <= rows.numel()
+        if x.shape[1] >= GROUPED_MIN_TOKENS and few_adapters:
+            part = _grouped(xs, A, B, scaling, idx)
+        else:
+            part = _gather_bmm(xs, A, B, scaling, idx)
+        if delta is None:
+            delta = x.new_zeros(x.shape[0], x.shape[1], B.shape[1])
+        delta = delta.index_add(0, rows, part)
+    if delta is None:
+        return x.new_zeros(x.shape[0], x.shape[1], B.shape[1])
+    return delta
+
+
+class SlotWeights(Protocol):
+    """What a forward reads its adapters from: a serving pool or a training step's stack."""
+
+    scaling: Tensor  # (S,)
+    dropout: Tensor | None  # (S,) training only
+
+    def tensors(self, layer: str) -> tuple[Tensor, Tensor] | None:
+        """``(A: (S, r, in), B: (S, out, r))`` for a wrapped layer, or None if no slot touches it."""
+
+
+class LoraRouting(threading.local):
+    """Per-thread routing for one model: which slot each row uses, and where slot weights live.
+
+    Thread-local, so a training thread and a serving thread can share the resident base.
+    """
+
+    def __init__(self) -> None:
+        self.slots: Tensor | None = None  # (Bsz, L) long, -1 = no adapter; None = base only
+        self.table: SlotWeights | None = None
+
+
+class MultiLoraLinear(nn.Module):
+    """A frozen base linear plus per-row LoRA deltas read from the routed :class:`SlotWeights`."""
+
+    def __init__(self, base: nn.Linear, name: str, routing: LoraRouting) -> None:
+        super().__init__()
+        self.base = base
+        self.name = name
+        self.routing = routing
+
+    @property
+    def in_features(self) -> int:
+        return self.base.in_features
+
+    @property
+    def out_features(self) -> int:
+        return self.base.out_features
+
+    @property
+    def weight(self) -> Tensor:  # transformers sometimes reads .weight (dtype/device checks)
+        return self.base.weight
+
+    def forward(self, x: Tensor) -> Tensor:
+        y = self.base(x)
+        slots, table = self.routing.slots, self.routing.table
+        if slots is None or table is None:
+            return y
+        ab = table.tensors(self.name)
+        if ab is None:
+            return y
+        shape = x.shape
+        x3 = x.reshape(shape[0], -1, shape[-1])  # (Bsz, T, in)
+        delta = lora_delta(x3, ab[0], ab[1], table.scaling, slots, table.dropout)
+        return y + delta.reshape(*shape[:-1], -1).to(y.dtype)
+
+
+class LoraHost:
+    """Wraps a base model's target linears with :class:`MultiLoraLinear` once, and routes rows to slots.
+
+    One host per model object (kept on the model), so training and serving in one process share it.
+    """
+
+    def __init__(self, model: nn.Module, projections: tuple[str, ...]) -> None:
+        self.model = model
+        self.routing = LoraRouting()
+        self.layers: dict[str, MultiLoraLinear] = {}
+        for name, module in list(model.named_modules()):
+            if ".layers." not in name or not isinstance(module, nn.Linear):
+                continue
+            if name.rsplit(".", 1)[-1] not in projections:
+                continue
+            parent_name, _, child = name.rpartition(".")
+            wrapped = MultiLoraLinear(module, name, self.routing)
+            setattr(model.get_submodule(parent_name), child, wrapped)
+            self.layers[name] = wrapped
+
+    @classmethod
+    def attach(cls, model: nn.Module, projections: tuple[str, ...] | None = None) -> LoraHost:
+        """The host of ``model``, wrapping every targetable projection on first use."""
+        from lorafleet.adapters.spec import ATTENTION_TARGETS, MLP_TARGETS  # noqa: PLC0415
+
+        host = getattr(model, "_lorafleet_host", None)
+        if host is None:
+            host = cls(model, projections or ATTENTION_TARGETS + MLP_TARGETS)
+            model._lorafleet_host = host
+        return host
+
+    @contextmanager
+    def route(self, table: SlotWeights | None, slots: Tensor | list | None):
+        """Within the block (this thread), row ``b`` of every forward uses ``table`` slot ``slots[b]``.
+
+        ``slots`` is ``(Bsz,)`` or ``(Bsz, L)`` for stacks; ``-1`` = no adapter; ``None`` = base only.
+        """
+        previous = (self.routing.slots, self.routing.table)
+        if slots is not None and not isinstance(slots, Tensor):
+            slots = torch.tensor(slots, dtype=torch.long)
+        device = next(self.model.parameters()).device
+        self.routing.slots = None if slots is None else _as_levels(slots.to(device=device, dtype=torch.long))
+        self.routing.table = table
+        try:
+            yield self
+        finally:
+            self.routing.slots, self.routing.table = previous

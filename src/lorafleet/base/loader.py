@@ -1,0 +1,235 @@
+"""Load the shared base: a float32 causal LM + tokenizer with its chat template, and a fingerprint.
+
+The fingerprint is sha256 over the weight file(s) and the architecture part of the config; an adapter
+made for one base is refused on another. GGUF bases are dequantized once and cached as safetensors
+under ``<data_dir>/bases/<source digest>/``; a later load verifies the cache against its manifest
+(weights digest and fingerprint) and rebuilds it if anything does not match.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from lorafleet.base.sources import BaseSource, resolve_source
+from lorafleet.base.tiny import tiny_model
+from lorafleet.config import data_dir
+
+log = logging.getLogger(__name__)
+
+# Architecture fields that define the shape of the base; other config fields (library version, defaults
+# that move between transformers releases) must not change the fingerprint.
+ARCH_FIELDS = (
+    "model_type",
+    "vocab_size",
+    "hidden_size",
+    "intermediate_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "head_dim",
+    "tie_word_embeddings",
+)
+_CHUNK = 1 << 20
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(_CHUNK):
+            h.update(block)
+    return h.hexdigest()
+
+
+def arch_of(config) -> dict:
+    return {k: getattr(config, k, None) for k in ARCH_FIELDS}
+
+
+def fingerprint_of(weight_digests: list[str], config) -> str:
+    """sha256 over the weights' digests (in order) and the canonical architecture JSON."""
+    h = hashlib.sha256()
+    for digest in weight_digests:
+        h.update(digest.encode() + b"\0")
+    h.update(json.dumps(arch_of(config), sort_keys=True).encode())
+    return h.hexdigest()
+
+
+def state_dict_digest(model: nn.Module) -> str:
+    h = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        h.update(name.encode() + b"\0")
+        h.update(tensor.detach().contiguous().cpu().numpy().tobytes())
+    return h.hexdigest()
+
+
+@dataclass
+class BaseModel:
+    """The resident shared base. ``model`` is a transformers causal LM in eval mode, frozen."""
+
+    name: str
+    source: BaseSource
+    model: nn.Module
+    tokenizer: object
+    fingerprint: str
+    load_seconds: float
+    from_cache: bool
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def config(self):
+        return self.model.config
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @property
+    def num_parameters(self) -> int:
+        # Tied embeddings share storage; count each tensor once.
+        seen, total = set(), 0
+        for p in self.model.parameters():
+            if p.data_ptr() not in seen:
+                seen.add(p.data_ptr())
+                total += p.numel()
+        return total
+
+    def linear_modules(self) -> dict[str, nn.Linear]:
+        """Targetable linear layers inside the transformer blocks, by full module name."""
+        out = {}
+        for name, module in self.model.named_modules():
+            if ".layers." not in name or name.endswith(".base"):
+                continue  # ".base" is the inner linear of a LoRA wrapper, reported under the wrapper's name
+            linear = getattr(module, "base", module)
+            if isinstance(linear, nn.Linear):
+                out[name] = linear
+        return out
+
+    def info(self) -> dict:
+        cfg = self.config
+        return {
+            "name": self.name,
+            "kind": self.source.kind,
+            "path": str(self.source.path) if self.source.path else None,
+            "parameters": self.num_parameters,
+            "layers": cfg.num_hidden_layers,
+            "hidden_size": cfg.hidden_size,
+            "intermediate_size": cfg.intermediate_size,
+            "attention_heads": cfg.num_attention_heads,
+            "kv_heads": getattr(cfg, "num_key_value_heads", cfg.num_attention_heads),
+            "vocab_size": cfg.vocab_size,
+            "dtype": str(next(self.model.parameters()).dtype).replace("torch.", ""),
+            "device": str(self.device),
+            "fingerprint": self.fingerprint,
+            "load_seconds": round(self.load_seconds, 3),
+            "from_cache": self.from_cache,
+        }
+
+
+def _freeze(model: nn.Module, device: str | torch.device) -> nn.Module:
+    model = model.to(device=device, dtype=torch.float32).eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model
+
+
+def _load_tiny(source: BaseSource) -> tuple[nn.Module, object, str]:
+    model, tokenizer = tiny_model(source.seed)
+    return model, tokenizer, fingerprint_of([state_dict_digest(model)], model.config)
+
+
+def _load_hf_dir(path: Path) -> tuple[nn.Module, object, str]:
+    from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: PLC0415 - heavy import
+
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    digests = [sha256_file(p) for p in sorted(path.glob("*.safetensors"))]
+    return model, tokenizer, fingerprint_of(digests, model.config)
+
+
+def _load_gguf(source: BaseSource, use_cache: bool) -> tuple[nn.Module, object, str, bool]:
+    """Dequantize a GGUF once; later loads read the verified safetensors cache."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: PLC0415 - heavy import
+
+    gguf_digest = sha256_file(source.path)
+    cache = data_dir() / "bases" / gguf_digest[:32]
+    manifest_path = cache / "lorafleet-manifest.json"
+    if use_cache and manifest_path.is_file():
+        try:
+            manifest = json.loads(manifest_path.read_text())
+            weights = cache / "model.safetensors"
+            if sha256_file(weights) != manifest["weights_sha256"]:
+                raise ValueError("cached weights do not match their manifest digest")
+            model = AutoModelForCausalLM.from_pretrained(cache, dtype=torch.float32)
+            tokenizer = AutoTokenizer.from_pretrained(cache)
+            fingerprint = fingerprint_of([gguf_digest], model.config)
+            if fingerprint != manifest["fingerprint"]:
+                raise ValueError("cached base fingerprint does not match the GGUF")
+            return model, tokenizer, fingerprint, True
+        except Exception as exc:  # a damaged cache is rebuilt, never trusted
+            log.warning("base cache at %s is unusable (%s); rebuilding it from the GGUF", cache, exc)
+            shutil.rmtree(cache, ignore_errors=True)
+
+    directory, filename = source.path.parent, source.path.name
+    model = AutoModelForCausalLM.from_pretrained(directory, gguf_file=filename, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(directory, gguf_file=filename)
+    # The GGUF quantization note would make from_pretrained of the cache look for a GGUF again.
+    # It is dequantized to float32 already; drop the quantizer so the cache saves as plain weights.
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.hf_quantizer = None
+    model.is_quantized = False
+    fingerprint = fingerprint_of([gguf_digest], model.config)
+    if use_cache:
+        _write_cache(cache, model, tokenizer, fingerprint, source)
+    return model, tokenizer, fingerprint, False
+
+
+def _write_cache(cache: Path, model, tokenizer, fingerprint: str, source: BaseSource) -> None:
+    """Write into a temp dir beside the cache and rename: a crash never leaves a half cache."""
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=cache.parent))
+    try:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        weights = tmp / "model.safetensors"
+        manifest = {"fingerprint": fingerprint, "weights_sha256": sha256_file(weights), "source": str(source.path)}
+        (tmp / "lorafleet-manifest.json").write_text(json.dumps(manifest, indent=2))
+        os.replace(tmp, cache) if not cache.exists() else shutil.rmtree(tmp)
+    except OSError as exc:
+        log.warning("could not write the base cache (%s); continuing without it", exc)
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def load_base(name_or_path: str | None = None, *, device: str | torch.device = "cpu", use_cache: bool = True) -> BaseModel:
+    """Load a base by name or path (see :func:`resolve_source`), frozen, float32, in eval mode."""
+    start = time.perf_counter()
+    source = resolve_source(name_or_path)
+    from_cache = False
+    if source.kind == "tiny":
+        model, tokenizer, fingerprint = _load_tiny(source)
+    elif source.kind == "hf":
+        model, tokenizer, fingerprint = _load_hf_dir(source.path)
+    else:
+        model, tokenizer, fingerprint, from_cache = _load_gguf(source, use_cache)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    model = _freeze(model, device)
+    return BaseModel(
+        name=source.name,
+        source=source,
+        model=model,
+        tokenizer=tokenizer,
+        fingerprint=fingerprint,
+        load_seconds=time.perf_counter() - start,
+        from_cache=from_cache,
+    )

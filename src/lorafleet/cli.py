@@ -1,0 +1,139 @@
+"""``lorafleet`` — the command line. Each room of the package adds its commands here."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import typer
+from rich.table import Table
+
+from lorafleet.cli_common import console, handle_errors, print_json, quiet_libraries
+
+app = typer.Typer(help="lorafleet: one shared base LLM, many persistent personal models.", no_args_is_help=True)
+base_app = typer.Typer(help="The shared base model.", no_args_is_help=True)
+lora_app = typer.Typer(help="LoRA adapter directories in the PEFT format.", no_args_is_help=True)
+app.add_typer(base_app, name="base")
+app.add_typer(lora_app, name="lora")
+
+BaseOpt = typer.Option(None, "--base", help="base name or path (default: $LORAFLEET_BASE or smollm2-135m-instruct)")
+
+
+def _base_name(base: str | None) -> str | None:
+    return base or os.environ.get("LORAFLEET_BASE")
+
+
+def _load(base: str | None):
+    quiet_libraries()
+    from lorafleet.base import load_base  # noqa: PLC0415 - torch import is slow; only when needed
+
+    with console.status("loading the base model…"):
+        return load_base(_base_name(base))
+
+
+@base_app.command("info")
+@handle_errors
+def base_info(base: str | None = BaseOpt, as_json: bool = typer.Option(False, "--json", help="print JSON")) -> None:
+    """Name, parameters, layers, dims, fingerprint and load time of the base."""
+    info = _load(base).info()
+    if as_json:
+        print_json(info)
+        return
+    table = Table(title="base model", show_header=False)
+    for key, value in info.items():
+        table.add_row(key, f"{value:,}" if isinstance(value, int) and not isinstance(value, bool) else str(value))
+    console.print(table)
+
+
+@lora_app.command("new")
+@handle_errors
+def lora_new(
+    directory: Path = typer.Argument(..., help="output PEFT directory"),
+    rank: int = typer.Option(8, help="LoRA rank (1..64)"),
+    alpha: float = typer.Option(16.0, help="LoRA alpha (scaling = alpha / rank)"),
+    dropout: float = typer.Option(0.0, help="LoRA dropout (training only)"),
+    targets: str = typer.Option("attention", help="attention, mlp, all, or a comma list of projections"),
+    init: str = typer.Option("standard", help="standard (B = 0, starts as the base) or random"),
+    seed: int = typer.Option(0, help="init seed"),
+    base: str | None = BaseOpt,
+) -> None:
+    """Create a new adapter for the base and write it in the PEFT format."""
+    from lorafleet.adapters import LoraAdapter, LoraSpec, save_peft  # noqa: PLC0415
+
+    spec = LoraSpec(rank=rank, alpha=alpha, dropout=dropout, target_modules=targets)
+    b = _load(base)
+    adapter = LoraAdapter.create(b, spec, seed=seed, init=init)
+    save_peft(adapter, directory)
+    s = adapter.summary(b)
+    console.print(f"wrote {directory}: rank {s['rank']}, {s['modules']} modules, {s['parameters']:,} parameters, "
+                  f"{s['bytes'] / 1024:.1f} KiB ({s['percent_of_base']:.3f}% of the base)")
+
+
+@lora_app.command("inspect")
+@handle_errors
+def lora_inspect(
+    directory: Path = typer.Argument(..., help="PEFT adapter directory"),
+    base: str | None = BaseOpt,
+    as_json: bool = typer.Option(False, "--json", help="print JSON"),
+) -> None:
+    """Validate an adapter directory against the base and report its size."""
+    from lorafleet.adapters import load_peft  # noqa: PLC0415
+
+    b = _load(base)
+    summary = load_peft(directory, b).summary(b)
+    if as_json:
+        print_json(summary)
+        return
+    table = Table(title=str(directory), show_header=False)
+    for key, value in summary.items():
+        table.add_row(key, str(value))
+    console.print(table)
+
+
+@app.command("generate")
+@handle_errors
+def generate_cmd(
+    prompt: str = typer.Argument(..., help="user message (the base's chat template is applied)"),
+    adapter: Path | None = typer.Option(None, "--adapter", help="PEFT adapter directory"),
+    compare: bool = typer.Option(False, "--compare", help="also generate without the adapter, side by side"),
+    max_tokens: int = typer.Option(64, "--max-tokens", min=1, max=4096),
+    temperature: float = typer.Option(0.0, min=0.0, max=5.0, help="0 = greedy"),
+    seed: int = typer.Option(0),
+    base: str | None = BaseOpt,
+    as_json: bool = typer.Option(False, "--json", help="print JSON"),
+) -> None:
+    """Generate a reply from the base, optionally through a personal adapter."""
+    from lorafleet.adapters import load_peft  # noqa: PLC0415
+    from lorafleet.serving.hf_generate import generate  # noqa: PLC0415
+
+    b = _load(base)
+    loaded = load_peft(adapter, b) if adapter else None
+    rows = [loaded, None] if loaded is not None and compare else [loaded]
+    outs = generate(b, [prompt] * len(rows), rows, max_new_tokens=max_tokens, temperature=temperature, seed=seed)
+    labels = ["adapter" if r is not None else "base" for r in rows]
+    if as_json:
+        print_json({label: text for label, text in zip(labels, outs, strict=True)})
+        return
+    for label, text in zip(labels, outs, strict=True):
+        console.print(f"[bold]{label}[/]: {text}", highlight=False)
+
+
+@app.command("demo")
+@handle_errors
+def demo_cmd(
+    quick: bool = typer.Option(False, "--quick", help="tiny random model, a few steps (a smoke test)"),
+    base: str | None = BaseOpt,
+) -> None:
+    """The end-to-end tour: load the base, make a personal adapter, generate with and without it."""
+    quiet_libraries()
+    from lorafleet.demo import run_demo  # noqa: PLC0415
+
+    run_demo(quick=quick, base=_base_name(base))
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

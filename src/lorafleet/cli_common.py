@@ -1,0 +1,63 @@
+"""Shared CLI plumbing: one console, quiet third-party logs, errors as one clear line and exit code 2."""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import warnings
+
+import typer
+from rich.console import Console
+
+console = Console()
+err_console = Console(stderr=True)
+
+
+def quiet_libraries() -> None:
+    """transformers' progress bars and deprecation chatter are noise for a CLI user."""
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", category=UserWarning, module="transformers")
+    try:
+        from transformers.utils import logging as hf_logging  # noqa: PLC0415
+
+        hf_logging.set_verbosity_error()
+        hf_logging.disable_progress_bar()
+    except ImportError:  # pragma: no cover
+        pass
+
+
+def user_errors() -> tuple[type[Exception], ...]:
+    """Exceptions that mean "bad input" — shown as a message, never a traceback."""
+    from lorafleet.adapters.errors import AdapterError  # noqa: PLC0415
+    from lorafleet.base.sources import BaseSourceError  # noqa: PLC0415
+    from lorafleet.training.data import DataError  # noqa: PLC0415
+
+    errors: list[type[Exception]] = [AdapterError, BaseSourceError, DataError]
+    try:
+        from lorafleet.registry.errors import RegistryError  # noqa: PLC0415
+
+        errors.append(RegistryError)
+    except ImportError:  # pragma: no cover - registry not installed
+        pass
+    return tuple(errors)
+
+
+def handle_errors(fn):
+    """Decorator for CLI commands: a user error prints ``error: ...`` on stderr and exits with code 2."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except user_errors() as exc:
+            err_console.print(f"[bold red]error:[/] {exc}", highlight=False)
+            raise typer.Exit(2) from None
+
+    return wrapper
+
+
+def print_json(obj) -> None:
+    typer.echo(json.dumps(obj, indent=2, default=str))

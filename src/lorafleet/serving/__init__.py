@@ -1,0 +1,1 @@
+"""Serving: generation over the resident base with per-row adapters."""

@@ -1,0 +1,1 @@
+"""Personal training: data formats, losses (SFT, DPO), the multi-tenant trainer, jobs."""
