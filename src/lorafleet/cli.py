@@ -16,6 +16,18 @@ lora_app = typer.Typer(help="LoRA adapter directories in the PEFT format.", no_a
 app.add_typer(base_app, name="base")
 app.add_typer(lora_app, name="lora")
 
+
+def _mount_rooms() -> None:
+    """Each room of the package owns its commands; they are mounted here."""
+    from lorafleet.registry.cli import app as registry_app  # noqa: PLC0415
+    from lorafleet.training.cli import register as register_training  # noqa: PLC0415
+
+    app.add_typer(registry_app, name="adapters", help="The adapter registry: identities, revisions, aliases.")
+    register_training(app)
+
+
+_mount_rooms()
+
 BaseOpt = typer.Option(None, "--base", help="base name or path (default: $LORAFLEET_BASE or smollm2-135m-instruct)")
 
 

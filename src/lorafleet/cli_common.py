@@ -34,8 +34,9 @@ def user_errors() -> tuple[type[Exception], ...]:
     from lorafleet.adapters.errors import AdapterError  # noqa: PLC0415
     from lorafleet.base.sources import BaseSourceError  # noqa: PLC0415
     from lorafleet.training.data import DataError  # noqa: PLC0415
+    from lorafleet.training.trainer import TrainConfigError  # noqa: PLC0415
 
-    errors: list[type[Exception]] = [AdapterError, BaseSourceError, DataError]
+    errors: list[type[Exception]] = [AdapterError, BaseSourceError, DataError, TrainConfigError]
     try:
         from lorafleet.registry.errors import RegistryError  # noqa: PLC0415
 

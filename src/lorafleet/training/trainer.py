@@ -19,6 +19,10 @@ from lorafleet.training.data import IGNORE, Dataset, TokenizeReport, tokenize_pa
 from lorafleet.training.losses import dpo_loss, sequence_logprob, sft_token_loss
 
 
+class TrainConfigError(ValueError):
+    """A training hyperparameter is out of range; the message names the field."""
+
+
 @dataclass(frozen=True)
 class TrainConfig:
     """Hyperparameters of one user's training; recorded in the revision's provenance."""
@@ -49,7 +53,7 @@ class TrainConfig:
         }
         bad = [k for k, ok in checks.items() if not ok]
         if bad:
-            raise ValueError(f"invalid training config field(s) {bad}: got {[getattr(self, k) for k in bad]}")
+            raise TrainConfigError(f"invalid training config field(s) {bad}: got {[getattr(self, k) for k in bad]}")
 
     def to_dict(self) -> dict:
         return {**asdict(self), "betas": list(self.betas)}

@@ -1,0 +1,209 @@
+"""Jobs: the persisted queue, the worker (packing, checkpoints, resume after SIGKILL), bad input."""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+import sqlalchemy as sa
+
+from lorafleet.adapters import LoraSpec, from_bytes
+from lorafleet.registry import NotFoundError, Registry
+from lorafleet.registry.schema import jobs as jobs_table
+from lorafleet.training.data import dataset_from_records
+from lorafleet.training.jobs import JobError, JobQueue
+from lorafleet.training.trainer import TrainConfig
+from lorafleet.training.worker import Worker, WorkerConfig
+
+
+def records(tag, n=6):
+    return [{"messages": [{"role": "user", "content": f"q{i} {tag}"}, {"role": "assistant", "content": f"{tag} says {i}"}]}
+            for i in range(n)]
+
+
+@pytest.fixture()
+def reg(tmp_path):
+    r = Registry(f"sqlite:///{tmp_path / 'reg.db'}", str(tmp_path / "blobs"))
+    yield r
+    r.close()
+
+
+SPEC = LoraSpec(rank=4, alpha=8, target_modules="all")
+
+
+def _submit(queue, reg, ref, steps=4, **kw):
+    reg.create_adapter(ref, exist_ok=True)
+    return queue.submit(ref, dataset_from_records(records(ref.split("/")[1]), "sft"), SPEC,
+                        TrainConfig(steps=steps, lr=5e-3, batch_size=2), **kw)
+
+
+def test_jobs_run_packed_and_commit_candidates(tiny_base, reg):
+    queue = JobQueue(reg)
+    ids = [_submit(queue, reg, f"acme/u{i}/style").id for i in range(3)]
+    worker = Worker(reg, tiny_base, WorkerConfig(max_jobs=8, checkpoint_every=2))
+    finished = worker.run()
+    assert sorted(j.id for j in finished) == ids
+    assert worker.global_steps == 4  # three users packed into the same 4 steps
+    for job_id in ids:
+        job = queue.get(job_id)
+        assert job.state == "succeeded" and job.step == 4 and len(job.losses) == 4 and job.result_number == 1
+        rev = reg.resolve(f"{job.ref}@candidate")
+        assert rev.number == 1
+        prov = rev.provenance
+        assert prov.base_fingerprint == tiny_base.fingerprint and prov.method == "sft"
+        assert prov.dataset_digest == job.dataset_digest and prov.example_count == 6
+        assert prov.hyperparams["rank"] == 4 and prov.hyperparams["job_id"] == job_id
+        from_bytes(reg.read_blob(rev.digest), tiny_base)
+
+
+def test_warm_start_from_live_records_parent(tiny_base, reg):
+    queue = JobQueue(reg)
+    first = _submit(queue, reg, "acme/ann/style")
+    Worker(reg, tiny_base).run()
+    reg.set_alias("acme/ann/style", "live", 1, reason="test")
+    second = _submit(queue, reg, "acme/ann/style")
+    Worker(reg, tiny_base).run()
+    rev = reg.resolve("acme/ann/style#2")
+    assert queue.get(second.id).result_number == 2 and queue.get(first.id).result_number == 1
+    assert rev.provenance.parent == 1 and rev.provenance.parent_digest == reg.resolve("acme/ann/style#1").digest
+
+
+def test_cancel_queued_and_running(tiny_base, reg):
+    queue = JobQueue(reg)
+    queued = _submit(queue, reg, "acme/bo/style")
+    assert queue.cancel(queued.id).state == "cancelled"
+    with pytest.raises(JobError, match="already cancelled"):
+        queue.cancel(queued.id)
+    running = _submit(queue, reg, "acme/cy/style", steps=50)
+    worker = Worker(reg, tiny_base)
+    worker.run(max_steps=1, until_idle=False)  # leaves it released (queued) with a checkpoint
+    assert queue.get(running.id).state == "queued" and queue.get(running.id).step == 1
+    worker = Worker(reg, tiny_base)
+    original = worker._step
+
+    def step_then_cancel():
+        original()
+        if worker.global_steps == 2:
+            queue.cancel(running.id)
+
+    worker._step = step_then_cancel
+    worker.run()
+    job = queue.get(running.id)
+    assert job.state == "cancelled" and job.step < 50
+    assert reg.history("acme/cy/style") == []  # nothing committed
+
+
+@pytest.mark.parametrize(
+    ("ref", "match", "exc"),
+    [("acme/nobody/style", "does not exist", NotFoundError), ("acme/../x", "invalid", Exception)],
+)
+def test_submit_errors_leave_no_job(reg, ref, match, exc):
+    queue = JobQueue(reg)
+    with pytest.raises(exc, match=match):
+        queue.submit(ref, dataset_from_records(records("x"), "sft"), SPEC, TrainConfig())
+    assert queue.list() == []
+
+
+def test_method_dataset_mismatch(reg):
+    reg.create_adapter("acme/dd/style")
+    with pytest.raises(JobError, match="holds 'sft' records but the method is 'dpo'"):
+        JobQueue(reg).submit("acme/dd/style", dataset_from_records(records("x"), "sft"), SPEC, TrainConfig(method="dpo"))
+    assert JobQueue(reg).list() == []
+
+
+def test_job_with_unusable_data_fails_alone(tiny_base, reg):
+    queue = JobQueue(reg)
+    good = _submit(queue, reg, "acme/ok/style")
+    reg.create_adapter("acme/long/style")
+    too_long = [{"messages": [{"role": "user", "content": "x " * 300}, {"role": "assistant", "content": "y"}]}]
+    bad = queue.submit("acme/long/style", dataset_from_records(too_long, "sft"), SPEC, TrainConfig(steps=2, max_len=32))
+    Worker(reg, tiny_base).run()
+    assert queue.get(good.id).state == "succeeded"
+    failed = queue.get(bad.id)
+    assert failed.state == "failed" and "no usable example" in failed.error
+
+
+def test_claim_is_exclusive_and_leases_expire(reg):
+    queue = JobQueue(reg)
+    for i in range(4):
+        _submit(queue, reg, f"acme/c{i}/style")
+    a = queue.claim("wa", 3, lease_seconds=60)
+    b = queue.claim("wb", 3, lease_seconds=60)
+    assert len(a) == 3 and len(b) == 1 and not {j.id for j in a} & {j.id for j in b}
+    assert queue.claim("wc", 5, lease_seconds=60) == []
+    with reg.engine.begin() as conn:  # wa's lease runs out (its process died)
+        conn.execute(jobs_table.update().where(jobs_table.c.worker_id == "wa").values(lease_until=sa.func.datetime("now", "-1 hour")))
+    again = queue.claim("wc", 5, lease_seconds=60)
+    assert {j.id for j in again} == {j.id for j in a} and all(j.attempts == 2 for j in again)
+    assert not queue.heartbeat(a[0].id, "wa", lease_seconds=60, step=1, loss=0.1, losses=[0.1])  # wa lost it
+
+
+WORKER_SCRIPT = textwrap.dedent("""
+    import sys
+    from lorafleet.base import load_base
+    from lorafleet.registry import Registry
+    from lorafleet.training.worker import Worker, WorkerConfig
+    reg = Registry(sys.argv[1], sys.argv[2])
+    Worker(reg, load_base("tiny"), WorkerConfig(lease_seconds=float(sys.argv[3]), checkpoint_every=3)).run()
+""")
+
+
+def test_sigkilled_worker_resumes_from_checkpoint_with_equal_result(tiny_base, tmp_path):
+    db_url, blobs = f"sqlite:///{tmp_path / 'reg.db'}", str(tmp_path / "blobs")
+    reg = Registry(db_url, blobs)
+    queue = JobQueue(reg)
+    data = dataset_from_records(records("same"), "sft")
+    cfg = TrainConfig(steps=8, lr=5e-3, batch_size=2)
+    for ref in ("acme/one/style", "acme/two/style"):
+        reg.create_adapter(ref)
+    first = queue.submit("acme/one/style", data, SPEC, cfg)
+    env = {**os.environ, "LORAFLEET_WORKER_FAULT": "kill_after_step:4"}
+    proc = subprocess.run([sys.executable, "-c", WORKER_SCRIPT, db_url, blobs, "1"], env=env, capture_output=True,
+                          timeout=120)
+    assert proc.returncode == -9, proc.stderr.decode()[-2000:]
+    job = queue.get(first.id)
+    assert job.state == "running" and job.checkpoint_digest and job.step == 4  # checkpointed at step 3, then 4 done
+    time.sleep(1.2)  # let the dead worker's lease expire
+    subprocess.run([sys.executable, "-c", WORKER_SCRIPT, db_url, blobs, "30"], check=True, capture_output=True,
+                   timeout=120)
+    job = queue.get(first.id)
+    assert job.state == "succeeded" and job.attempts == 2 and job.step == 8
+    queue.submit("acme/two/style", data, SPEC, cfg)
+    Worker(reg, tiny_base).run()
+    a = from_bytes(reg.read_blob(reg.resolve("acme/one/style#1").digest))
+    b = from_bytes(reg.read_blob(reg.resolve("acme/two/style#1").digest))
+    diff = max(max((a.weights[n][0] - b.weights[n][0]).abs().max().item(),
+                   (a.weights[n][1] - b.weights[n][1]).abs().max().item()) for n in a.weights)
+    assert diff < 1e-5
+    assert json.dumps(queue.get(first.id).losses) and len(queue.get(first.id).losses) == 8
+    reg.close()
+
+
+def test_two_workers_share_one_queue_each_job_runs_once(tiny_base, registry_url, tmp_path):
+    """Two workers (threads, each with its own registry connection pool) drain one queue, on SQLite and on
+    PostgreSQL (row locking with SKIP LOCKED): every job runs exactly once."""
+    import threading
+
+    blobs = str(tmp_path / "blobs")
+    regs = [Registry(registry_url, blobs) for _ in range(3)]
+    queue = JobQueue(regs[0])
+    ids = [_submit(queue, regs[0], f"acme/w{i}/style", steps=1).id for i in range(12)]
+    workers = [Worker(regs[i + 1], tiny_base, WorkerConfig(max_jobs=2), worker_id=f"worker-{i}") for i in range(2)]
+    threads = [threading.Thread(target=w.run) for w in workers]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=300)
+    done_by = {j.id: w.worker_id for w in workers for j in w.finished}
+    assert sorted(done_by) == ids  # every job finished, none twice (a dict would hide a duplicate: count below)
+    assert sum(len(w.finished) for w in workers) == len(ids)
+    assert all(len(w.finished) > 0 for w in workers)
+    for job_id in ids:
+        job = queue.get(job_id)
+        assert job.state == "succeeded" and job.attempts == 1
+        assert [r.number for r in regs[0].history(job.ref)] == [1]
+    for r in regs:
+        r.close()
