@@ -7,7 +7,7 @@ import torch
 from peft import PeftModel
 
 from lorafleet.adapters import LoraAdapter, LoraHost, LoraSpec, SlotTable, StackedWeights, save_peft
-from lorafleet.adapters.operator import _gather_bmm, _grouped, lora_delta, lora_delta_reference
+from lorafleet.adapters.operator import _gather_bmm, _segmented, lora_delta, lora_delta_reference
 
 
 def _random_tables(S=5, ranks=(1, 3, 8, 2, 5), d_in=12, d_out=10, seed=0):
@@ -42,11 +42,12 @@ def test_fast_paths_match_reference(T, slots):
     torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)
 
 
-def test_grouped_and_gather_agree():
+@pytest.mark.parametrize("idx", [[3, 0, 3, 4, 0, 0, 1], [0, 0, 1, 1, 1, 4], [2], [4, 3, 2, 1, 0]])
+def test_segmented_and_gather_agree(idx):
     A, B, scaling = _random_tables()
-    idx = torch.tensor([3, 0, 3, 4, 0, 0, 1])
+    idx = torch.tensor(idx)
     x = torch.randn(idx.shape[0], 6, A.shape[2])
-    torch.testing.assert_close(_grouped(x, A, B, scaling, idx), _gather_bmm(x, A, B, scaling, idx), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(_segmented(x, A, B, scaling, idx), _gather_bmm(x, A, B, scaling, idx), atol=1e-5, rtol=1e-5)
 
 
 def test_gradients_reach_only_own_adapter():

@@ -35,8 +35,8 @@ from typing import Protocol
 import torch
 from torch import Tensor, nn
 
-# Above this many tokens per row the grouped path (one matmul per adapter over all its rows' tokens) wins
-# over per-row gathered weights; decode steps (T == 1) always take the gather + bmm path.
+# From this many tokens per row on, the segmented path (one matmul pair per adapter over all its rows'
+# tokens) wins over per-row gathered weights; decode steps (T == 1) take the gather + bmm path.
 GROUPED_MIN_TOKENS = 2
 
 
@@ -73,14 +73,25 @@ def _gather_bmm(x: Tensor, A: Tensor, B: Tensor, scale: Tensor, idx: Tensor) -> 
     return torch.bmm(h, b.transpose(1, 2))  # (n, T, out)
 
 
-def _grouped(x: Tensor, A: Tensor, B: Tensor, scale: Tensor, idx: Tensor) -> Tensor:
-    """Same result as :func:`_gather_bmm`, one pair of matmuls per distinct adapter."""
-    out = x.new_zeros(x.shape[0], x.shape[1], B.shape[1])  # (n, T, out)
-    for s in torch.unique(idx).tolist():
-        rows = (idx == s).nonzero(as_tuple=True)[0]
-        xs = x.index_select(0, rows)  # (m, T, in)
-        h = (xs @ A[s].T) * scale[s]  # (m, T, r)
-        out.index_copy_(0, rows, h @ B[s].T)  # (m, T, out)
+def _segmented(x: Tensor, A: Tensor, B: Tensor, scale: Tensor, idx: Tensor) -> Tensor:
+    """Same result as :func:`_gather_bmm`: rows sorted by slot, one pair of matmuls per run of equal slots.
+
+    Rows already grouped by adapter (a training step packs each user's rows together) need no copy at all:
+    each run is a view of ``x``.
+    """
+    grouped = idx.numel() < 2 or bool((idx[1:] >= idx[:-1]).all())
+    if not grouped:
+        order = torch.argsort(idx, stable=True)
+        x, idx = x.index_select(0, order), idx.index_select(0, order)
+    slots, counts = torch.unique_consecutive(idx, return_counts=True)
+    parts, start = [], 0
+    for s, c in zip(slots.tolist(), counts.tolist(), strict=True):
+        xs = x[start : start + c]  # (m, T, in), a view
+        start += c
+        parts.append(((xs @ A[s].T) * scale[s]) @ B[s].T)  # (m, T, out)
+    out = torch.cat(parts) if len(parts) > 1 else parts[0]
+    if not grouped:
+        out = out.index_select(0, torch.argsort(order))  # back to the callers' row order
     return out
 
 
@@ -94,28 +105,32 @@ def lora_delta(
 ) -> Tensor:
     """The operator's fast path. Shapes as in the module docstring; returns ``delta: (Bsz, T, out)``.
 
-    Only rows with an adapter are computed. ``dropout: (S,)`` per-slot probabilities (training only).
-    Differentiable w.r.t. ``x``, ``A`` and ``B`` (the trainer stacks per-user parameters into ``A``/``B``).
+    Only rows with an adapter are computed. Prefill/training (``T > 1``) runs one matmul pair per adapter
+    over all its rows' tokens; decode (``T == 1``) gathers per-row weights and runs two ``bmm``.
+    ``dropout: (S,)`` per-slot probabilities (training only). Differentiable w.r.t. ``x``, ``A`` and ``B``.
     """
     slots = _as_levels(slots)
     delta: Tensor | None = None
     for level in range(slots.shape[1]):
         s = slots[:, level]
-        rows = (s >= 0).nonzero(as_tuple=True)[0]
-        if rows.numel() == 0:
+        valid = s >= 0
+        n_valid = int(valid.sum())
+        if n_valid == 0:
             continue
-        idx = s.index_select(0, rows)  # (n,)
-        xs = x.index_select(0, rows)  # (n, T, in)
+        if n_valid == s.numel():  # every row has an adapter: no gather of x needed
+            rows, idx, xs = None, s, x
+        else:
+            rows = valid.nonzero(as_tuple=True)[0]
+            idx, xs = s.index_select(0, rows), x.index_select(0, rows)  # (n,), (n, T, in)
         if dropout is not None:
             xs = _row_dropout(xs, dropout.index_select(0, idx))
-        few_adapters = torch.unique(idx).numel() * 4 <= rows.numel()
-        if x.shape[1] >= GROUPED_MIN_TOKENS and few_adapters:
-            part = _grouped(xs, A, B, scaling, idx)
+        if x.shape[1] >= GROUPED_MIN_TOKENS:
+            part = _segmented(xs, A, B, scaling, idx)
         else:
             part = _gather_bmm(xs, A, B, scaling, idx)
-        if delta is None:
-            delta = x.new_zeros(x.shape[0], x.shape[1], B.shape[1])
-        delta = delta.index_add(0, rows, part)
+        if rows is not None:
+            part = x.new_zeros(x.shape[0], x.shape[1], B.shape[1]).index_add(0, rows, part)
+        delta = part if delta is None else delta + part
     if delta is None:
         return x.new_zeros(x.shape[0], x.shape[1], B.shape[1])
     return delta
