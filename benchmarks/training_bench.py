@@ -35,8 +35,8 @@ def user_records(u: int, n: int) -> list[dict]:
 
 def child(mode: str, base_name: str, users: int, examples: int, steps: int, rank: int, batch: int) -> dict:
     import torch
-
     from _common import peak_rss_mb
+
     from lorafleet.base import load_base
     from lorafleet.training.data import IGNORE, dataset_from_records, tokenize_sft
 

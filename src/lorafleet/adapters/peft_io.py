@@ -126,12 +126,17 @@ def _weights_to_tensors(adapter: LoraAdapter) -> dict[str, torch.Tensor]:
     return out
 
 
+def peft_weights_bytes(adapter: LoraAdapter) -> bytes:
+    """The ``adapter_model.safetensors`` file of the PEFT format, as bytes."""
+    return st_save(_weights_to_tensors(adapter), metadata={"format": "pt"})
+
+
 def save_peft(adapter: LoraAdapter, directory: str | Path) -> Path:
     """Write the adapter as a PEFT directory; files are written to temp names and renamed (no torn files)."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     payload = {
-        WEIGHTS_FILE: st_save(_weights_to_tensors(adapter), metadata={"format": "pt"}),
+        WEIGHTS_FILE: peft_weights_bytes(adapter),
         CONFIG_FILE: (json.dumps(peft_config(adapter), indent=2, sort_keys=True) + "\n").encode(),
     }
     for name, data in payload.items():

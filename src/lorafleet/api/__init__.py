@@ -1,0 +1,1 @@
+"""The HTTP service: OpenAI-compatible inference per user, the management API, tenant isolation."""

@@ -1,0 +1,109 @@
+"""CLI: ``lorafleet serve`` and ``lorafleet keys create|ls|revoke``."""
+
+from __future__ import annotations
+
+import os
+
+import typer
+from rich.table import Table
+
+from lorafleet.cli_common import console, handle_errors, print_json, quiet_libraries
+
+keys_app = typer.Typer(help="API keys of the HTTP service (stored hashed).", no_args_is_help=True)
+ADMIN_KEY_ENV = "LORAFLEET_ADMIN_KEY"
+
+
+def _keys():
+    from lorafleet.api.keys import KeyStore  # noqa: PLC0415
+    from lorafleet.registry import Registry  # noqa: PLC0415
+
+    return KeyStore(Registry.open_default())
+
+
+@keys_app.command("create")
+@handle_errors
+def keys_create(tenant: str | None = typer.Option(None, help="the tenant this key may use"),
+                admin: bool = typer.Option(False, "--admin", help="an admin key (management routes, every tenant)"),
+                name: str = typer.Option("", help="a label"), as_json: bool = typer.Option(False, "--json")) -> None:
+    """Create a key; the secret is printed once and never stored."""
+    key, secret = _keys().create(tenant=tenant, admin=admin, name=name)
+    if as_json:
+        print_json({**key.to_dict(), "secret": secret})
+        return
+    console.print(f"key {key.id} ({key.role}{' for ' + key.tenant if key.tenant else ''}) created; its secret, shown "
+                  "once:")
+    typer.echo(secret)
+
+
+@keys_app.command("ls")
+@handle_errors
+def keys_ls(tenant: str | None = typer.Option(None), revoked: bool = typer.Option(False, "--revoked"),
+            as_json: bool = typer.Option(False, "--json")) -> None:
+    """List keys (never their secrets)."""
+    keys = _keys().list(tenant=tenant, include_revoked=revoked)
+    if as_json:
+        print_json([k.to_dict() for k in keys])
+        return
+    table = Table(title="API keys")
+    for col in ("id", "prefix", "role", "tenant", "name", "created", "revoked"):
+        table.add_column(col)
+    for k in keys:
+        table.add_row(str(k.id), k.prefix + "…", k.role, k.tenant or "", k.name, k.created_at.isoformat(timespec="seconds"),
+                      k.revoked_at.isoformat(timespec="seconds") if k.revoked_at else "")
+    console.print(table)
+
+
+@keys_app.command("revoke")
+@handle_errors
+def keys_revoke(key_id: int) -> None:
+    """Revoke a key: it stops working at once."""
+    key = _keys().revoke(key_id)
+    console.print(f"key {key.id} revoked")
+
+
+def build_service(base_name: str | None = None, *, worker: bool = True, engine_config=None):
+    """Load the base, open the registry, build the engine; shared by `serve` and tests/benchmarks."""
+    quiet_libraries()
+    from lorafleet.api.service import Service  # noqa: PLC0415
+    from lorafleet.base import load_base  # noqa: PLC0415
+    from lorafleet.registry import Registry  # noqa: PLC0415
+    from lorafleet.serving.engine import Engine  # noqa: PLC0415
+    from lorafleet.serving.sources import registry_fetch  # noqa: PLC0415
+
+    registry = Registry.open_default()
+    base = load_base(base_name or os.environ.get("LORAFLEET_BASE"))
+    engine = Engine(base, registry_fetch(registry), engine_config)
+    return Service(registry, base, engine, run_worker=worker)
+
+
+def register(app: typer.Typer) -> None:
+    app.add_typer(keys_app, name="keys")
+
+    @app.command("serve")
+    @handle_errors
+    def serve_cmd(host: str = typer.Option("127.0.0.1", help="address to listen on"),
+                  port: int = typer.Option(8000, min=1, max=65535),
+                  base: str | None = typer.Option(None, "--base"),
+                  worker: bool = typer.Option(True, "--worker/--no-worker",
+                                              help="run a training worker in this process"),
+                  max_batch: int = typer.Option(32, "--max-batch", min=1),
+                  max_active: int = typer.Option(32, "--max-active", min=1, help="adapters in compute slots"),
+                  max_cached: int = typer.Option(256, "--max-cached", min=1, help="adapters kept in RAM"),
+                  max_rank: int = typer.Option(16, "--max-rank", min=1, max=64)) -> None:
+        """Serve the OpenAI-compatible API, the management API and /metrics over HTTP."""
+        import uvicorn  # noqa: PLC0415
+
+        from lorafleet.api.app import create_app  # noqa: PLC0415
+        from lorafleet.serving.params import EngineConfig  # noqa: PLC0415
+
+        config = EngineConfig(max_batch=max_batch, max_active=max_active, max_cached=max_cached, max_rank=max_rank)
+        with console.status("loading the base and the registry…"):
+            service = build_service(base, worker=worker, engine_config=config)
+        bootstrap = os.environ.get(ADMIN_KEY_ENV)
+        if bootstrap:
+            service.keys.ensure(bootstrap, admin=True, name=f"${ADMIN_KEY_ENV}")
+        elif not any(k.is_admin for k in service.keys.list()):
+            _, secret = service.keys.create(admin=True, name="bootstrap")
+            console.print(f"no admin key existed; created one (shown once): [bold]{secret}[/]")
+        console.print(f"serving {service.base.name} on http://{host}:{port}  (docs: /docs, metrics: /metrics)")
+        uvicorn.run(create_app(service), host=host, port=port, log_level="warning")

@@ -1,0 +1,91 @@
+"""A real lorafleet server on loopback (uvicorn in a thread) over a tmp registry and the tiny base."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import httpx
+import pytest
+import uvicorn
+
+from lorafleet.adapters import LoraAdapter, LoraSpec, to_bytes
+from lorafleet.api.app import create_app
+from lorafleet.api.service import Limits, Service
+from lorafleet.base import load_base
+from lorafleet.registry import Provenance, Registry
+from lorafleet.registry.pgtest import free_port
+from lorafleet.serving.engine import Engine
+from lorafleet.serving.params import EngineConfig
+from lorafleet.serving.sources import registry_fetch
+
+
+class Server:
+    def __init__(self, service: Service) -> None:
+        self.service = service
+        self.app = create_app(service)
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.server = uvicorn.Server(uvicorn.Config(self.app, host="127.0.0.1", port=self.port, log_level="warning"))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+
+    def __enter__(self) -> Server:
+        self.thread.start()
+        deadline = time.monotonic() + 30
+        while not self.server.started:
+            if time.monotonic() > deadline:
+                raise RuntimeError("server did not start")
+            time.sleep(0.05)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=30)
+
+
+def commit_live(reg: Registry, base, ref: str, seed: int, rank: int = 4) -> str:
+    adapter = LoraAdapter.create(base, LoraSpec(rank=rank, alpha=2 * rank, target_modules="all"), seed=seed,
+                                 init="random")
+    for _, B in adapter.weights.values():
+        B.mul_(100.0)  # strong enough to change the tiny random model's greedy output
+    reg.create_adapter(ref, exist_ok=True)
+    rev = reg.commit(ref, to_bytes(adapter), Provenance(base_fingerprint=base.fingerprint, method="test"),
+                     aliases=("candidate",))
+    reg.set_alias(ref, "live", rev.number, reason="test")
+    return rev.digest
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("api")
+    reg = Registry(f"sqlite:///{tmp / 'reg.db'}", str(tmp / "blobs"))
+    base = load_base("tiny")
+    engine = Engine(base, registry_fetch(reg), EngineConfig(max_batch=8, max_active=4, max_cached=8, max_rank=16))
+    service = Service(reg, base, engine, limits=Limits(max_upload_bytes=2 * 1024 * 1024))
+    _, admin = service.keys.create(admin=True, name="test-admin")
+    _, key_a = service.keys.create(tenant="acme", name="acme")
+    _, key_b = service.keys.create(tenant="globex", name="globex")
+    digests = {
+        "acme/alice/style": commit_live(reg, base, "acme/alice/style", 1),
+        "acme/bob/style": commit_live(reg, base, "acme/bob/style", 2, rank=8),
+        "globex/gina/style": commit_live(reg, base, "globex/gina/style", 3),
+    }
+    with Server(service) as srv:
+        srv.keys = {"admin": admin, "acme": key_a, "globex": key_b}
+        srv.digests = digests
+        srv.registry, srv.base, srv.engine = reg, base, engine
+        yield srv
+    reg.close()
+
+
+@pytest.fixture()
+def admin_client(server):
+    with httpx.Client(base_url=server.url, headers={"authorization": f"Bearer {server.keys['admin']}"},
+                      timeout=60) as client:
+        yield client
+
+
+@pytest.fixture(scope="module")
+def make_live():
+    """``make_live(registry, base, ref, seed)``: commit a strong random adapter and point ``live`` at it."""
+    return commit_live
