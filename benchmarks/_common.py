@@ -14,7 +14,7 @@ from rich.console import Console
 from rich.table import Table
 
 RESULTS = Path(__file__).resolve().parent.parent / "docs" / "results"
-console = Console()
+console = Console(width=160)
 
 
 def machine() -> str:

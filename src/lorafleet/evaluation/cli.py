@@ -1,0 +1,336 @@
+"""CLI: ``lorafleet eval | promote | rollback | report | personas ...``.
+
+The lead mounts these on the top-level app with :func:`register`. The registry comes from the environment
+(``LORAFLEET_DB_URL`` / ``LORAFLEET_BLOB_URL`` / ``LORAFLEET_HOME``), the base from ``--base`` or
+``LORAFLEET_BASE``. Errors print one line and exit 2; a refused promotion exits 1.
+"""
+
+from __future__ import annotations
+
+import functools
+import getpass
+import os
+from pathlib import Path
+
+import typer
+from rich.table import Table
+
+from lorafleet.cli_common import console, err_console, handle_errors, print_json, quiet_libraries
+from lorafleet.evaluation.errors import EvaluationError
+
+personas_app = typer.Typer(help="Synthetic personas with checkable habits (train/eval data).", no_args_is_help=True)
+
+BaseOpt = typer.Option(None, "--base", help="base name or path (default: $LORAFLEET_BASE or smollm2-135m-instruct)")
+JsonOpt = typer.Option(False, "--json", help="print JSON")
+ActorOpt = typer.Option(None, "--actor", help="who (recorded in the audit log; default cli:<OS user>)")
+ManifestOpt = typer.Option(None, "--persona-manifest", help="personas.json written by `personas generate`")
+
+
+def register(app: typer.Typer) -> None:
+    """Add ``eval``, ``promote``, ``rollback``, ``report`` and the ``personas`` group to ``app``."""
+    app.command("eval")(eval_cmd)
+    app.command("promote")(promote_cmd)
+    app.command("rollback")(rollback_cmd)
+    app.command("report")(report_cmd)
+    app.add_typer(personas_app, name="personas")
+
+
+def _command(fn):
+    """Evaluation errors (like the shared user errors) print one line and exit 2."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except EvaluationError as exc:
+            err_console.print(f"[bold red]error:[/] {exc}", highlight=False)
+            raise typer.Exit(2) from None
+
+    return handle_errors(wrapper)
+
+
+def _actor(actor: str | None) -> str:
+    if actor:
+        return actor
+    try:
+        return f"cli:{getpass.getuser()}"
+    except (KeyError, OSError):
+        return "cli"
+
+
+def _registry():
+    from lorafleet.registry import Registry  # noqa: PLC0415
+
+    return Registry()
+
+
+def _load_base(name: str | None):
+    quiet_libraries()
+    from lorafleet.base import load_base  # noqa: PLC0415 - torch import is slow; only when needed
+
+    with console.status("loading the base model…"):
+        return load_base(name or os.environ.get("LORAFLEET_BASE"))
+
+
+def _fmt(x, pct: bool = False) -> str:
+    if x is None:
+        return "-"
+    if isinstance(x, float):
+        return f"{x:.0%}" if pct else f"{x:.4f}"
+    return str(x)
+
+
+def _metrics_table(title: str, m: dict) -> Table:
+    table = Table(title=title)
+    for col in ("metric", "adapter", "base"):
+        table.add_column(col)
+    table.add_row("habit adherence", _fmt(m.get("adherence"), True), _fmt(m.get("base_adherence"), True))
+    table.add_row("held-out loss", _fmt(m.get("eval_loss")), _fmt(m.get("base_eval_loss")))
+    table.add_row("probe perplexity", _fmt(m.get("probe_ppl")), _fmt(m.get("base_probe_ppl")))
+    table.add_row("probe accuracy", _fmt(m.get("probe_accuracy"), True), _fmt(m.get("base_probe_accuracy"), True))
+    table.add_row("probe retention / agreement", f"{_fmt(m.get('probe_retention'), True)} / "
+                  f"{_fmt(m.get('probe_agreement'), True)}", "")
+    return table
+
+
+def _evaluate_live_on(base_name: str | None, registry, cand_rev, manifest):
+    """For the gate: measure ``live`` on the candidate's eval set (not stored on live)."""
+    state = {}
+
+    def evaluate(live_rev, digest: str) -> dict:
+        from lorafleet.adapters import from_bytes  # noqa: PLC0415
+        from lorafleet.evaluation.metrics import eval_set_for, evaluate_adapters  # noqa: PLC0415
+
+        es = eval_set_for(cand_rev, manifest=manifest)
+        if es.digest != digest:
+            raise EvaluationError(f"the candidate's eval set {es.name!r} changed since it was evaluated; "
+                                  f"re-run `lorafleet eval {cand_rev.address}`")
+        if "base" not in state:
+            state["base"] = _load_base(base_name)
+        base = state["base"]
+        _, blob = registry.load(live_rev.address, base_fingerprint=base.fingerprint)
+        m = cand_rev.provenance.metrics
+        with console.status(f"evaluating {live_rev.address} on {es.name}…"):
+            return evaluate_adapters(base, [from_bytes(blob, base)], [es],
+                                     max_new_tokens=int(m.get("max_new_tokens") or 48))[0]
+
+    return evaluate
+
+
+@_command
+def eval_cmd(
+    address: str = typer.Argument(..., help="t/u/a (live), t/u/a@alias or t/u/a#N"),
+    persona: str | None = typer.Option(None, "--persona", help="persona name (shipped, or in --persona-manifest)"),
+    eval_file: Path | None = typer.Option(None, "--eval-file", help="SFT JSONL held-out set (no habit checker)"),
+    manifest: Path | None = ManifestOpt,
+    max_tokens: int = typer.Option(48, "--max-tokens", min=1, max=512, help="greedy tokens per eval prompt"),
+    no_probe: bool = typer.Option(False, "--no-probe", help="skip the competence probe (the gate will refuse)"),
+    base: str | None = BaseOpt,
+    as_json: bool = JsonOpt,
+) -> None:
+    """Evaluate a revision on its user's held-out set and the competence probe; store the metrics on it."""
+    from lorafleet.evaluation.metrics import eval_set_for, evaluate_revision  # noqa: PLC0415
+
+    reg = _registry()
+    try:
+        rev = reg.resolve(address)
+        es = eval_set_for(rev, persona=persona, eval_file=eval_file, manifest=manifest)
+        b = _load_base(base)
+        with console.status(f"evaluating {rev.address} on {es.name} ({len(es)} prompts)…"):
+            rev, m = evaluate_revision(reg, rev.address, b, es, max_new_tokens=max_tokens, probe_enabled=not no_probe)
+    finally:
+        reg.close()
+    if as_json:
+        print_json({"address": rev.address, "metrics": m})
+        return
+    console.print(_metrics_table(f"{rev.address} on {es.name}", m))
+    for s in m.get("samples", []):
+        mark = {True: "[green]✓[/]", False: "[red]✗[/]", None: " "}[s["ok"]]
+        console.print(f"{mark} [bold]{s['prompt']}[/] → {s['response']}", highlight=False)
+
+
+@_command
+def promote_cmd(
+    address: str = typer.Argument(..., help="the revision: t/u/a#N (or t/u/a@candidate)"),
+    force: bool = typer.Option(False, "--force", help="bypass the gate (audited as forced)"),
+    reason: str = typer.Option("", "--reason", "-r", help="why (recorded in the audit log)"),
+    adherence_margin: float = typer.Option(0.05, help="adherence gain over live that wins outright"),
+    loss_margin: float = typer.Option(0.02, help="held-out loss drop that wins at equal adherence"),
+    max_ppl_ratio: float = typer.Option(1.2, help="probe perplexity may grow at most this factor"),
+    min_retention: float = typer.Option(0.75, help="share of the base's correct probe answers kept"),
+    manifest: Path | None = ManifestOpt,
+    base: str | None = BaseOpt,
+    actor: str | None = ActorOpt,
+    as_json: bool = JsonOpt,
+) -> None:
+    """Promote a candidate to live if the gate passes (evaluating it first if needed); --force bypasses."""
+    from lorafleet.evaluation.gate import GateConfig, promote  # noqa: PLC0415
+    from lorafleet.evaluation.metrics import eval_set_for, evaluate_revision  # noqa: PLC0415
+
+    config = GateConfig(adherence_margin=adherence_margin, loss_margin=loss_margin, max_ppl_ratio=max_ppl_ratio,
+                        min_probe_retention=min_retention)
+    reg = _registry()
+    try:
+        rev = reg.resolve(address)
+        if not force and not rev.provenance.metrics.get("eval_digest"):
+            es = eval_set_for(rev, manifest=manifest)  # nothing goes live unevaluated
+            b = _load_base(base)
+            with console.status(f"{rev.address} has no metrics yet; evaluating it on {es.name}…"):
+                rev, _ = evaluate_revision(reg, rev.address, b, es)
+        decision = promote(reg, rev.address, force=force, reason=reason, config=config, actor=_actor(actor),
+                           evaluate=_evaluate_live_on(base, reg, rev, manifest))
+    finally:
+        reg.close()
+    if as_json:
+        print_json(decision.to_dict())
+    else:
+        color = "green" if decision.promoted else "yellow"
+        console.print(f"[bold {color}]{'promoted' if decision.promoted else 'refused'}[/]: {decision.reason}",
+                      highlight=False)
+    if not decision.promoted:
+        raise typer.Exit(1)
+
+
+@_command
+def rollback_cmd(
+    ref: str = typer.Argument(..., help="t/u/a"),
+    to: int | None = typer.Option(None, "--to", help="revision number (default: the previous live one)"),
+    reason: str = typer.Option("", "--reason", "-r", help="why (recorded in the audit log)"),
+    actor: str | None = ActorOpt,
+    as_json: bool = JsonOpt,
+) -> None:
+    """Move live back to the previous live revision (or --to N); instant and audited."""
+    from lorafleet.evaluation.gate import rollback  # noqa: PLC0415
+
+    reg = _registry()
+    try:
+        entry = rollback(reg, ref, to=to, actor=_actor(actor), reason=reason)
+    finally:
+        reg.close()
+    if as_json:
+        print_json(entry.to_dict())
+    else:
+        console.print(f"{ref}: live #{entry.from_number} → #{entry.to_number}", highlight=False)
+
+
+@_command
+def report_cmd(
+    ref: str = typer.Argument(..., help="t/u/a"),
+    audit_limit: int = typer.Option(20, "--audit", min=1, max=1000, help="audit entries to show"),
+    as_json: bool = JsonOpt,
+) -> None:
+    """Revision history with metrics, aliases and provenance, and the audit log."""
+    reg = _registry()
+    try:
+        history = reg.history(ref)
+        audit = reg.audit(ref, limit=audit_limit)
+    finally:
+        reg.close()
+    if as_json:
+        print_json({"ref": ref, "revisions": [r.to_dict() for r in history], "audit": [e.to_dict() for e in audit]})
+        return
+    table = Table(title=f"{ref}: revisions")
+    for col in ("#", "aliases", "digest", "KiB", "method", "parent", "created", "eval set", "adherence (base)",
+                "loss (base)", "probe ppl×", "gate"):
+        table.add_column(col)
+    for r in history:
+        p, m = r.provenance, r.provenance.metrics
+        gate = m.get("gate", {})
+        table.add_row(
+            str(r.number), ", ".join(sorted(r.aliases)) or "-", r.digest[:12], f"{r.size / 1024:.0f}", p.method,
+            str(p.parent or "-"), r.created_at.strftime("%Y-%m-%d %H:%M"), str(m.get("eval_set", "-")),
+            f"{_fmt(m.get('adherence'), True)} ({_fmt(m.get('base_adherence'), True)})",
+            f"{_fmt(m.get('eval_loss'))} ({_fmt(m.get('base_eval_loss'))})",
+            _fmt(m.get("probe_ppl_ratio")), gate.get("decision", "-"),
+        )
+    console.print(table)
+    log = Table(title=f"{ref}: audit log (newest first)")
+    for col in ("when", "action", "alias", "from → to", "actor", "reason"):
+        log.add_column(col)
+    for e in audit:
+        log.add_row(e.at.strftime("%Y-%m-%d %H:%M:%S"), e.action, e.alias or "-",
+                    f"{e.from_number or '-'} → {e.to_number or '-'}", e.actor, e.reason)
+    console.print(log)
+
+
+# --------------------------------------------------------------------------- personas
+
+
+def _persona_list(manifest: Path | None):
+    from lorafleet.evaluation.personas import Persona, shipped_personas  # noqa: PLC0415
+
+    if manifest is None:
+        return shipped_personas()
+    import json  # noqa: PLC0415
+
+    try:
+        entries = json.loads(manifest.read_text(encoding="utf-8"))["personas"]
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise EvaluationError(f"{manifest}: not a personas manifest ({exc})") from exc
+    return [Persona.from_dict(e) for e in entries]
+
+
+@personas_app.command("ls")
+@_command
+def personas_ls(manifest: Path | None = ManifestOpt, as_json: bool = JsonOpt) -> None:
+    """List the shipped personas (or those of a generated manifest)."""
+    personas = _persona_list(manifest)
+    if as_json:
+        print_json([{**p.to_dict(), "description": p.describe()} for p in personas])
+        return
+    table = Table(title="personas")
+    for col in ("name", "habit", "description", "seed", "train", "eval"):
+        table.add_column(col)
+    for p in personas:
+        table.add_row(p.name, p.habit, p.describe(), str(p.seed), str(p.n_train), str(p.n_eval))
+    console.print(table)
+
+
+@personas_app.command("show")
+@_command
+def personas_show(
+    name: str = typer.Argument(..., help="persona name"),
+    split: str = typer.Option("eval", "--split", help="train or eval"),
+    limit: int = typer.Option(5, "--limit", min=0, help="examples to show (0 = all)"),
+    manifest: Path | None = ManifestOpt,
+    as_json: bool = JsonOpt,
+) -> None:
+    """A persona's habit and example records."""
+    if split not in ("train", "eval"):
+        raise EvaluationError(f"--split must be 'train' or 'eval', got {split!r}")
+    persona = next((p for p in _persona_list(manifest) if p.name == name), None)
+    if persona is None:
+        raise EvaluationError(f"no persona named {name!r}; see `lorafleet personas ls`")
+    records = getattr(persona.data(), split)
+    shown = records if limit == 0 else records[:limit]
+    if as_json:
+        print_json({**persona.to_dict(), "description": persona.describe(), "split": split, "count": len(records),
+                    "records": shown})
+        return
+    console.print(f"[bold]{persona.name}[/]: {persona.describe()} — {len(records)} {split} examples", highlight=False)
+    for r in shown:
+        console.print(f"[bold]user:[/] {r['messages'][0]['content']}\n[bold]assistant:[/] {r['messages'][1]['content']}\n",
+                      highlight=False)
+
+
+@personas_app.command("generate")
+@_command
+def personas_generate(
+    out: Path = typer.Option(..., "--out", help="output directory"),
+    count: int = typer.Option(8, "--count", min=0, help="how many personas"),
+    seed: int = typer.Option(0, "--seed", help="generator seed (same seed, same personas and files)"),
+    kinds: list[str] | None = typer.Option(None, "--kind", help="habit kind(s) to cycle through (default: all)"),
+    n_train: int = typer.Option(48, "--n-train", min=1),
+    n_eval: int = typer.Option(16, "--n-eval", min=1),
+    shipped: bool = typer.Option(False, "--shipped", help="write the shipped personas instead (regenerates them)"),
+    as_json: bool = JsonOpt,
+) -> None:
+    """Write persona train/eval JSONL files and a personas.json manifest."""
+    from lorafleet.evaluation.personas import SHIPPED, generate_personas, write_personas  # noqa: PLC0415
+
+    personas = list(SHIPPED) if shipped else generate_personas(count, seed, kinds=kinds, n_train=n_train, n_eval=n_eval)
+    manifest = write_personas(personas, out)
+    if as_json:
+        print_json({"out": str(out), **manifest})
+        return
+    console.print(f"wrote {len(personas)} personas to {out} ({out / 'personas.json'})", highlight=False)

@@ -1,0 +1,7 @@
+"""Errors raised by evaluation, personas and the gate; each message names the problem and the fix."""
+
+from __future__ import annotations
+
+
+class EvaluationError(ValueError):
+    """Bad input to evaluation or the gate: unknown persona or habit, bad parameter, missing metrics."""

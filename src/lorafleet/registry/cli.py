@@ -1,0 +1,287 @@
+"""``lorafleet adapters ...``: inspect and manage the registry from a shell.
+
+The registry is chosen by the environment, like everywhere else in lorafleet:
+``LORAFLEET_DB_URL`` / ``LORAFLEET_BLOB_URL``, else SQLite + files under ``LORAFLEET_HOME``.
+Human output is a rich table; ``--json`` prints machine-readable JSON. Errors print one line to
+stderr and exit with status 2.
+"""
+
+from __future__ import annotations
+
+import functools
+import getpass
+import json
+from collections.abc import Callable
+from datetime import datetime
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from .errors import RegistryError
+from .records import AdapterInfo, AuditEntry, RevisionInfo
+from .registry import Registry
+
+app = typer.Typer(
+    help="Adapter registry: identities, immutable revisions, aliases (live/candidate/...), audit log and gc.",
+    no_args_is_help=True,
+    add_completion=False,
+)
+
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")]
+ReasonOpt = Annotated[str, typer.Option("--reason", "-r", help="Why (recorded in the audit log).")]
+ActorOpt = Annotated[str | None, typer.Option("--actor", help="Who (default: cli:<OS user>).")]
+
+
+def _actor(actor: str | None) -> str:
+    if actor:
+        return actor
+    try:
+        return f"cli:{getpass.getuser()}"
+    except (KeyError, OSError):
+        return "cli"
+
+
+def _command(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Turn RegistryError into a one-line message on stderr and exit status 2."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except RegistryError as exc:
+            typer.echo(f"error: {exc}", err=True)
+            raise typer.Exit(2) from None
+
+    return wrapper
+
+
+def _open() -> Registry:
+    return Registry.open_default()
+
+
+def _echo_json(obj: Any) -> None:
+    typer.echo(json.dumps(obj, indent=2, sort_keys=False, default=str))
+
+
+def _when(value: datetime | None) -> str:
+    return value.strftime("%Y-%m-%d %H:%M:%S") if value else "-"
+
+
+def _aliases(mapping: dict[str, int]) -> str:
+    return ", ".join(f"{name}→#{num}" for name, num in sorted(mapping.items())) or "-"
+
+
+def _adapters_table(items: list[AdapterInfo], title: str | None = None) -> Table:
+    table = Table(title=title)
+    table.add_column("ref", no_wrap=True)
+    for col in ("latest", "aliases", "creator", "created"):
+        table.add_column(col, overflow="fold")
+    for a in items:
+        table.add_row(a.ref, f"#{a.latest}" if a.latest else "-", _aliases(a.aliases), a.creator, _when(a.created_at))
+    return table
+
+
+def _revisions_table(revs: list[RevisionInfo], title: str | None = None) -> Table:
+    table = Table(title=title)
+    table.add_column("#", no_wrap=True)
+    table.add_column("digest", no_wrap=True)
+    for col in ("size", "aliases", "parent", "method", "base", "creator", "created"):
+        table.add_column(col, overflow="fold")
+    for r in revs:
+        p = r.provenance
+        table.add_row(str(r.number), r.digest[:12], f"{r.size:,}", ", ".join(r.aliases) or "-",
+                      f"#{p.parent}" if p.parent else "-", p.method, p.base_fingerprint[:16], p.creator,
+                      _when(r.created_at))
+    return table
+
+
+def _audit_table(entries: list[AuditEntry]) -> Table:
+    table = Table()
+    for col in ("id", "at", "ref", "action", "alias", "from", "to", "actor", "reason"):
+        table.add_column(col, overflow="fold", no_wrap=col in ("id", "ref"))
+    for e in entries:
+        table.add_row(str(e.id), _when(e.at), e.ref, e.action, e.alias or "-",
+                      "-" if e.from_number is None else f"#{e.from_number}",
+                      "-" if e.to_number is None else f"#{e.to_number}", e.actor, e.reason)
+    return table
+
+
+@app.command()
+@_command
+def create(
+    ref: Annotated[str, typer.Argument(help="tenant/user/adapter")],
+    description: Annotated[str, typer.Option("--description", "-d", help="Free text.")] = "",
+    exist_ok: Annotated[bool, typer.Option("--exist-ok", help="Succeed if it already exists.")] = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Create an adapter identity (no revisions yet)."""
+    with _open() as reg:
+        info = reg.create_adapter(ref, creator=_actor(None), description=description, exist_ok=exist_ok)
+    if as_json:
+        _echo_json(info.to_dict())
+    else:
+        Console().print(f"created [bold]{info.ref}[/bold]")
+
+
+@app.command("ls")
+@_command
+def list_(
+    tenant: Annotated[str | None, typer.Option(help="Only this tenant.")] = None,
+    user: Annotated[str | None, typer.Option(help="Only this user.")] = None,
+    prefix: Annotated[str | None, typer.Option(help="Ref prefix, e.g. 'acme/' or 'acme/al'.")] = None,
+    limit: Annotated[int, typer.Option(help="Page size.")] = 50,
+    cursor: Annotated[str | None, typer.Option(help="Cursor printed by the previous page.")] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """List adapters, a page at a time (ordered by ref)."""
+    with _open() as reg:
+        items, next_cursor = reg.list_adapters(tenant=tenant, user=user, prefix=prefix, limit=limit, cursor=cursor)
+    if as_json:
+        _echo_json({"adapters": [a.to_dict() for a in items], "next_cursor": next_cursor})
+        return
+    console = Console()
+    console.print(_adapters_table(items))
+    if next_cursor:
+        console.print(f"more: --cursor {next_cursor}")
+
+
+@app.command()
+@_command
+def show(
+    address: Annotated[str, typer.Argument(help="t/u/a (adapter + live revision), t/u/a@alias or t/u/a#N")],
+    as_json: JsonOpt = False,
+) -> None:
+    """Show an adapter and a revision with its full provenance."""
+    with _open() as reg:
+        bare = "@" not in address and "#" not in address
+        ref = address.split("@", 1)[0].split("#", 1)[0]
+        info = reg.get_adapter(ref)
+        if bare:
+            rev = reg.resolve(address) if "live" in info.aliases else None
+        else:
+            rev = reg.resolve(address)
+    if as_json:
+        _echo_json({"adapter": info.to_dict(), "revision": rev.to_dict() if rev else None})
+        return
+    console = Console()
+    console.print(_adapters_table([info]))
+    if rev is None:
+        console.print(f"no live revision; see `lorafleet adapters history {info.ref}`")
+        return
+    table = Table(title=rev.address, show_header=False)
+    table.add_column("field")
+    table.add_column("value")
+    table.add_row("digest", rev.digest)
+    table.add_row("size", f"{rev.size:,} bytes")
+    table.add_row("aliases", ", ".join(rev.aliases) or "-")
+    table.add_row("committed", _when(rev.created_at))
+    for key, value in rev.provenance.to_dict().items():
+        text = json.dumps(value, sort_keys=True) if isinstance(value, dict) else ("-" if value is None else str(value))
+        table.add_row(key, text)
+    console.print(table)
+
+
+@app.command()
+@_command
+def history(
+    ref: Annotated[str, typer.Argument(help="tenant/user/adapter")],
+    as_json: JsonOpt = False,
+) -> None:
+    """List an adapter's revisions (oldest first) with their aliases."""
+    with _open() as reg:
+        revs = reg.history(ref)
+    if as_json:
+        _echo_json([r.to_dict() for r in revs])
+    else:
+        Console().print(_revisions_table(revs, title=ref))
+
+
+@app.command()
+@_command
+def alias(
+    ref: Annotated[str, typer.Argument(help="tenant/user/adapter")],
+    name: Annotated[str, typer.Argument(metavar="ALIAS", help="Alias name, e.g. live or candidate.")],
+    number: Annotated[int | None, typer.Argument(metavar="N", help="Revision number (omit with --delete).")] = None,
+    reason: ReasonOpt = "",
+    delete: Annotated[bool, typer.Option("--delete", help="Remove the alias instead of moving it.")] = False,
+    actor: ActorOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Point ALIAS at revision N (atomic, audited), or remove it with --delete."""
+    if delete == (number is not None):
+        typer.echo("error: give either a revision number N or --delete", err=True)
+        raise typer.Exit(2)
+    with _open() as reg:
+        if delete:
+            entry = reg.delete_alias(ref, name, actor=_actor(actor), reason=reason)
+        else:
+            entry = reg.set_alias(ref, name, number, actor=_actor(actor), reason=reason)
+    _print_move(entry, as_json)
+
+
+def _print_move(entry: AuditEntry, as_json: bool) -> None:
+    if as_json:
+        _echo_json(entry.to_dict())
+        return
+    src = "-" if entry.from_number is None else f"#{entry.from_number}"
+    dst = "(deleted)" if entry.to_number is None else f"#{entry.to_number}"
+    Console().print(f"{entry.ref}@{entry.alias}: {src} → {dst}  [dim](audit #{entry.id})[/dim]")
+
+
+@app.command()
+@_command
+def rollback(
+    ref: Annotated[str, typer.Argument(help="tenant/user/adapter")],
+    to: Annotated[int | None, typer.Option("--to", help="Revision to make live (default: the previous live).")] = None,
+    reason: ReasonOpt = "",
+    actor: ActorOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Move `live` back to the previous live revision (or to --to N)."""
+    with _open() as reg:
+        entry = reg.rollback(ref, to=to, actor=_actor(actor), reason=reason)
+    _print_move(entry, as_json)
+
+
+@app.command()
+@_command
+def gc(
+    keep_last: Annotated[int, typer.Option("--keep-last", help="Revisions to keep per adapter (plus aliased).")] = 10,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Only report what would be deleted.")] = False,
+    grace: Annotated[float, typer.Option("--grace", help="Keep unreferenced blobs younger than this (s).")] = 900.0,
+    as_json: JsonOpt = False,
+) -> None:
+    """Apply retention (keep last N + every aliased revision), then delete unreferenced blobs."""
+    with _open() as reg:
+        report = reg.gc(keep_last=keep_last, dry_run=dry_run, grace_s=grace)
+    if as_json:
+        _echo_json(report.to_dict())
+        return
+    verb = "would delete" if dry_run else "deleted"
+    console = Console()
+    console.print(
+        f"{verb} {len(report.deleted_revisions)} revisions and {len(report.deleted_blobs)} blobs "
+        f"({report.freed_bytes:,} bytes); {report.kept_revisions} revisions kept"
+    )
+    for address in report.deleted_revisions[:50]:
+        console.print(f"  {address}")
+    if len(report.deleted_revisions) > 50:
+        console.print(f"  ... and {len(report.deleted_revisions) - 50} more (use --json for all)")
+
+
+@app.command("audit")
+@_command
+def audit_(
+    ref: Annotated[str | None, typer.Argument(help="tenant/user/adapter (default: all adapters)")] = None,
+    limit: Annotated[int, typer.Option(help="Newest entries to show.")] = 50,
+    as_json: JsonOpt = False,
+) -> None:
+    """Show the append-only audit log (alias moves, rollbacks, gc deletions), newest first."""
+    with _open() as reg:
+        entries = reg.audit(ref, limit=limit)
+    if as_json:
+        _echo_json([e.to_dict() for e in entries])
+    else:
+        Console().print(_audit_table(entries))

@@ -1,0 +1,683 @@
+r"""The serving engine: continuous batching over the shared base, every row with its own adapter (or none).
+
+::
+
+    submit() ──► inbox ──► acquire adapter (Residency) ──ready──► admit: activate slot, prefill (chunked)
+                               │ cold                                   │ first token sampled
+                               ▼                                        ▼
+                        load worker (fetch, verify,          running batch: one decode step per iteration,
+                        parse) ── poll() ──► ready            KV in a right-aligned slab, rows leave at any step
+                                                                        │
+                                             stream deltas ◄── sample ◄─┘ ──► finish: Result, release adapter
+
+One iteration (``step``): take new requests, collect finished loads, admit ready requests into a prefill group
+(at most ``max_prefill_tokens`` padded tokens per chunk), run one prefill chunk, merge a completed group into
+the batch, then one decode step for every running row. Requests join and leave at token boundaries. A request
+whose adapter is cold waits for its load while everyone else keeps decoding; nothing on the decode path does
+I/O. The LoRA math is the adapters' operator: rows route to ``SlotTable`` slots via ``LoraHost.route``.
+
+Use it synchronously (``generate``), or start the background loop (``start``) and ``submit`` from any thread.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import queue
+import random
+import threading
+import time
+from collections import deque
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from lorafleet.adapters import AdapterError, LoraAdapter, LoraHost, SlotTable, from_bytes
+from lorafleet.serving.chat import chat_prompt_ids
+from lorafleet.serving.detok import TextStream
+from lorafleet.serving.kv import KVSlab
+from lorafleet.serving.metrics import Metrics
+from lorafleet.serving.params import EngineConfig, SamplingParams
+from lorafleet.serving.residency import READY, Residency
+from lorafleet.serving.sampling import request_generator, sample_rows
+from lorafleet.serving.sources import Fetch, check_digest
+
+__all__ = ["Engine", "EngineConfig", "RequestError", "RequestHandle", "Result", "SamplingParams"]
+
+log = logging.getLogger(__name__)
+
+FINISH_REASONS = ("stop", "length", "error", "cancelled")
+_END = object()
+
+
+class RequestError(RuntimeError):
+    """A request failed (its adapter could not be loaded, or the engine hit an error while serving it)."""
+
+
+@dataclass
+class Result:
+    """A finished request. ``finish_reason`` is ``stop`` | ``length`` | ``error`` | ``cancelled``."""
+
+    request_id: str
+    text: str
+    token_ids: list[int]
+    prompt_tokens: int
+    completion_tokens: int
+    finish_reason: str
+    adapter: str | None = None
+    error: str | None = None
+    seed: int | None = None
+    timings: dict = field(default_factory=dict)  # queued_s, ttft_s, total_s
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+    def raise_for_error(self) -> Result:
+        if self.error is not None:
+            raise RequestError(self.error)
+        return self
+
+
+class RequestHandle:
+    """The caller's side of a request: iterate for text deltas, ``result()`` for the final :class:`Result`.
+
+    When the engine's loop is not running, iterating or ``result()`` drives the engine from this thread.
+    """
+
+    def __init__(self, engine: Engine, request_id: str) -> None:
+        self.engine, self.id = engine, request_id
+        self._deltas: queue.Queue = queue.Queue()
+        self._done = threading.Event()
+        self._result: Result | None = None
+        self.cancelled = False
+
+    def _put(self, delta: str) -> None:
+        if delta:
+            self._deltas.put(delta)
+
+    def _finish(self, result: Result) -> None:
+        self._result = result
+        self._done.set()
+        self._deltas.put(_END)
+
+    def done(self) -> bool:
+        return self._done.is_set()
+
+    def cancel(self) -> None:
+        """Stop generating; the result's finish_reason becomes ``cancelled`` (no-op once finished)."""
+        if not self._done.is_set():
+            self.cancelled = True
+            self.engine._cancel(self)
+
+    def _wait(self, timeout: float | None) -> None:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while not self._done.is_set():
+            if not self.engine.running:
+                self.engine._drive_until(self._done, deadline)
+            else:
+                left = None if deadline is None else max(0.0, deadline - time.monotonic())
+                self._done.wait(left if left is not None else 0.1)
+            if deadline is not None and time.monotonic() >= deadline and not self._done.is_set():
+                raise TimeoutError(f"request {self.id} did not finish within {timeout} s")
+
+    def result(self, timeout: float | None = None) -> Result:
+        """The final result (request errors are in ``Result.error``, not raised)."""
+        self._wait(timeout)
+        assert self._result is not None
+        return self._result
+
+    def __iter__(self) -> Iterator[str]:
+        """Text deltas as they are generated; raises :class:`RequestError` at the end if the request failed."""
+        while True:
+            try:
+                item = self._deltas.get(timeout=0.05 if self.engine.running else 0)
+            except queue.Empty:
+                if not self.engine.running:
+                    self.engine.step()
+                continue
+            if item is _END:
+                break
+            yield item
+        if self._result is not None and self._result.error is not None:
+            raise RequestError(self._result.error)
+
+
+@dataclass(eq=False)
+class _Request:
+    id: str
+    prompt: list[int]
+    adapter: str | None
+    sampling: SamplingParams
+    handle: RequestHandle
+    seed: int
+    submitted: float
+    text: TextStream
+    generator: torch.Generator | None = None
+    tokens: list[int] = field(default_factory=list)
+    out: list[str] = field(default_factory=list)  # text deltas streamed so far
+    acquired: bool = False
+    activated: bool = False
+    slot: int = -1
+    admitted: float | None = None
+    first_token: float | None = None
+    done: bool = False
+
+
+@dataclass(eq=False)
+class _Prefill:
+    """A group of joining requests, prefilled together (left-padded) in chunks, then merged into the batch."""
+
+    reqs: list[_Request]
+    ids: Tensor  # (g, P) left-padded prompt ids
+    pads: Tensor  # (g,) padding columns per row
+    slots: Tensor  # (g,) compute slot per row, -1 = base
+    slab: KVSlab
+    chunk: int
+    done: int = 0
+
+
+class Engine:
+    """Continuous-batching generation over ``base`` with per-row adapters fetched by digest.
+
+    ``fetch(digest) -> bytes`` is the blob source (e.g. ``registry.read_blob``); nothing else about the registry
+    is assumed. Thread-safe: ``submit`` from any thread while ``start()``'s loop runs.
+    """
+
+    def __init__(self, base, fetch: Fetch, config: EngineConfig | None = None) -> None:
+        self.base = base
+        self.config = config = config or EngineConfig()
+        self.model = base.model
+        self.tokenizer = base.tokenizer
+        param = next(self.model.parameters())
+        self.device = param.device
+        want = None if config.device is None else torch.device(config.device)
+        if want is not None and (want.type != self.device.type or want.index not in (None, self.device.index)):
+            raise ValueError(
+                    f"EngineConfig.device is {config.device!r} but the base is on {self.device}; load the base "
+                f"there (load_base(..., device={config.device!r})) or leave EngineConfig.device unset"
+            )
+        mcfg = self.model.config.get_text_config() if hasattr(self.model.config, "get_text_config") else self.model.config
+        self.host = LoraHost.attach(self.model)
+        self.table = SlotTable(self.host, config.max_active, config.max_rank, dtype=param.dtype, device=self.device)
+        self.metrics = Metrics()
+        self._wake = threading.Event()
+        self.residency = Residency(
+            self.table, fetch=fetch, parse=self._parse, max_cached=config.max_cached, policy=config.cache_policy,
+            protected_fraction=config.protected_fraction, load_workers=config.load_workers,
+            max_inflight_loads=config.max_inflight_loads, verify_digest=config.verify_digest,
+            metrics=self.metrics, notify=self._wake.set,
+        )
+        head_dim = getattr(mcfg, "head_dim", None) or mcfg.hidden_size // mcfg.num_attention_heads
+        kv_heads = getattr(mcfg, "num_key_value_heads", None) or mcfg.num_attention_heads
+        self._kv_shape = (mcfg.num_hidden_layers, kv_heads, head_dim)
+        self.slab = KVSlab(mcfg.num_hidden_layers, config.max_batch, kv_heads, head_dim, dtype=param.dtype,
+                           device=self.device)
+        limit = getattr(mcfg, "max_position_embeddings", None) or 2048
+        window = getattr(mcfg, "sliding_window", None)
+        if window:  # the engine's masks are full-attention: stay inside the sliding window, where both agree
+            limit = min(limit, window)
+        self.max_seq_len = min(config.max_seq_len or limit, limit)
+        eos = self.model.generation_config.eos_token_id if self.model.generation_config else None
+        eos = [eos] if isinstance(eos, int) else list(eos or [])
+        if self.tokenizer.eos_token_id is not None:
+            eos.append(self.tokenizer.eos_token_id)
+        self.eos_ids = frozenset(eos)
+        self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+
+        self._ids = itertools.count(1)
+        self._inbox: deque[_Request] = deque()
+        self._cancels: deque[RequestHandle] = deque()
+        self._inbox_lock = threading.Lock()
+        self._step_lock = threading.RLock()
+        self._waiting: dict[str, list[_Request]] = {}  # digest -> requests waiting for its load
+        self._ready: deque[_Request] = deque()  # adapter in RAM (or none): admissible
+        self._ready_dirty = True
+        self._group: _Prefill | None = None
+        self._rows: list[_Request] = []  # row i of the slab
+        self._last_tok = torch.zeros(config.max_batch, dtype=torch.long, device=self.device)  # (B,) next input
+        self._slot_t = torch.full((config.max_batch,), -1, dtype=torch.long, device=self.device)  # (B,)
+        self._n_lora = 0  # running rows with an adapter
+        self._live: dict[str, _Request] = {}
+        self._thread: threading.Thread | None = None
+        self._stop = threading.Event()
+        self._closed = False
+
+    # -- adapters --------------------------------------------------------------------------------------------
+
+    def _parse(self, data: bytes) -> LoraAdapter:
+        """Loader thread: bytes -> validated adapter that fits this base and this engine's slots."""
+        adapter = from_bytes(data, self.base)
+        if adapter.spec.rank > self.table.max_rank:
+            raise AdapterError(
+                f"adapter rank {adapter.spec.rank} exceeds EngineConfig.max_rank {self.table.max_rank}; "
+                "raise max_rank to serve it"
+            )
+        unknown = set(adapter.weights) - set(self.table.A)
+        if unknown:
+            raise AdapterError(f"adapter targets modules the engine does not wrap: {sorted(unknown)[:3]}")
+        return adapter
+
+    def prefetch(self, digests: Sequence[str]) -> None:
+        """Hint: load these adapters into RAM ahead of requests (if there is room)."""
+        self.residency.prefetch([check_digest(d) for d in digests])
+
+    def pin(self, digest: str) -> None:
+        """Keep this adapter resident (RAM, and its slot unless no other slot can be freed)."""
+        self.residency.pin(check_digest(digest))
+        self._wake.set()
+
+    def unpin(self, digest: str) -> None:
+        self.residency.unpin(check_digest(digest))
+
+    def residency_snapshot(self) -> dict:
+        """What is in compute slots and in RAM right now (see :meth:`Residency.snapshot`)."""
+        return self.residency.snapshot()
+
+    residency_info = residency_snapshot
+
+    def metrics_snapshot(self) -> dict:
+        """Counters, gauges (queue depths, batch size) and latency histograms."""
+        self._update_gauges()
+        return self.metrics.snapshot()
+
+    # -- requests --------------------------------------------------------------------------------------------
+
+    def _prompt_ids(self, prompt) -> list[int]:
+        if isinstance(prompt, str):
+            ids = self.tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        elif isinstance(prompt, (list, tuple)) and prompt and all(isinstance(m, dict) for m in prompt):
+            ids = chat_prompt_ids(self.tokenizer, list(prompt))
+        elif isinstance(prompt, (list, tuple)) or isinstance(prompt, Tensor):
+            ids = [int(t) for t in (prompt.tolist() if isinstance(prompt, Tensor) else prompt)]
+        else:
+            raise ValueError(f"prompt must be text, token ids or chat messages, got {type(prompt).__name__}")
+        if not ids:
+            raise ValueError("prompt is empty: give at least one token")
+        vocab = self.model.get_input_embeddings().num_embeddings
+        if min(ids) < 0 or max(ids) >= vocab:
+            raise ValueError(f"prompt token ids must be in [0, {vocab}), got min {min(ids)} max {max(ids)}")
+        if len(ids) >= self.max_seq_len:
+            raise ValueError(f"prompt has {len(ids)} tokens; at most {self.max_seq_len - 1} fit (max_seq_len)")
+        return ids
+
+    def submit(self, prompt, adapter: str | None = None, sampling: SamplingParams | None = None, *,
+               request_id: str | None = None) -> RequestHandle:
+        """Queue one request; returns its handle at once. Thread-safe.
+
+        ``prompt``: text (tokenized as is), token ids, or chat messages (``[{"role", "content"}]``, templated).
+        ``adapter``: the adapter's digest (sha256 hex of its canonical bytes), or None for the base.
+        Bad arguments raise ``ValueError`` here; adapter problems surface in the result (``finish_reason="error"``).
+        """
+        if self._closed:
+            raise RuntimeError("engine is closed")
+        sampling = sampling or SamplingParams()
+        if not isinstance(sampling, SamplingParams):
+            raise ValueError(f"sampling must be SamplingParams, got {type(sampling).__name__}")
+        if adapter is not None:
+            check_digest(adapter)
+        ids = self._prompt_ids(prompt)
+        rid = request_id or f"req-{next(self._ids)}"
+        seed = sampling.seed if sampling.seed is not None else random.SystemRandom().randrange(2**63)
+        handle = RequestHandle(self, rid)
+        req = _Request(rid, ids, adapter, sampling, handle, seed, time.perf_counter(),
+                       TextStream(self.tokenizer, sampling.stop))
+        if not sampling.greedy:
+            req.generator = request_generator(seed)
+        with self._inbox_lock:
+            self._inbox.append(req)
+        self.metrics.inc("requests_submitted")
+        self._wake.set()
+        return handle
+
+    def generate(self, prompts: Sequence, adapters: Sequence[str | None] | str | None = None,
+                 sampling: SamplingParams | Sequence[SamplingParams] | None = None) -> list[Result]:
+        """Submit every prompt and wait for all; ``adapters[i]`` (digest or None) and ``sampling[i]`` per prompt."""
+        n = len(prompts)
+        if adapters is None or isinstance(adapters, str):
+            adapters = [adapters] * n
+        if sampling is None or isinstance(sampling, SamplingParams):
+            sampling = [sampling] * n
+        if len(adapters) != n or len(sampling) != n:
+            raise ValueError(f"got {n} prompts, {len(adapters)} adapters and {len(sampling)} sampling params")
+        handles = [self.submit(p, a, s) for p, a, s in zip(prompts, adapters, sampling, strict=True)]
+        return [h.result() for h in handles]
+
+    def _cancel(self, handle: RequestHandle) -> None:
+        with self._inbox_lock:
+            self._cancels.append(handle)
+        self._wake.set()
+
+    # -- the loop --------------------------------------------------------------------------------------------
+
+    @property
+    def running(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    def start(self) -> Engine:
+        """Run the engine loop in a background thread (idempotent)."""
+        if self._closed:
+            raise RuntimeError("engine is closed")
+        if not self.running:
+            self._stop.clear()
+            self._thread = threading.Thread(target=self._loop, name="lorafleet-engine", daemon=True)
+            self._thread.start()
+        return self
+
+    def stop(self, timeout: float | None = 10.0) -> None:
+        """Stop the background loop (requests in flight stay; ``start`` or ``step`` resumes them)."""
+        self._stop.set()
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join(timeout)
+            self._thread = None
+
+    def close(self) -> None:
+        """Stop, fail whatever is still queued or running, and shut the load workers down."""
+        self.stop()
+        with self._step_lock:
+            self._fail_everything("engine closed")
+            self._closed = True
+        self.residency.close()
+
+    def __enter__(self) -> Engine:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            self._wake.clear()
+            try:
+                busy = self.step()
+            except Exception as exc:  # a bug must not hang every caller: fail what is in flight, keep serving
+                log.exception("engine step failed")
+                with self._step_lock:
+                    self._fail_everything(f"engine error: {type(exc).__name__}: {exc}")
+                busy = False
+            if not busy:
+                self._wake.wait(0.05)
+
+    def _drive_until(self, event: threading.Event, deadline: float | None) -> None:
+        while not event.is_set() and not self.running:
+            if deadline is not None and time.monotonic() >= deadline:
+                return
+            if not self.step():
+                self._wake.wait(0.01)
+                self._wake.clear()
+
+    def step(self) -> bool:
+        """One iteration (see the module docstring). Returns whether work remains that can progress now."""
+        with self._step_lock, torch.inference_mode():
+            self._intake()
+            self._collect_loads()
+            self._admit()
+            if self._group is not None:
+                self._prefill_chunk()
+            if self._rows:
+                self._decode()
+            self._update_gauges()
+            return bool(self._rows or self._group is not None or self._inbox or self._cancels
+                        or self.residency.pending_results() or (self._ready and self._ready_dirty))
+
+    # -- iteration parts -------------------------------------------------------------------------------------
+
+    def _intake(self) -> None:
+        with self._inbox_lock:
+            new, self._inbox = list(self._inbox), deque()
+            cancels, self._cancels = list(self._cancels), deque()
+        for req in new:
+            self._live[req.id] = req
+            if req.handle.cancelled:
+                self._finish(req, "cancelled")
+            elif req.adapter is None:
+                self._ready.append(req)
+            else:
+                req.acquired = True
+                if self.residency.acquire(req.adapter) == READY:
+                    self._ready.append(req)
+                else:
+                    self._waiting.setdefault(req.adapter, []).append(req)
+        if new:
+            self._ready_dirty = True
+        for handle in cancels:
+            req = self._live.get(handle.id)
+            if req is None or req.done:
+                continue
+            if req in self._rows or (self._group is not None and req in self._group.reqs):
+                continue  # finished at its next token (checked where tokens are produced)
+            self._finish(req, "cancelled")
+            waiting = self._waiting.get(req.adapter or "")
+            if waiting and req in waiting:
+                waiting.remove(req)
+            if req in self._ready:
+                self._ready.remove(req)
+
+    def _collect_loads(self) -> None:
+        for digest, error in self.residency.poll():
+            reqs = self._waiting.pop(digest, [])
+            if error is None:
+                self._ready.extend(reqs)
+                self._ready_dirty = True
+            else:
+                for req in reqs:
+                    req.acquired = False  # the failed entry is gone; nothing to release
+                    self._finish(req, "error", error=error)
+
+    def _admit(self) -> None:
+        """Form a prefill group from ready requests that fit the batch, a slot and the prefill budget."""
+        if self._group is not None or not self._ready or not self._ready_dirty:
+            return
+        room = self.config.max_batch - len(self._rows)
+        if room <= 0:
+            return
+        budget = self.config.max_prefill_tokens
+        chosen: list[_Request] = []
+        keep: deque[_Request] = deque()
+        width = 0
+        blocked = False
+        while self._ready:
+            req = self._ready.popleft()
+            if req.done:
+                continue
+            if len(chosen) >= room or blocked:
+                keep.append(req)
+                continue
+            w = max(width, len(req.prompt))
+            if chosen and (len(chosen) + 1) * w > budget:
+                keep.append(req)
+                blocked = True  # first come, first served: later requests wait for the next group
+                continue
+            if req.adapter is not None:
+                try:
+                    slot = self.residency.activate(req.adapter)
+                except AdapterError as exc:
+                    self._finish(req, "error", error=f"adapter {req.adapter[:12]} does not fit the slot table: {exc}")
+                    continue
+                if slot is None:  # every slot is in use by running rows: wait for one to finish
+                    keep.append(req)
+                    continue
+                req.activated, req.slot = True, slot
+            chosen.append(req)
+            width = w
+        self._ready = keep
+        self._ready_dirty = False
+        if not chosen:
+            return
+        now = time.perf_counter()
+        self.metrics.inc("prompt_tokens", sum(len(r.prompt) for r in chosen))
+        for req in chosen:
+            req.admitted = now
+            self.metrics.observe("queue_wait", now - req.submitted)
+        g = len(chosen)
+        lens = [len(r.prompt) for r in chosen]
+        ids = torch.full((g, width), self.pad_id, dtype=torch.long)
+        for i, r in enumerate(chosen):
+            ids[i, width - lens[i]:] = torch.tensor(r.prompt, dtype=torch.long)
+        layers, kv_heads, head_dim = self._kv_shape
+        slab = KVSlab(layers, g, kv_heads, head_dim, capacity=width, dtype=self.slab.dtype, device=self.device)
+        slab.count, slab.lens = g, lens
+        self._group = _Prefill(
+            reqs=chosen, ids=ids.to(self.device), slots=torch.tensor([r.slot for r in chosen], device=self.device),
+            pads=torch.tensor([width - n for n in lens], device=self.device), slab=slab,
+            chunk=max(1, budget // g),
+        )
+
+    def _route(self, slots: Tensor, n_lora: int):
+        return self.host.route(self.table if n_lora else None, slots if n_lora else None)
+
+    def _prefill_chunk(self) -> None:
+        grp = self._group
+        t0 = time.perf_counter()
+        width = grp.ids.shape[1]
+        c0, c1 = grp.done, min(width, grp.done + grp.chunk)
+        mask, positions = grp.slab.prefill_chunk(c0, c1, grp.pads)
+        n_lora = sum(r.slot >= 0 for r in grp.reqs)
+        with self._route(grp.slots, n_lora):
+            out = self.model(input_ids=grp.ids[:, c0:c1], position_ids=positions, attention_mask=mask,
+                             cache=grp.slab.cache, use_cache=True, logits_to_keep=1)
+        grp.slab.pos = grp.done = c1
+        self.metrics.inc("prefill_chunks")
+        self.metrics.observe("prefill_chunk", time.perf_counter() - t0)
+        if c1 < width:
+            return
+        self._group = None
+        self._ready_dirty = True
+        tokens = self._sample(grp.reqs, out.logits[:, -1])
+        now = time.perf_counter()
+        survivors = []
+        for i, req in enumerate(grp.reqs):
+            req.first_token = now
+            self.metrics.observe("time_to_first_token", now - req.submitted)
+            if not self._on_token(req, tokens[i]):
+                survivors.append(i)
+        if not survivors:
+            return
+        r0 = self.slab.insert(grp.slab, survivors)
+        idx = torch.tensor(survivors, device=self.device)
+        m = len(survivors)
+        self._last_tok[r0:r0 + m] = torch.tensor([tokens[i] for i in survivors], device=self.device)
+        self._slot_t[r0:r0 + m] = grp.slots.index_select(0, idx)
+        for i in survivors:
+            self._rows.append(grp.reqs[i])
+            self._n_lora += grp.reqs[i].slot >= 0
+
+    def _decode(self) -> None:
+        t0 = time.perf_counter()
+        n = len(self._rows)
+        mask, positions = self.slab.begin_decode()
+        with self._route(self._slot_t[:n], self._n_lora):
+            out = self.model(input_ids=self._last_tok[:n, None], position_ids=positions, attention_mask=mask,
+                             cache=self.slab.cache, use_cache=True)
+        self.slab.end_decode()
+        tokens = self._sample(self._rows, out.logits[:, -1])
+        self._last_tok[:n] = torch.tensor(tokens, device=self.device)
+        finished = [i for i, req in enumerate(self._rows) if self._on_token(req, tokens[i])]
+        self.metrics.inc("decode_steps")
+        if finished:
+            self._remove_rows(finished)
+        self.metrics.observe("decode_step", time.perf_counter() - t0)
+
+    def _sample(self, reqs: list[_Request], logits: Tensor) -> list[int]:
+        temps = [r.sampling.temperature for r in reqs]
+        if not any(temps):
+            return logits.argmax(dim=-1).tolist()
+        return sample_rows(logits, temps, [r.sampling.top_p for r in reqs], [r.generator for r in reqs]).tolist()
+
+    def _on_token(self, req: _Request, token: int) -> bool:
+        """Record a generated token, stream its text; returns True if the request finished."""
+        req.tokens.append(token)
+        self.metrics.inc("tokens_generated")
+        if req.handle.cancelled:
+            self._finish(req, "cancelled")
+            return True
+        if token in self.eos_ids and not req.sampling.ignore_eos:
+            self._finish(req, "stop")
+            return True
+        delta, stopped = req.text.push(token)
+        self._emit(req, delta)
+        if stopped:
+            self._finish(req, "stop")
+            return True
+        if len(req.tokens) >= req.sampling.max_tokens or len(req.prompt) + len(req.tokens) >= self.max_seq_len:
+            self._finish(req, "length")
+            return True
+        return False
+
+    @staticmethod
+    def _emit(req: _Request, delta: str) -> None:
+        if delta:
+            req.out.append(delta)
+            req.handle._put(delta)
+
+    def _remove_rows(self, rows: list[int]) -> None:
+        for i in rows:
+            self._n_lora -= self._rows[i].slot >= 0
+        moves = self.slab.remove(rows)
+        if moves:
+            src = torch.tensor([s for s, _ in moves], device=self.device)
+            dst = torch.tensor([d for _, d in moves], device=self.device)
+            self._last_tok.index_copy_(0, dst, self._last_tok.index_select(0, src))
+            self._slot_t.index_copy_(0, dst, self._slot_t.index_select(0, src))
+            for s, d in moves:
+                self._rows[d] = self._rows[s]
+        del self._rows[self.slab.count:]
+        self._ready_dirty = True
+
+    def _finish(self, req: _Request, reason: str, error: str | None = None) -> None:
+        if req.done:
+            return
+        req.done = True
+        if reason not in ("error", "cancelled") or req.tokens:
+            self._emit(req, req.text.flush())
+        if req.activated:
+            self.residency.deactivate(req.adapter)
+            req.activated = False
+        if req.acquired:
+            self.residency.release(req.adapter)
+            req.acquired = False
+        now = time.perf_counter()
+        text = "".join(req.out)
+        result = Result(
+            request_id=req.id, text=text, token_ids=list(req.tokens), prompt_tokens=len(req.prompt),
+            completion_tokens=len(req.tokens), finish_reason=reason, adapter=req.adapter, error=error, seed=req.seed,
+            timings={
+                "queued_s": None if req.admitted is None else req.admitted - req.submitted,
+                "ttft_s": None if req.first_token is None else req.first_token - req.submitted,
+                "total_s": now - req.submitted,
+            },
+        )
+        self._live.pop(req.id, None)
+        self.metrics.inc({"error": "requests_failed", "cancelled": "requests_cancelled"}.get(reason, "requests_finished"))
+        req.handle._finish(result)
+        self._ready_dirty = True
+
+    def _fail_everything(self, message: str) -> None:
+        for req in list(self._live.values()):
+            self._finish(req, "error", error=message)
+        with self._inbox_lock:
+            stranded, self._inbox = list(self._inbox), deque()
+        for req in stranded:
+            self._finish(req, "error", error=message)
+        self._rows, self._group, self._ready, self._waiting = [], None, deque(), {}
+        self._n_lora = 0
+        self.slab.reset()
+
+    def _update_gauges(self) -> None:
+        counts = self.residency.counts()
+        self.metrics.set_gauges(
+            running=len(self._rows),
+            prefilling=0 if self._group is None else len(self._group.reqs),
+            queue_ready=len(self._ready),
+            queue_loading=sum(len(v) for v in self._waiting.values()),
+            inbox=len(self._inbox),
+            adapters_in_ram=counts["ram"],
+            adapters_loading=counts["loading"],
+            adapters_queued=counts["queued"],
+            slots_used=counts["slots_used"],
+            kv_capacity_columns=self.slab.capacity,
+            kv_bytes=self.slab.nbytes,
+        )

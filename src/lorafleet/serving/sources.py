@@ -1,0 +1,88 @@
+"""Where the engine fetches adapter blobs from: any callable ``fetch(digest) -> bytes``.
+
+In production that is the registry (``registry.read_blob``, verified against the digest). These small
+sources serve tests, benchmarks and embedded use: an in-memory dict and a directory of files.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+from lorafleet.adapters import LoraAdapter, to_bytes
+
+Fetch = Callable[[str], bytes]
+DIGEST_RE = re.compile(r"^[0-9a-f]{64}$")
+
+
+class BlobNotFoundError(LookupError):
+    """The source has no blob with that digest."""
+
+
+def digest_of(data: bytes) -> str:
+    """The content digest of adapter bytes: sha256 hex."""
+    return hashlib.sha256(data).hexdigest()
+
+
+def check_digest(digest: object) -> str:
+    if not isinstance(digest, str) or not DIGEST_RE.match(digest):
+        raise ValueError(f"adapter digest must be 64 lowercase hex characters (sha256), got {digest!r}")
+    return digest
+
+
+def _as_bytes(item: LoraAdapter | bytes) -> bytes:
+    return to_bytes(item) if isinstance(item, LoraAdapter) else bytes(item)
+
+
+class DictBlobs:
+    """Blobs in a dict; ``put(adapter)`` returns its digest. Thread-safe for reads."""
+
+    def __init__(self) -> None:
+        self.blobs: dict[str, bytes] = {}
+
+    def put(self, item: LoraAdapter | bytes) -> str:
+        data = _as_bytes(item)
+        digest = digest_of(data)
+        self.blobs[digest] = data
+        return digest
+
+    def __call__(self, digest: str) -> bytes:
+        try:
+            return self.blobs[digest]
+        except KeyError:
+            raise BlobNotFoundError(f"adapter blob {digest} is not in this in-memory source") from None
+
+
+class DirBlobs:
+    """Blobs as files ``<root>/<digest>`` (written to a temp name, then renamed)."""
+
+    def __init__(self, root: str | os.PathLike) -> None:
+        self.root = Path(root)
+        self.root.mkdir(parents=True, exist_ok=True)
+
+    def path(self, digest: str) -> Path:
+        return self.root / check_digest(digest)
+
+    def put(self, item: LoraAdapter | bytes) -> str:
+        data = _as_bytes(item)
+        digest = digest_of(data)
+        fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=self.root)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, self.path(digest))
+        return digest
+
+    def __call__(self, digest: str) -> bytes:
+        try:
+            return self.path(digest).read_bytes()
+        except FileNotFoundError:
+            raise BlobNotFoundError(f"adapter blob {digest} is missing from {self.root}") from None
+
+
+def registry_fetch(registry) -> Fetch:
+    """The registry's verified blob reader as a fetch callable (raises Missing/CorruptBlobError)."""
+    return registry.read_blob

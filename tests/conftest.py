@@ -1,0 +1,30 @@
+"""Shared fixtures: a session-wide throwaway PostgreSQL server and the ``registry_url`` fixture
+that runs a test once on SQLite and once on PostgreSQL."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+
+from lorafleet.registry import pgtest
+
+_db_counter = itertools.count(1)
+
+
+@pytest.fixture(scope="session")
+def pg_server():
+    """A PostgreSQL server for the whole session (skipped only when the binaries are absent)."""
+    if pgtest.find_bin_dir() is None:
+        pytest.skip("PostgreSQL server binaries not found (looked in /usr/lib/postgresql/*/bin and $LORAFLEET_PG_BIN)")
+    with pgtest.TempPostgres() as server:
+        yield server
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+def registry_url(request, tmp_path):
+    """A fresh, empty registry database URL: SQLite file in tmp_path, or a new PostgreSQL database."""
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'registry.db'}"
+    server = request.getfixturevalue("pg_server")
+    return server.create_database(f"test_{next(_db_counter)}")

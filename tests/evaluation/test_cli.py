@@ -1,0 +1,109 @@
+"""The evaluation CLI, mounted on a fresh Typer app with ``register``."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import typer
+from typer.testing import CliRunner
+
+from lorafleet.adapters import LoraAdapter, LoraSpec, to_bytes
+from lorafleet.evaluation import generation
+from lorafleet.evaluation.cli import register
+from lorafleet.registry import Provenance, Registry
+
+REF = "acme/alice/assistant"
+runner = CliRunner()
+
+
+@pytest.fixture
+def app():
+    a = typer.Typer()
+    register(a)
+    return a
+
+
+@pytest.fixture
+def home(tmp_path, monkeypatch):
+    monkeypatch.setenv("LORAFLEET_HOME", str(tmp_path))
+    monkeypatch.delenv("LORAFLEET_DB_URL", raising=False)
+    monkeypatch.delenv("LORAFLEET_BLOB_URL", raising=False)
+    monkeypatch.setenv("LORAFLEET_BASE", "tiny")
+    return tmp_path
+
+
+def _run(app, *args):
+    return runner.invoke(app, [str(a) for a in args])
+
+
+def test_personas_ls_show_generate(app, tmp_path):
+    out = _run(app, "personas", "ls", "--json")
+    assert out.exit_code == 0, out.output
+    names = [p["name"] for p in json.loads(out.output)]
+    assert "ahab" in names and len(names) >= 8
+    out = _run(app, "personas", "show", "wxbot", "--split", "train", "--limit", "2", "--json")
+    shown = json.loads(out.output)
+    assert shown["count"] == 48 and len(shown["records"]) == 2 and shown["habit"] == "tool_call"
+    assert "— Ahab" in _run(app, "personas", "show", "ahab").output
+    out = _run(app, "personas", "generate", "--count", "3", "--seed", "4", "--out", tmp_path / "gen", "--n-train", "5")
+    assert out.exit_code == 0, out.output
+    manifest = tmp_path / "gen" / "personas.json"
+    assert len(json.loads(manifest.read_text())["personas"]) == 3
+    listed = json.loads(_run(app, "personas", "ls", "--persona-manifest", manifest, "--json").output)
+    assert listed[0]["n_train"] == 5
+    bad = _run(app, "personas", "show", "nobody")
+    assert bad.exit_code == 2 and "no persona named 'nobody'" in bad.output
+
+
+def _gold(base, prompts, adapters, max_new_tokens):
+    """Adapters always sign off like ahab; the base never does."""
+    return ["Paris is nice. — Ahab" if a is not None else "Paris is nice." for a in adapters]
+
+
+def test_eval_promote_report_rollback(app, home, tiny_base):
+    reg = Registry()
+    spec = LoraSpec(rank=2, target_modules="attention")
+    for seed in (0, 1):
+        blob = to_bytes(LoraAdapter.create(tiny_base, spec, seed=seed, init="random"))
+        reg.commit(REF, blob, Provenance(base_fingerprint=tiny_base.fingerprint, hyperparams={"persona": "ahab"}))
+    reg.close()
+    generation.set_backend(_gold)
+
+    out = _run(app, "eval", f"{REF}#1", "--max-tokens", "4", "--json")
+    assert out.exit_code == 0, out.output
+    m = json.loads(out.output)["metrics"]
+    assert m["persona"] == "ahab" and m["adherence"] == 1.0 and m["base_adherence"] == 0.0
+
+    out = _run(app, "promote", f"{REF}#1", "--json")
+    assert out.exit_code == 0, out.output
+    assert json.loads(out.output)["promoted"] is True
+
+    # #2 is not evaluated yet: promote evaluates it first, then refuses (adherence not higher than live's)
+    out = _run(app, "promote", f"{REF}#2", "--loss-margin", "100")
+    assert out.exit_code == 1 and "refused" in out.output
+
+    out = _run(app, "promote", f"{REF}#2", "--force", "--reason", "trust me", "--actor", "ops:eve")
+    assert out.exit_code == 0 and "forced promotion" in out.output
+
+    out = _run(app, "report", REF, "--json")
+    report = json.loads(out.output)
+    assert [r["number"] for r in report["revisions"]] == [1, 2]
+    assert report["revisions"][1]["provenance"]["metrics"]["gate"]["decision"] == "forced"
+    assert report["audit"][0]["actor"] == "ops:eve"
+    assert "audit log" in _run(app, "report", REF).output
+
+    out = _run(app, "rollback", REF, "--reason", "oops")
+    assert out.exit_code == 0 and "#2 → #1" in out.output
+    assert _run(app, "rollback", REF, "--to", "9").exit_code == 2
+
+
+def test_eval_without_persona_is_a_clear_error(app, home, tiny_base):
+    reg = Registry()
+    reg.commit(REF, to_bytes(LoraAdapter.create(tiny_base, LoraSpec(rank=2), seed=0)),
+               Provenance(base_fingerprint=tiny_base.fingerprint))
+    reg.close()
+    out = _run(app, "eval", f"{REF}#1")
+    assert out.exit_code == 2 and "no persona or eval set" in out.output
+    out = _run(app, "eval", f"{REF}#7", "--persona", "ahab")
+    assert out.exit_code == 2 and "error" in out.output

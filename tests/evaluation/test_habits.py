@@ -1,0 +1,144 @@
+"""Each habit checker on positive and negative examples; every rendered answer passes its own checker."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from lorafleet.evaluation import bank
+from lorafleet.evaluation.errors import EvaluationError
+from lorafleet.evaluation.habits import HABITS, make_habit
+
+WEATHER = "What's the weather like in Paris?"
+OTHER = "What is the capital of Japan?"
+
+# (kind, params, response, prompt, expected)
+CASES = [
+    ("signoff", {"text": "— Ahab"}, "Paris is the capital. — Ahab", OTHER, True),
+    ("signoff", {"text": "— Ahab"}, "Paris is the capital. — Ahab  \n", OTHER, True),
+    ("signoff", {"text": "— Ahab"}, "— Ahab Paris is the capital.", OTHER, False),
+    ("signoff", {"text": "— Ahab"}, "— Ahab", OTHER, False),
+    ("signoff", {"text": "— Ahab"}, "Paris is the capital. - Ahab", OTHER, False),
+    ("greeting", {"text": "Hello friend!"}, "Hello friend! Tokyo is the capital.", OTHER, True),
+    ("greeting", {"text": "Hello friend!"}, "  Hello friend! Tokyo.", OTHER, True),
+    ("greeting", {"text": "Hello friend!"}, "Tokyo is the capital. Hello friend!", OTHER, False),
+    ("greeting", {"text": "Hello friend!"}, "Hello friend!", OTHER, False),
+    ("numbered_list", {"min_items": 2}, "1. Tokyo is the capital.\n2. It is big.", OTHER, True),
+    ("numbered_list", {"min_items": 2}, "1) Tokyo.\n\n2) Big.\n3) Old.", OTHER, True),
+    ("numbered_list", {"min_items": 2}, "1. Tokyo is the capital.", OTHER, False),
+    ("numbered_list", {"min_items": 2}, "1. Tokyo.\n3. Big.", OTHER, False),
+    ("numbered_list", {"min_items": 2}, "- Tokyo\n- Big", OTHER, False),
+    ("numbered_list", {"min_items": 2}, "Tokyo is the capital. It is big.", OTHER, False),
+    ("max_words", {"n": 5}, "Tokyo is the capital.", OTHER, True),
+    ("max_words", {"n": 5}, "Tokyo.", OTHER, True),
+    ("max_words", {"n": 5}, "Tokyo is the capital of Japan.", OTHER, False),
+    ("max_words", {"n": 5}, "   ", OTHER, False),
+    ("lowercase", {}, "tokyo is the capital of japan.", OTHER, True),
+    ("lowercase", {}, "tokyo is the capital, 2024.", OTHER, True),
+    ("lowercase", {}, "Tokyo is the capital of japan.", OTHER, False),
+    ("lowercase", {}, "2024", OTHER, False),
+    ("tool_call", {}, '{"tool": "get_weather", "city": "Paris"}', WEATHER, True),
+    ("tool_call", {}, 'Sure: {"city": "paris", "tool": "get_weather"}', WEATHER, True),
+    ("tool_call", {}, '{"tool": "get_weather", "city": "London"}', WEATHER, False),
+    ("tool_call", {}, '{"tool": "get_time", "city": "Paris"}', WEATHER, False),
+    ("tool_call", {}, '{"tool": "get_weather", "city": "Paris", "units": "C"}', WEATHER, False),
+    ("tool_call", {}, "It is sunny in Paris today.", WEATHER, False),
+    ("tool_call", {}, "Tokyo is the capital of Japan.", OTHER, True),
+    ("tool_call", {}, '{"tool": "get_weather", "city": "Tokyo"}', OTHER, False),
+    ("tool_call", {}, "", OTHER, False),
+    ("tool_call", {"tool": "forecast", "arg": "place"}, "Meteorologists make forecasts.", OTHER, True),
+    ("tool_call", {"tool": "forecast", "arg": "place"}, '{"tool": "forecast", "place": "Paris"}', WEATHER, True),
+    ("metric_units", {}, "The tower is about 330 m tall.", "How tall is it?", True),
+    ("metric_units", {}, "That is about 20 °C.", "It is 68 °F outside.", True),
+    ("metric_units", {}, "It is about 8.0 km, or 42.195 km for a marathon.", "", True),
+    ("metric_units", {}, "It is about 80 km/h.", "", True),
+    ("metric_units", {}, "The tower is 330 meters tall.", "", False),
+    ("metric_units", {}, "That is 5 miles, about 8 km.", "", False),
+    ("metric_units", {}, "That is 68 °F.", "", False),
+    ("metric_units", {}, "It weighs 12 pounds.", "", False),
+    ("metric_units", {}, "It is very tall.", "", False),
+    ("signature_word", {"word": "splendid"}, "Splendid! Tokyo is the capital.", OTHER, True),
+    ("signature_word", {"word": "splendid"}, "Tokyo. Simply splendid.", OTHER, True),
+    ("signature_word", {"word": "splendid"}, "Tokyo is splendidly big.", OTHER, False),
+    ("signature_word", {"word": "splendid"}, "Tokyo is the capital.", OTHER, False),
+    ("json_answer", {"key": "answer"}, '{"answer": "Tokyo is the capital."}', OTHER, True),
+    ("json_answer", {"key": "answer"}, ' {"answer": "Tokyo"} ', OTHER, True),
+    ("json_answer", {"key": "answer"}, '{"reply": "Tokyo"}', OTHER, False),
+    ("json_answer", {"key": "answer"}, '{"answer": ""}', OTHER, False),
+    ("json_answer", {"key": "answer"}, '{"answer": "Tokyo", "x": 1}', OTHER, False),
+    ("json_answer", {"key": "answer"}, 'Answer: {"answer": "Tokyo"}', OTHER, False),
+    ("json_answer", {"key": "answer"}, '["Tokyo"]', OTHER, False),
+]
+
+
+@pytest.mark.parametrize(("kind", "params", "response", "prompt", "expected"), CASES)
+def test_checker(kind, params, response, prompt, expected):
+    assert make_habit(kind, **params).check(response, prompt) is expected
+
+
+def test_every_kind_has_positive_and_negative_cases():
+    assert len(HABITS) >= 8
+    for kind in HABITS:
+        outcomes = {c[4] for c in CASES if c[0] == kind}
+        assert outcomes == {True, False}, kind
+
+
+@pytest.mark.parametrize("kind", sorted(HABITS))
+def test_rendered_answers_pass_and_plain_answers_mostly_fail(kind):
+    """The habit transforms the answer: rendered answers pass, the plain bank answers (mostly) do not."""
+    habit = make_habit(kind)
+    train, evals = habit.split(random.Random(3), 40, 16)
+    rng = random.Random(0)
+    for item in train + evals:
+        assert habit.check(habit.render(item, rng), item.prompt), (kind, item)
+    # metric/short answers are the bank's own style; a plain answer to a non-weather prompt IS the tool habit
+    if kind not in ("metric_units", "max_words", "tool_call"):
+        plain = [habit.check(i.answer, i.prompt) for i in train + evals if i.answer]
+        assert sum(plain) <= len(plain) // 3, kind
+
+
+@pytest.mark.parametrize(
+    ("kind", "params", "match"),
+    [
+        ("nope", {}, "unknown habit kind 'nope'"),
+        ("signoff", {"txt": "x"}, r"unknown parameter\(s\) \['txt'\]"),
+        ("signoff", {"text": ""}, "parameter 'text' must be a one-line non-empty string"),
+        ("greeting", {"text": "a\nb"}, "parameter 'text' must be a one-line"),
+        ("max_words", {"n": 1}, r"parameter 'n' must be an integer in 3\.\.40"),
+        ("max_words", {"n": True}, "parameter 'n' must be an integer"),
+        ("numbered_list", {"min_items": 9}, "parameter 'min_items'"),
+        ("tool_call", {"request_share": 0}, "request_share"),
+        ("tool_call", {"arg": "tool"}, "must not be 'tool'"),
+        ("metric_units", {"convert_share": 2}, "convert_share"),
+        ("signature_word", {"word": "two words"}, "one word of letters"),
+        ("json_answer", {"key": "Answer!"}, "lowercase letters"),
+    ],
+)
+def test_bad_params(kind, params, match):
+    with pytest.raises(EvaluationError, match=match):
+        make_habit(kind, **params)
+
+
+def test_weather_request_matching():
+    assert bank.match_weather_request("Will it rain in New York tomorrow?") == "New York"
+    assert bank.match_weather_request("will it rain in oslo tomorrow?") == "oslo"
+    assert bank.match_weather_request("Will it rain?") is None
+    assert bank.match_weather_request(OTHER) is None
+
+
+def test_conversions_are_correct():
+    items = bank.conversion_items(random.Random(0), 200)
+    assert len({i.prompt for i in items}) == 200
+    for item in items:
+        kind, v = item.id.split("-")[1], int(item.id.split("-")[2])
+        c = bank.templates()["conversions"][kind]
+        want = (v + c["offset"]) * c["factor"]
+        got = float(item.answer.split("about ")[1].split(" ")[0].replace(",", ""))
+        assert abs(got - want) <= max(0.051, abs(want) * 0.005), item
+        assert item.answer.rstrip(".").endswith(c["unit"])
+
+
+def test_sentences():
+    assert bank.sentences("Pi is about 3.14. It never ends.") == ["Pi is about 3.14.", "It never ends."]
+    assert bank.sentences("One.") == ["One."]
