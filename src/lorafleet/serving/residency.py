@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 import threading
 import time
 from collections import OrderedDict, deque
@@ -38,6 +39,16 @@ from lorafleet.serving.metrics import Metrics
 log = logging.getLogger(__name__)
 
 QUEUED, LOADING, READY = "queued", "loading", "ready"
+# Load workers run at a lower OS priority (Linux: per-thread nice) so that on a busy machine the decode
+# thread gets the CPU first; loads are off the critical path by design.
+LOADER_NICE = 10
+
+
+def _lower_priority() -> None:
+    try:
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), LOADER_NICE)
+    except (AttributeError, OSError):  # not Linux, or not permitted: run at normal priority
+        pass
 
 
 class LRUPolicy:
@@ -155,7 +166,8 @@ class Residency:
         self._resident = 0  # entries LOADING or READY (what max_cached bounds)
         self._slot_owner: list[str | None] = [None] * table.num_slots
         self._slot_lru: OrderedDict[str, None] = OrderedDict()
-        self._pool = ThreadPoolExecutor(max_workers=load_workers, thread_name_prefix="lorafleet-load")
+        self._pool = ThreadPoolExecutor(max_workers=load_workers, thread_name_prefix="lorafleet-load",
+                                        initializer=_lower_priority)
         self._closed = False
 
     # -- requests --------------------------------------------------------------------------------------------
