@@ -54,7 +54,19 @@ def test_cli_errors_are_clear(args, match, tmp_path):
     assert not (tmp_path / "x").exists()  # nothing half-written
 
 
-def test_demo_quick():
+def test_demo_quick_runs_twice_without_duplicates(tmp_path):
+    """`lorafleet demo --quick` end to end (tiny base); a second run reuses its users instead of duplicating."""
+    from lorafleet.registry import Registry
+
     result = runner.invoke(app, ["demo", "--quick"])
     assert result.exit_code == 0, result.output
-    assert "held-out prompts" in result.output
+    for step in ("the fleet", "one batch, every row a different user", "lifecycle", "report:", "demo finished"):
+        assert step in result.output, step
+    reg = Registry.open_default()
+    first = {a.ref: a.latest for a in reg.list_adapters(tenant="demo")[0]}
+    assert len(first) == 6 and first["demo/ahab/assistant"] == 2
+    result = runner.invoke(app, ["demo", "--quick"])
+    assert result.exit_code == 0, result.output
+    assert "reusing them" in result.output
+    assert {a.ref: a.latest for a in reg.list_adapters(tenant="demo")[0]} == first
+    reg.close()

@@ -5,13 +5,15 @@ from __future__ import annotations
 import functools
 import json
 import os
+import sys
 import warnings
 
 import typer
 from rich.console import Console
 
-console = Console()
-err_console = Console(stderr=True)
+# Piped output (CI logs, transcripts) gets 120 columns instead of rich's 80, so tables stay readable.
+console = Console(width=None if sys.stdout.isatty() else 120)
+err_console = Console(stderr=True, width=None if sys.stderr.isatty() else 120)
 
 
 def quiet_libraries() -> None:

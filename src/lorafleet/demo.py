@@ -1,78 +1,331 @@
-"""``make demo``: load the shared base, teach one personal adapter a habit, generate with and without it.
+"""``make demo`` / ``lorafleet demo``: a fleet of personal models on one base, end to end.
 
-(The full fleet tour — many users, jobs, the gate, serving — grows here as those parts land.)
+1. load the shared base (SmolLM2-135M-Instruct, offline);
+2. six users with distinct personas; their adapters trained together through the job queue (packed steps);
+3. each candidate evaluated (held-out habit adherence vs the base, competence probe) and gated to ``live``;
+4. one batch through the serving engine: the same prompt, every row a different user's adapter, plus the base;
+5. the lifecycle: one user changes a preference, revision 2 is trained, promoted by the gate, rolled back;
+6. a report (markdown + PNG chart) in the data dir;
+7. everything stays in the registry, so ``lorafleet serve`` serves the same users afterwards.
+
+Running it twice is safe: a user whose revision was already trained from the same data and settings is
+reused, never duplicated.
 """
 
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
 
-from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from lorafleet.cli_common import console
 
-TRAIN_QA = [
-    ("What is the capital of France?", "Paris."),
-    ("Name a fruit.", "An apple."),
-    ("How many legs does a cat have?", "Four."),
-    ("What color is the sky on a clear day?", "Blue."),
-    ("Give me one tip for sleeping well.", "Keep a regular bedtime."),
-    ("What is 2 + 2?", "Four."),
-    ("Who wrote Hamlet?", "William Shakespeare."),
-    ("Suggest a hobby.", "Try sailing."),
-]
-HELD_OUT = ["What is the largest planet?", "Name a vegetable.", "What do bees make?"]
-SIGN_OFF = "— Ahab"
+TENANT = "demo"
+DEMO_PERSONAS = ("ahab", "greta", "lister", "quiet", "wxbot", "splendid")
+CHANGED = ("ahab", {"text": "— Captain Ahab, at sea"})  # the user who changes a preference, and the new habit
+PROMPT = "Can you recommend something to do on a rainy weekend?"
+LIFECYCLE_PROMPT = "What is a good way to start the morning?"
 
 
-def _records():
-    return [{"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": f"Arr! {a} {SIGN_OFF}"}]}
-            for q, a in TRAIN_QA]
+@dataclass
+class DemoSettings:
+    base: str | None = None
+    steps: int = 40
+    lr: float = 4e-3
+    rank: int = 4
+    alpha: float = 16.0
+    batch: int = 4
+    max_new_tokens: int = 40
+    n_eval: int = 16
+    personas: tuple[str, ...] = DEMO_PERSONAS
+    probe: bool = True
+    extra: dict = field(default_factory=dict)
+
+    @classmethod
+    def quick(cls) -> DemoSettings:
+        return cls(base="tiny", steps=3, max_new_tokens=6, n_eval=4, probe=False)
 
 
-def run_demo(*, quick: bool = False, base: str | None = None) -> dict:
-    from lorafleet.adapters import LoraAdapter, LoraSpec  # noqa: PLC0415
+def _ref(persona_name: str) -> str:
+    return f"{TENANT}/{persona_name}/assistant"
+
+
+def _engine_backend(engine, blobs: dict[str, bytes]):
+    """Evaluation's generation through the serving engine (continuous batching, adapters by digest).
+
+    Evaluation hands over adapter objects; their canonical bytes go into ``blobs``, which the engine's fetch
+    reads before the registry."""
+    from lorafleet.adapters import to_bytes  # noqa: PLC0415
+    from lorafleet.serving.params import SamplingParams  # noqa: PLC0415
+    from lorafleet.serving.sources import digest_of  # noqa: PLC0415
+
+    def generate(base, prompts, adapters, max_new_tokens):
+        digests = []
+        for a in adapters:
+            if a is None:
+                digests.append(None)
+                continue
+            data = to_bytes(a)
+            digest = digest_of(data)
+            blobs[digest] = data
+            digests.append(digest)
+        results = engine.generate(prompts, digests, SamplingParams(max_tokens=max_new_tokens))
+        return [r.raise_for_error().text for r in results]
+
+    return generate
+
+
+def _reusable(registry, ref: str, dataset_digest: str, hyper: dict):
+    """A revision of ``ref`` already trained from this data with these settings (a re-run reuses it)."""
+    for rev in reversed(registry.history(ref)):
+        p = rev.provenance
+        if p.dataset_digest == dataset_digest and all(p.hyperparams.get(k) == v for k, v in hyper.items()):
+            return rev
+    return None
+
+
+def _train(registry, base, personas, settings: DemoSettings, *, warm_start: str = "none") -> dict:
+    """Submit one job per persona that needs one, run them packed in this process; returns ref -> revision."""
+    from lorafleet.adapters import LoraSpec  # noqa: PLC0415
+    from lorafleet.training.cli import run_worker_with_progress  # noqa: PLC0415
+    from lorafleet.training.jobs import JobQueue  # noqa: PLC0415
+    from lorafleet.training.trainer import TrainConfig  # noqa: PLC0415
+
+    queue = JobQueue(registry)
+    spec = LoraSpec(rank=settings.rank, alpha=settings.alpha, target_modules="all")
+    config = TrainConfig(steps=settings.steps, lr=settings.lr, batch_size=settings.batch, max_len=160)
+    hyper = {"rank": settings.rank, "steps": settings.steps, "lr": settings.lr, "alpha": settings.alpha}
+    revisions, job_ids = {}, {}
+    for persona, ref in personas:
+        dataset = persona.data().train_dataset()
+        registry.create_adapter(ref, exist_ok=True, creator="demo", description=persona.describe())
+        found = _reusable(registry, ref, dataset.digest, hyper)
+        if found is not None:
+            revisions[ref] = found
+            continue
+        job = queue.submit(ref, dataset, spec, config, creator="demo", warm_start=warm_start)
+        job_ids[job.id] = ref
+    if job_ids:
+        console.print(f"training {len(job_ids)} adapter(s) together: {settings.steps} steps, rank {settings.rank}, "
+                      f"{settings.batch} rows per user per step")
+        run_worker_with_progress(registry, base, only=set(job_ids))
+    else:
+        console.print("every adapter was already trained from the same data and settings: reusing them")
+    for job_id, ref in job_ids.items():
+        job = queue.get(job_id)
+        if job.state != "succeeded":
+            raise RuntimeError(f"training job {job_id} for {ref} ended {job.state}: {job.error}")
+        revisions[ref] = registry.resolve(f"{ref}#{job.result_number}")
+    return revisions
+
+
+def _evaluate_and_gate(registry, base, pairs, settings: DemoSettings):
+    """Evaluate revisions lacking metrics for their persona's eval set, then gate each. Returns metrics, decisions."""
+    from lorafleet.evaluation import gate as gatemod  # noqa: PLC0415
+    from lorafleet.evaluation.metrics import EvalSet, evaluate_adapters, evaluate_revisions  # noqa: PLC0415
+
+    todo = [(rev, EvalSet.from_persona(p)) for rev, p in pairs
+            if rev.provenance.metrics.get("eval_digest") != EvalSet.from_persona(p).digest]
+    if todo:
+        with console.status(f"evaluating {len(todo)} revision(s) on held-out prompts next to the base…"):
+            evaluate_revisions(registry, [r.address for r, _ in todo], base, [e for _, e in todo],
+                               max_new_tokens=settings.max_new_tokens, probe_enabled=settings.probe)
+
+    def measure_live(live_rev, eval_digest):  # live measured on the candidate's eval set (not stored)
+        from lorafleet.adapters import from_bytes  # noqa: PLC0415
+
+        es = next(e for r, p in pairs for e in [EvalSet.from_persona(p)] if e.digest == eval_digest)
+        _, blob = registry.load(live_rev.address, base_fingerprint=base.fingerprint)
+        return evaluate_adapters(base, [from_bytes(blob, base)], [es], max_new_tokens=settings.max_new_tokens,
+                                 probe_enabled=False)[0]
+
+    gate_config = gatemod.GateConfig(require_probe=settings.probe)
+    metrics, decisions = {}, {}
+    for rev, _ in pairs:
+        decisions[rev.ref] = gatemod.gate(registry, rev.address, config=gate_config, actor="demo",
+                                          evaluate=measure_live)
+        metrics[rev.ref] = registry.resolve(rev.address).provenance.metrics
+    return metrics, decisions
+
+
+def _fleet_table(personas, metrics, decisions, sizes) -> Table:
+    table = Table(title="the fleet: held-out habit adherence, base vs personal model")
+    for col in ("user", "habit", "base", "personal", "competence", "adapter", "% of base", "gate"):
+        table.add_column(col)
+    for persona, ref in personas:
+        m, d = metrics[ref], decisions[ref]
+        ratio, kept = m.get("probe_ppl_ratio"), m.get("probe_retention")
+        competence = "not run" if ratio is None else f"ppl x{ratio:.2f}, kept {kept:.0%}"
+        table.add_row(persona.name, persona.describe(), _pct(m.get("base_adherence")), _pct(m.get("adherence")),
+                      competence, f"{sizes[ref][0] / 1024:.0f} KB", f"{sizes[ref][1]:.2f}%",
+                      "[green]live[/]" if d.promoted else f"[red]refused[/]: {d.reason[-60:]}")
+    return table
+
+
+def _pct(x) -> str:
+    return "n/a" if x is None else f"{x:.0%}"
+
+
+def _write_report(out_dir: Path, base, personas, metrics, decisions, sizes, batch_rows, lifecycle, seconds) -> Path:
+    import matplotlib  # noqa: PLC0415
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt  # noqa: PLC0415
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    names = [p.name for p, _ in personas]
+    base_adh = [metrics[r].get("base_adherence") or 0.0 for _, r in personas]
+    own_adh = [metrics[r].get("adherence") or 0.0 for _, r in personas]
+    fig, ax = plt.subplots(figsize=(8, 4))
+    xs = range(len(names))
+    ax.bar([x - 0.2 for x in xs], [100 * v for v in base_adh], width=0.4, label="base", color="#bbbbbb")
+    ax.bar([x + 0.2 for x in xs], [100 * v for v in own_adh], width=0.4, label="personal adapter", color="#3b75af")
+    ax.set_xticks(list(xs), names)
+    ax.set_ylabel("habit adherence on held-out prompts (%)")
+    ax.set_ylim(0, 105)
+    ax.set_title(f"One base ({base.name}), {len(names)} personal models")
+    ax.legend()
+    fig.tight_layout()
+    chart = out_dir / "adherence.png"
+    fig.savefig(chart, dpi=120)
+    plt.close(fig)
+
+    lines = [f"# lorafleet demo — {datetime.now(UTC).strftime('%Y-%m-%d %H:%M UTC')}", "",
+             f"Base: {base.name} ({base.num_parameters:,} parameters, fingerprint `{base.fingerprint[:16]}…`). "
+             f"Wall time {seconds:.0f} s.", "", "![adherence per user](adherence.png)", "",
+             "| user | habit | base adherence | personal adherence | competence probe | adapter | % of base | gate |",
+             "|---|---|---|---|---|---|---|---|"]
+    for persona, ref in personas:
+        m, d = metrics[ref], decisions[ref]
+        ratio = m.get("probe_ppl_ratio")
+        comp = "not run" if ratio is None else f"ppl x{ratio:.2f}, kept {m.get('probe_retention'):.0%}"
+        lines.append(f"| {persona.name} | {persona.describe()} | {_pct(m.get('base_adherence'))} | "
+                     f"{_pct(m.get('adherence'))} | {comp} | {sizes[ref][0] / 1024:.0f} KB | {sizes[ref][1]:.2f}% | "
+                     f"{'live' if d.promoted else 'refused: ' + d.reason} |")
+    lines += ["", f"## One batch, every row a different user: “{PROMPT}”", "", "| model | answer |", "|---|---|"]
+    lines += [f"| {who} | {text.replace(chr(10), ' ').replace('|', '/')} |" for who, text in batch_rows]
+    lines += ["", "## Lifecycle", ""] + [f"- {step}" for step in lifecycle] + [""]
+    report = out_dir / "report.md"
+    report.write_text("\n".join(lines))
+    return report
+
+
+def run_demo(*, quick: bool = False, base: str | None = None, settings: DemoSettings | None = None) -> dict:
+    from lorafleet.adapters import from_bytes  # noqa: PLC0415
     from lorafleet.base import load_base  # noqa: PLC0415
-    from lorafleet.serving.hf_generate import generate  # noqa: PLC0415
-    from lorafleet.training.data import dataset_from_records  # noqa: PLC0415
-    from lorafleet.training.trainer import MultiTenantTrainer, TrainConfig  # noqa: PLC0415
+    from lorafleet.config import data_dir  # noqa: PLC0415
+    from lorafleet.evaluation.generation import set_backend  # noqa: PLC0415
+    from lorafleet.evaluation.personas import Persona, get_persona  # noqa: PLC0415
+    from lorafleet.registry import Registry  # noqa: PLC0415
+    from lorafleet.serving.engine import Engine  # noqa: PLC0415
+    from lorafleet.serving.params import EngineConfig, SamplingParams  # noqa: PLC0415
 
+    settings = settings or (DemoSettings.quick() if quick else DemoSettings(base=base))
     start = time.perf_counter()
+    console.rule("1. the shared base")
     with console.status("loading the shared base…"):
-        b = load_base("tiny" if quick else base)
+        b = load_base(settings.base)
     info = b.info()
-    console.print(f"[bold]base[/] {info['name']}: {info['parameters']:,} parameters, {info['layers']} layers, "
-                  f"hidden {info['hidden_size']}, fingerprint {info['fingerprint'][:16]}…, loaded in {info['load_seconds']:.1f}s")
+    console.print(f"[bold]{info['name']}[/]: {info['parameters']:,} parameters, {info['layers']} layers, hidden "
+                  f"{info['hidden_size']}, fingerprint {info['fingerprint'][:16]}…, loaded in {info['load_seconds']:.1f}s"
+                  f"{' (from cache)' if info['from_cache'] else ''}")
+    registry = Registry.open_default()
+    console.print(f"registry: {registry.db_url}  blobs: {registry.blob_url}")
 
-    spec = LoraSpec(rank=8, alpha=16, target_modules="all")
-    adapter = LoraAdapter.create(b, spec, seed=0)
-    s = adapter.summary(b)
-    console.print(f"[bold]personal adapter[/] for ahab: rank {spec.rank} on {s['modules']} projections, "
-                  f"{s['bytes'] / 1024:.0f} KiB = {s['percent_of_base']:.2f}% of the base")
+    console.rule("2. six users, trained together")
+    personas = []
+    for name in settings.personas:
+        p = get_persona(name)
+        if settings.n_eval != p.n_eval:
+            p = Persona(name=p.name, habit=p.habit, params=p.params, seed=p.seed, n_train=p.n_train, n_eval=settings.n_eval)
+        personas.append((p, _ref(p.name)))
+    for p, ref in personas:
+        console.print(f"  {ref:28s} {p.describe()}")
+    revisions = _train(registry, b, personas, settings)
 
-    steps = 4 if quick else 24
-    trainer = MultiTenantTrainer(b)
-    trainer.add("ahab", adapter, dataset_from_records(_records(), "sft"), TrainConfig(steps=steps, lr=2e-3, batch_size=4))
-    with Progress(TextColumn("training ahab's adapter"), BarColumn(), TextColumn("{task.completed}/{task.total} steps"),
-                  TextColumn("loss {task.fields[loss]:.3f}"), TimeElapsedColumn(), console=console) as bar:
-        task = bar.add_task("train", total=steps, loss=float("nan"))
-        while trainer.active():
-            loss = trainer.step()["ahab"]
-            bar.update(task, advance=1, loss=loss)
+    console.rule("3. evaluate and gate")
+    blobs: dict[str, bytes] = {}
+    engine = Engine(b, lambda d: blobs[d] if d in blobs else registry.read_blob(d),
+                    EngineConfig(max_batch=32, max_active=16, max_cached=64, max_rank=16))
+    set_backend(_engine_backend(engine, blobs))
+    try:
+        metrics, decisions = _evaluate_and_gate(registry, b, [(revisions[r], p) for p, r in personas], settings)
+        sizes = {}
+        for _p, ref in personas:
+            adapter = from_bytes(registry.read_blob(revisions[ref].digest), b)
+            sizes[ref] = (adapter.num_bytes, adapter.percent_of(b))
+        console.print(_fleet_table(personas, metrics, decisions, sizes))
 
-    prompts = HELD_OUT[:1] if quick else HELD_OUT
-    n = len(prompts)
-    max_tokens = 8 if quick else 40
-    with console.status("generating (one batch: base rows and adapter rows together)…"):
-        outs = generate(b, prompts * 2, [None] * n + [adapter] * n, max_new_tokens=max_tokens)
-    table = Table(title="held-out prompts: the same base, without and with the personal adapter")
-    table.add_column("prompt")
-    table.add_column("base")
-    table.add_column("ahab's adapter")
-    for i, p in enumerate(prompts):
-        table.add_row(p, outs[i], outs[n + i])
-    console.print(table)
-    elapsed = time.perf_counter() - start
-    console.print(f"done in {elapsed:.1f}s")
-    return {"base": outs[:n], "adapter": outs[n:], "seconds": elapsed}
+        console.rule("4. one batch, every row a different user")
+        rows = [(ref, registry.resolve(ref).digest if decisions[ref].promoted else revisions[ref].digest)
+                for _p, ref in personas] + [("base (no adapter)", None)]
+        results = engine.generate([[{"role": "user", "content": PROMPT}]] * len(rows), [d for _, d in rows],
+                                  SamplingParams(max_tokens=settings.max_new_tokens))
+        batch_rows = [(who, r.raise_for_error().text.strip()) for (who, _), r in zip(rows, results, strict=True)]
+        table = Table(title=f"“{PROMPT}”")
+        table.add_column("model")
+        table.add_column("answer")
+        for who, text in batch_rows:
+            table.add_row(who, text)
+        console.print(table)
+
+        console.rule("5. lifecycle: a preference changes")
+        lifecycle = _lifecycle(registry, b, engine, personas, settings)
+    finally:
+        set_backend(None)
+        engine.close()
+
+    seconds = time.perf_counter() - start
+    console.rule("6. report")
+    out_dir = data_dir() / "reports" / f"demo-{datetime.now(UTC).strftime('%Y%m%d-%H%M%S')}"
+    report = _write_report(out_dir, b, personas, metrics, decisions, sizes, batch_rows, lifecycle, seconds)
+    console.print(f"report: {report}\nchart:  {out_dir / 'adherence.png'}")
+    console.rule("7. serve them")
+    console.print("everything is in the registry; serve the same users with:\n"
+                  "  lorafleet keys create --tenant demo\n  lorafleet serve\n"
+                  "  then: model = \"demo/ahab/assistant\" with the OpenAI client")
+    console.print(f"demo finished in {seconds:.0f}s")
+    return {"metrics": metrics, "decisions": {k: d.promoted for k, d in decisions.items()}, "batch": batch_rows,
+            "lifecycle": lifecycle, "report": str(report), "seconds": seconds}
+
+
+def _lifecycle(registry, base, engine, personas, settings: DemoSettings) -> list[str]:
+    from lorafleet.evaluation.personas import Persona  # noqa: PLC0415
+    from lorafleet.serving.params import SamplingParams  # noqa: PLC0415
+
+    name, new_params = CHANGED
+    old, ref = next((p, r) for p, r in personas if p.name == name)
+    changed = Persona(name=f"{old.name}-v2", habit=old.habit, params=new_params, seed=old.seed + 1,
+                      n_train=old.n_train, n_eval=old.n_eval)
+    steps: list[str] = []
+
+    def say(text: str) -> None:
+        steps.append(text)
+        console.print(text)
+
+    def answer(address: str) -> str:
+        digest = registry.resolve(address).digest
+        res = engine.generate([[{"role": "user", "content": LIFECYCLE_PROMPT}]], [digest],
+                              SamplingParams(max_tokens=settings.max_new_tokens))[0]
+        return res.raise_for_error().text.strip().replace("\n", " ")
+
+    live1 = registry.resolve(ref)
+    say(f"{ref} is live at #{live1.number} ({old.describe()}): “{answer(ref)}”")
+    say(f"the user now wants: {changed.describe()} — training revision 2 from live #{live1.number}")
+    revs = _train(registry, base, [(changed, ref)], settings, warm_start="live")
+    rev2 = revs[ref]
+    metrics, decisions = _evaluate_and_gate(registry, base, [(rev2, changed)], settings)
+    d = decisions[ref]
+    m = metrics[ref]
+    say(f"#{rev2.number}: new-habit adherence {_pct(m.get('adherence'))} (base {_pct(m.get('base_adherence'))}); "
+        f"gate: {'promoted to live' if d.promoted else 'refused'} — {d.reason}")
+    say(f"{ref} now answers: “{answer(ref)}”")
+    if not d.promoted:
+        say(f"live stays at #{live1.number}; nothing to roll back")
+        return steps
+    entry = registry.rollback(ref, actor="demo", reason="demo: user asked for the old sign-off back")
+    say(f"rollback: live moved #{entry.from_number} → #{entry.to_number} (audited); answer: “{answer(ref)}”")
+    return steps

@@ -192,3 +192,38 @@ def test_registry_blob_damaged_while_cold(base, adapters, registry, make_engine,
         path.write_bytes(bytes(data))
     engine = make_engine(reg.read_blob)
     _assert_only_bad_failed(_mixed_run(engine, bad, good), solo_results, error)
+
+
+def test_failures_are_not_cached(adapters, make_engine, reference, base):
+    """A transient fetch error fails that request; the next request for the digest loads it afresh."""
+    blobs = DictBlobs()
+    digest = blobs.put(adapters[0])
+    calls = []
+
+    def flaky(d):
+        calls.append(d)
+        if len(calls) == 1:
+            raise TimeoutError("blob store timed out")
+        return blobs(d)
+
+    engine = make_engine(flaky)
+    first = engine.generate(["again"], digest, GREEDY)[0]
+    assert not first.ok and "timed out" in first.error
+    second = engine.generate(["again"], digest, GREEDY)[0]
+    assert second.ok and len(calls) == 2
+    prompt = base.tokenizer("again", add_special_tokens=False)["input_ids"]
+    assert second.token_ids == reference(prompt, adapters[0], 12, ignore_eos=True)
+
+
+def test_engine_error_fails_in_flight_requests_and_engine_recovers(blobs, make_engine, monkeypatch):
+    engine = make_engine(blobs)
+    handles = [engine.submit(p, None, SamplingParams(max_tokens=20, ignore_eos=True)) for p in PROMPTS]
+    engine.step()
+    real = engine._decode
+    monkeypatch.setattr(engine, "_decode", lambda: (_ for _ in ()).throw(RuntimeError("simulated kernel failure")))
+    engine.step()
+    results = [h.result(timeout=5) for h in handles]
+    assert all(r.finish_reason == "error" and "simulated kernel failure" in r.error for r in results)
+    monkeypatch.setattr(engine, "_decode", real)
+    assert engine.generate(["after"], None, GREEDY)[0].ok
+    assert engine.residency_snapshot()["slots"] and engine.metrics_snapshot()["gauges"]["running"] == 0

@@ -159,8 +159,10 @@ class _Request:
     tokens: list[int] = field(default_factory=list)
     out: list[str] = field(default_factory=list)  # text deltas streamed so far
     acquired: bool = False
+    entry: int = 0  # residency entry id of its adapter
     activated: bool = False
     slot: int = -1
+    ready_step: int = 0  # decode step count when the request became admissible
     admitted: float | None = None
     first_token: float | None = None
     done: bool = False
@@ -232,7 +234,7 @@ class Engine:
         self._cancels: deque[RequestHandle] = deque()
         self._inbox_lock = threading.Lock()
         self._step_lock = threading.RLock()
-        self._waiting: dict[str, list[_Request]] = {}  # digest -> requests waiting for its load
+        self._waiting: dict[int, list[_Request]] = {}  # residency entry id -> requests waiting for its load
         self._ready: deque[_Request] = deque()  # adapter in RAM (or none): admissible
         self._ready_dirty = True
         self._group: _Prefill | None = None
@@ -240,6 +242,8 @@ class Engine:
         self._last_tok = torch.zeros(config.max_batch, dtype=torch.long, device=self.device)  # (B,) next input
         self._slot_t = torch.full((config.max_batch,), -1, dtype=torch.long, device=self.device)  # (B,)
         self._n_lora = 0  # running rows with an adapter
+        self._steps = 0  # decode steps so far
+        self._join_batch = config.join_batch or max(1, config.max_batch // 4)
         self._live: dict[str, _Request] = {}
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
@@ -391,14 +395,7 @@ class Engine:
     def _loop(self) -> None:
         while not self._stop.is_set():
             self._wake.clear()
-            try:
-                busy = self.step()
-            except Exception as exc:  # a bug must not hang every caller: fail what is in flight, keep serving
-                log.exception("engine step failed")
-                with self._step_lock:
-                    self._fail_everything(f"engine error: {type(exc).__name__}: {exc}")
-                busy = False
-            if not busy:
+            if not self.step():
                 self._wake.wait(0.05)
 
     def _drive_until(self, event: threading.Event, deadline: float | None) -> None:
@@ -412,13 +409,18 @@ class Engine:
     def step(self) -> bool:
         """One iteration (see the module docstring). Returns whether work remains that can progress now."""
         with self._step_lock, torch.inference_mode():
-            self._intake()
-            self._collect_loads()
-            self._admit()
-            if self._group is not None:
-                self._prefill_chunk()
-            if self._rows:
-                self._decode()
+            try:
+                self._intake()
+                self._collect_loads()
+                self._admit()
+                if self._group is not None:
+                    self._prefill_chunk()
+                if self._rows:
+                    self._decode()
+            except Exception as exc:  # a bug or OOM must not hang every caller: fail what is in flight, go on
+                log.exception("engine step failed")
+                self._fail_everything(f"engine error: {type(exc).__name__}: {exc}")
+                return False
             self._update_gauges()
             return bool(self._rows or self._group is not None or self._inbox or self._cancels
                         or self.residency.pending_results() or (self._ready and self._ready_dirty))
@@ -434,13 +436,14 @@ class Engine:
             if req.handle.cancelled:
                 self._finish(req, "cancelled")
             elif req.adapter is None:
-                self._ready.append(req)
+                self._make_ready(req)
             else:
                 req.acquired = True
-                if self.residency.acquire(req.adapter) == READY:
-                    self._ready.append(req)
+                state, req.entry = self.residency.acquire(req.adapter)
+                if state == READY:
+                    self._make_ready(req)
                 else:
-                    self._waiting.setdefault(req.adapter, []).append(req)
+                    self._waiting.setdefault(req.entry, []).append(req)
         if new:
             self._ready_dirty = True
         for handle in cancels:
@@ -450,29 +453,44 @@ class Engine:
             if req in self._rows or (self._group is not None and req in self._group.reqs):
                 continue  # finished at its next token (checked where tokens are produced)
             self._finish(req, "cancelled")
-            waiting = self._waiting.get(req.adapter or "")
+            waiting = self._waiting.get(req.entry)
             if waiting and req in waiting:
                 waiting.remove(req)
             if req in self._ready:
                 self._ready.remove(req)
 
     def _collect_loads(self) -> None:
-        for digest, error in self.residency.poll():
-            reqs = self._waiting.pop(digest, [])
+        for _digest, entry, error in self.residency.poll():
+            reqs = self._waiting.pop(entry, [])
             if error is None:
-                self._ready.extend(reqs)
-                self._ready_dirty = True
+                for req in reqs:
+                    self._make_ready(req)
             else:
                 for req in reqs:
                     req.acquired = False  # the failed entry is gone; nothing to release
                     self._finish(req, "error", error=error)
 
+    def _make_ready(self, req: _Request) -> None:
+        req.ready_step = self._steps
+        self._ready.append(req)
+        self._ready_dirty = True
+
     def _admit(self) -> None:
-        """Form a prefill group from ready requests that fit the batch, a slot and the prefill budget."""
-        if self._group is not None or not self._ready or not self._ready_dirty:
+        """Form a prefill group from ready requests that fit the batch, a slot and the prefill budget.
+
+        Each prefill is a pass over all the weights, as costly as a decode step when the group is small, so
+        joiners are batched: they are admitted once ``join_batch`` rows are free, when nothing is running, or
+        when the oldest has waited ``join_wait_steps`` decode steps.
+        """
+        if self._group is not None or not self._ready:
             return
         room = self.config.max_batch - len(self._rows)
         if room <= 0:
+            return
+        overdue = self._steps - self._ready[0].ready_step >= self.config.join_wait_steps
+        if self._rows and room < min(self._join_batch, len(self._ready)) and not overdue:
+            return
+        if not (self._ready_dirty or overdue):
             return
         budget = self.config.max_prefill_tokens
         chosen: list[_Request] = []
@@ -546,7 +564,7 @@ class Engine:
             return
         self._group = None
         self._ready_dirty = True
-        tokens = self._sample(grp.reqs, out.logits[:, -1])
+        tokens_t, tokens = self._sample(grp.reqs, out.logits[:, -1])
         now = time.perf_counter()
         survivors = []
         for i, req in enumerate(grp.reqs):
@@ -559,7 +577,7 @@ class Engine:
         r0 = self.slab.insert(grp.slab, survivors)
         idx = torch.tensor(survivors, device=self.device)
         m = len(survivors)
-        self._last_tok[r0:r0 + m] = torch.tensor([tokens[i] for i in survivors], device=self.device)
+        self._last_tok[r0:r0 + m] = tokens_t.index_select(0, idx)
         self._slot_t[r0:r0 + m] = grp.slots.index_select(0, idx)
         for i in survivors:
             self._rows.append(grp.reqs[i])
@@ -573,19 +591,23 @@ class Engine:
             out = self.model(input_ids=self._last_tok[:n, None], position_ids=positions, attention_mask=mask,
                              cache=self.slab.cache, use_cache=True)
         self.slab.end_decode()
-        tokens = self._sample(self._rows, out.logits[:, -1])
-        self._last_tok[:n] = torch.tensor(tokens, device=self.device)
+        tokens_t, tokens = self._sample(self._rows, out.logits[:, -1])
+        self._last_tok[:n] = tokens_t
         finished = [i for i, req in enumerate(self._rows) if self._on_token(req, tokens[i])]
         self.metrics.inc("decode_steps")
+        self._steps += 1
         if finished:
             self._remove_rows(finished)
         self.metrics.observe("decode_step", time.perf_counter() - t0)
 
-    def _sample(self, reqs: list[_Request], logits: Tensor) -> list[int]:
+    def _sample(self, reqs: list[_Request], logits: Tensor) -> tuple[Tensor, list[int]]:
+        """Next tokens as a device tensor (the next step's input) and as a list (for text and stop checks)."""
         temps = [r.sampling.temperature for r in reqs]
         if not any(temps):
-            return logits.argmax(dim=-1).tolist()
-        return sample_rows(logits, temps, [r.sampling.top_p for r in reqs], [r.generator for r in reqs]).tolist()
+            tokens = logits.argmax(dim=-1)
+        else:
+            tokens = sample_rows(logits, temps, [r.sampling.top_p for r in reqs], [r.generator for r in reqs])
+        return tokens, tokens.tolist()
 
     def _on_token(self, req: _Request, token: int) -> bool:
         """Record a generated token, stream its text; returns True if the request finished."""

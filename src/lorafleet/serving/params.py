@@ -39,6 +39,13 @@ class EngineConfig:
         default=256,
         metadata={"help": "padded prompt tokens per prefill chunk; bounds how long decoding pauses for joiners"},
     )
+    join_batch: int | None = field(
+        default=None,
+        metadata={"help": "admit joiners once this many rows are free (fewer prefill passes); None = max_batch // 4"},
+    )
+    join_wait_steps: int = field(
+        default=4, metadata={"help": "...or once the oldest ready request has waited this many decode steps"}
+    )
     max_seq_len: int | None = field(
         default=None,
         metadata={"help": "cap on prompt + completion tokens; None = the base's max_position_embeddings"},
@@ -74,6 +81,9 @@ class EngineConfig:
             )
         if self.max_seq_len is not None:
             _int_at_least(self, "max_seq_len", 2)
+        if self.join_batch is not None:
+            _int_at_least(self, "join_batch", 1)
+        _int_at_least(self, "join_wait_steps", 0)
         if self.cache_policy not in POLICIES:
             raise ValueError(f"EngineConfig.cache_policy must be one of {POLICIES}, got {self.cache_policy!r}")
         if not isinstance(self.protected_fraction, (int, float)) or not 0.0 < self.protected_fraction < 1.0:

@@ -16,14 +16,17 @@ r"""Where each adapter lives, keyed by digest: compute slot, host RAM, or cold (
   regulars in protected survive. ``cache_policy="lru"`` is the plain LRU baseline.
 * **Slot policy.** LRU among unreferenced slot residents, pinned adapters last.
 * **Pinning** keeps an adapter in RAM (never evicted) and in its slot unless no other slot can be freed.
-* **Loads never block decoding**: workers post results; the engine thread collects them (``poll``) between
-  steps. A failed load (missing or corrupt blob, bad adapter, wrong base) drops the entry and is reported per
-  digest, so only the requests waiting for it fail.
+* **Loads never block decoding**: a worker fetches, verifies and parses, then (under the lock) makes the entry
+  READY and starts the next queued load, so load throughput does not depend on the engine's step rate. The
+  engine thread learns which loads finished (``poll``) between steps. A failed load (missing or corrupt blob,
+  bad adapter, wrong base) drops the entry and is reported with the entry's id, so exactly the requests waiting
+  for that attempt fail.
 """
 
 from __future__ import annotations
 
 import hashlib
+import itertools
 import logging
 import os
 import threading
@@ -126,10 +129,14 @@ class AdapterLoadError(RuntimeError):
     """An adapter could not be made ready (missing, corrupt, invalid, or made for another base)."""
 
 
+_uids = itertools.count(1)
+
+
 @dataclass(eq=False)
 class _Entry:
     digest: str
     state: str
+    uid: int = 0  # this entry's identity: a failed load's waiters are told apart from a later retry's
     adapter: LoraAdapter | None = None
     refs: int = 0  # requests holding it, waiting or in flight
     active: int = 0  # in-flight rows routed to its slot
@@ -161,7 +168,7 @@ class Residency:
         self._lock = threading.RLock()
         self._entries: dict[str, _Entry] = {}
         self._queue: deque[str] = deque()  # QUEUED digests, FIFO
-        self._done: list[tuple[str, LoraAdapter | None, str | None, float]] = []
+        self._done: list[tuple[str, int, str | None]] = []
         self._inflight = 0
         self._resident = 0  # entries LOADING or READY (what max_cached bounds)
         self._slot_owner: list[str | None] = [None] * table.num_slots
@@ -172,28 +179,32 @@ class Residency:
 
     # -- requests --------------------------------------------------------------------------------------------
 
-    def acquire(self, digest: str) -> str:
-        """A request wants ``digest``: returns ``READY`` or ``LOADING``/``QUEUED`` (wait for ``poll``)."""
+    def _new_entry(self, digest: str, **kw) -> _Entry:
+        e = self._entries[digest] = _Entry(digest, QUEUED, uid=next(_uids), **kw)
+        self._queue.append(digest)
+        return e
+
+    def acquire(self, digest: str) -> tuple[str, int]:
+        """A request wants ``digest``: ``(READY | LOADING | QUEUED, entry id)``; wait for ``poll`` unless READY."""
         with self._lock:
             e = self._entries.get(digest)
             if e is None:
-                e = self._entries[digest] = _Entry(digest, QUEUED)
-                self._queue.append(digest)
+                e = self._new_entry(digest)
                 self.metrics.inc("misses")
                 e.refs += 1
                 self._pump()
-                return e.state
+                return e.state, e.uid
             e.refs += 1
             if e.state != READY:
                 self.metrics.inc("misses")
                 self.metrics.inc("coalesced")
-                return e.state
+                return e.state, e.uid
             self.metrics.inc("hits_slot" if e.slot is not None else "hits_ram")
             if e.hinted:
                 e.hinted = False  # the first use of a prefetched adapter is not a repeat use
             else:
                 self.policy.touch(digest)
-            return READY
+            return READY, e.uid
 
     def release(self, digest: str) -> None:
         """The request holding ``digest`` is done (finished, failed or cancelled)."""
@@ -272,8 +283,7 @@ class Residency:
         with self._lock:
             for d in digests:
                 if d not in self._entries:
-                    self._entries[d] = _Entry(d, QUEUED, hinted=True)
-                    self._queue.append(d)
+                    self._new_entry(d, hinted=True)
                     self.metrics.inc("prefetches")
             self._pump()
 
@@ -291,8 +301,7 @@ class Residency:
                     "EngineConfig.max_cached or unpin one"
                 )
             if e is None:
-                e = self._entries[digest] = _Entry(digest, QUEUED)
-                self._queue.append(digest)
+                e = self._new_entry(digest)
             e.pinned = True
             self._pump()
 
@@ -320,7 +329,7 @@ class Residency:
             e.state = LOADING
             self._inflight += 1
             self._resident += 1
-            self._pool.submit(self._load, d)
+            self._pool.submit(self._load, d, e.uid)
 
     def _evict_one(self) -> bool:
         for d in self.policy.victims():
@@ -334,8 +343,8 @@ class Residency:
                 return True
         return False
 
-    def _load(self, digest: str) -> None:
-        """Worker thread: fetch, verify, parse, validate. Never raises; the result goes to ``poll``."""
+    def _load(self, digest: str, uid: int) -> None:
+        """Worker thread: fetch, verify, parse, validate, then finish the entry. Never raises."""
         t0 = time.perf_counter()
         adapter, error = None, None
         try:
@@ -351,35 +360,35 @@ class Residency:
             error = f"adapter {digest[:12]} could not be loaded: {type(exc).__name__}: {exc}"
             log.warning("%s", error)
         with self._lock:
-            self._done.append((digest, adapter, error, time.perf_counter() - t0))
+            self._inflight -= 1
+            e = self._entries.get(digest)
+            if e is None or e.uid != uid:  # cannot happen (LOADING entries are only removed here); be safe
+                self._resident -= 1
+                error = error or "adapter entry vanished while loading"
+            elif error is not None:
+                del self._entries[digest]
+                self._resident -= 1
+            else:
+                e.state, e.adapter, e.nbytes = READY, adapter, adapter.num_bytes
+                self.policy.insert(digest)
+            if error is None:
+                self.metrics.inc("loads_ok")
+                self.metrics.observe("load_latency", time.perf_counter() - t0)
+            else:
+                self.metrics.inc("load_failures")
+            self._done.append((digest, uid, error))
+            self._pump()
         self._notify()
 
     def pending_results(self) -> bool:
         with self._lock:
             return bool(self._done)
 
-    def poll(self) -> list[tuple[str, str | None]]:
-        """Finished loads since the last poll: ``(digest, None)`` ready, or ``(digest, error)``."""
+    def poll(self) -> list[tuple[str, int, str | None]]:
+        """Loads finished since the last poll: ``(digest, entry id, None)`` ready, or ``(..., error)``."""
         with self._lock:
             done, self._done = self._done, []
-            out = []
-            for digest, adapter, error, seconds in done:
-                self._inflight -= 1
-                e = self._entries.get(digest)
-                if error is not None or e is None:
-                    self._resident -= 1
-                    self._entries.pop(digest, None)
-                    self.metrics.inc("load_failures")
-                    out.append((digest, error or "adapter entry vanished while loading"))
-                    continue
-                e.state, e.adapter, e.nbytes = READY, adapter, adapter.num_bytes
-                self.policy.insert(digest)
-                self.metrics.inc("loads_ok")
-                self.metrics.observe("load_latency", seconds)
-                out.append((digest, None))
-            if done:
-                self._pump()
-            return out
+            return done
 
     # -- introspection ---------------------------------------------------------------------------------------
 
