@@ -50,7 +50,8 @@ def base(sharp):
 @pytest.fixture(scope="module")
 def adapters(base):
     """Three adapters of different ranks and targets (rank 2 attention, 4 mlp, 8 all)."""
-    return [strong_adapter(base, 2, "attention", 1), strong_adapter(base, 4, "mlp", 2), strong_adapter(base, 8, "all", 3)]
+    return [strong_adapter(base, 2, "attention", 1), strong_adapter(base, 4, "mlp", 2),
+            strong_adapter(base, 8, "all", 3)]
 
 
 @pytest.fixture(scope="module")
@@ -87,7 +88,8 @@ def reference(sharp, tmp_path_factory):
     base, plain = sharp
     cache: dict = {}
 
-    def run(prompt_ids: list[int], adapter: LoraAdapter | None, max_new_tokens: int, ignore_eos: bool = False) -> list[int]:
+    def run(prompt_ids: list[int], adapter: LoraAdapter | None, max_new_tokens: int,
+            ignore_eos: bool = False) -> list[int]:
         key = id(adapter)
         if key not in cache:
             model = copy.deepcopy(plain)

@@ -98,7 +98,8 @@ def _wrong_shape_adapter(base) -> LoraAdapter:
     ("make_bad", "match"),
     [
         (_wrong_shape_adapter, "do not fit base"),
-        (lambda base: LoraAdapter.create(base, LoraSpec(rank=16, alpha=16), init="random"), "exceeds EngineConfig.max_rank"),
+        (lambda base: LoraAdapter.create(base, LoraSpec(rank=16, alpha=16), init="random"),
+         "exceeds EngineConfig.max_rank"),
         (lambda base: b"not an adapter at all", "not a safetensors file"),
     ],
 )

@@ -86,7 +86,8 @@ def test_streaming_yields_the_final_text(adapters, blobs, make_engine):
     engine = make_engine(blobs).start()
     params = [SamplingParams(max_tokens=30, ignore_eos=True), SamplingParams(temperature=0.8, max_tokens=25, seed=5),
               SamplingParams(max_tokens=30, stop=("e", "zz"), ignore_eos=True)]
-    handles = [engine.submit(p, digest if i % 2 else None, s) for i, (p, s) in enumerate(zip(PROMPTS[:3], params, strict=True))]
+    pairs = enumerate(zip(PROMPTS[:3], params, strict=True))
+    handles = [engine.submit(p, digest if i % 2 else None, s) for i, (p, s) in pairs]
     for h in handles:
         deltas = list(h)
         res = h.result(timeout=60)

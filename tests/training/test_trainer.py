@@ -151,3 +151,17 @@ def test_truncation_is_counted(tiny_base):
 def test_bad_train_config(kwargs, match):
     with pytest.raises(ValueError, match=match):
         TrainConfig(**kwargs)
+
+
+def test_labelled_logprobs_equals_full_logits_path(tiny_base):
+    from lorafleet.training.data import tokenize_sft
+    from lorafleet.training.losses import labelled_logprobs, shifted_token_logprobs
+    from lorafleet.training.trainer import _pad
+
+    items = [tokenize_sft(tiny_base.tokenizer, r, 256) for r in sft_records("eq", n=3)]
+    ids, lab, mask = _pad([i.input_ids for i in items], [i.labels for i in items], tiny_base.tokenizer.pad_token_id)
+    with torch.no_grad():
+        full, full_mask = shifted_token_logprobs(tiny_base.model(input_ids=ids, attention_mask=mask).logits, lab)
+        sums, counts = labelled_logprobs(tiny_base.model, ids, mask, lab)
+    torch.testing.assert_close(sums, full.sum(dim=1), atol=1e-4, rtol=1e-5)
+    assert counts.tolist() == full_mask.sum(dim=1).tolist()

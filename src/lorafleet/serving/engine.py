@@ -2,13 +2,13 @@ r"""The serving engine: continuous batching over the shared base, every row with
 
 ::
 
-    submit() ──► inbox ──► acquire adapter (Residency) ──ready──► admit: activate slot, prefill (chunked)
-                               │ cold                                   │ first token sampled
-                               ▼                                        ▼
-                        load worker (fetch, verify,          running batch: one decode step per iteration,
-                        parse) ── poll() ──► ready            KV in a right-aligned slab, rows leave at any step
-                                                                        │
-                                             stream deltas ◄── sample ◄─┘ ──► finish: Result, release adapter
+    submit() ─► inbox ─► acquire adapter (Residency) ─ready─► admit: activate slot, prefill (chunked)
+                            │ cold                                │ first token sampled
+                            ▼                                     ▼
+                     load worker (fetch, verify,       running batch: one decode step per iteration,
+                     parse) ─► RAM ─ poll() ─► ready   KV in a right-aligned slab, rows leave at any step
+                                                                  │
+                                      stream deltas ◄─ sample ◄───┘ ─► finish: Result, release adapter
 
 One iteration (``step``): take new requests, collect finished loads, admit ready requests into a prefill group
 (at most ``max_prefill_tokens`` padded tokens per chunk), run one prefill chunk, merge a completed group into
@@ -201,7 +201,8 @@ class Engine:
                     f"EngineConfig.device is {config.device!r} but the base is on {self.device}; load the base "
                 f"there (load_base(..., device={config.device!r})) or leave EngineConfig.device unset"
             )
-        mcfg = self.model.config.get_text_config() if hasattr(self.model.config, "get_text_config") else self.model.config
+        mcfg = self.model.config
+        mcfg = mcfg.get_text_config() if hasattr(mcfg, "get_text_config") else mcfg
         self.host = LoraHost.attach(self.model)
         self.table = SlotTable(self.host, config.max_active, config.max_rank, dtype=param.dtype, device=self.device)
         self.metrics = Metrics()
@@ -209,8 +210,8 @@ class Engine:
         self.residency = Residency(
             self.table, fetch=fetch, parse=self._parse, max_cached=config.max_cached, policy=config.cache_policy,
             protected_fraction=config.protected_fraction, load_workers=config.load_workers,
-            max_inflight_loads=config.max_inflight_loads, verify_digest=config.verify_digest,
-            metrics=self.metrics, notify=self._wake.set,
+            parse_workers=config.parse_workers, max_inflight_loads=config.max_inflight_loads,
+            verify_digest=config.verify_digest, metrics=self.metrics, notify=self._wake.set,
         )
         head_dim = getattr(mcfg, "head_dim", None) or mcfg.hidden_size // mcfg.num_attention_heads
         kv_heads = getattr(mcfg, "num_key_value_heads", None) or mcfg.num_attention_heads
@@ -673,7 +674,8 @@ class Engine:
             },
         )
         self._live.pop(req.id, None)
-        self.metrics.inc({"error": "requests_failed", "cancelled": "requests_cancelled"}.get(reason, "requests_finished"))
+        counter = {"error": "requests_failed", "cancelled": "requests_cancelled"}.get(reason, "requests_finished")
+        self.metrics.inc(counter)
         req.handle._finish(result)
         self._ready_dirty = True
 

@@ -50,7 +50,13 @@ class EngineConfig:
         default=None,
         metadata={"help": "cap on prompt + completion tokens; None = the base's max_position_embeddings"},
     )
-    load_workers: int = field(default=2, metadata={"help": "threads that fetch, parse and validate cold adapters"})
+    load_workers: int = field(
+        default=4, metadata={"help": "threads fetching cold adapters (I/O: concurrent fetches hide store latency)"}
+    )
+    parse_workers: int = field(
+        default=1,
+        metadata={"help": "of those, how many verify + parse at once (CPU: each takes a core from decoding)"},
+    )
     max_inflight_loads: int = field(
         default=4, metadata={"help": "cold loads started but not finished, at most (each reserves a RAM entry)"}
     )
@@ -70,7 +76,7 @@ class EngineConfig:
 
     def __post_init__(self) -> None:
         for name in ("max_batch", "max_active", "max_cached", "max_rank", "max_prefill_tokens", "load_workers",
-                     "max_inflight_loads"):
+                     "parse_workers", "max_inflight_loads"):
             _int_at_least(self, name, 1)
         if self.max_rank > 64:
             raise ValueError(f"EngineConfig.max_rank must be <= 64 (the largest LoRA rank), got {self.max_rank}")
@@ -94,7 +100,9 @@ class EngineConfig:
         if not isinstance(self.verify_digest, bool):
             raise ValueError(f"EngineConfig.verify_digest must be True or False, got {self.verify_digest!r}")
         if self.device is not None and not isinstance(self.device, str):
-            raise ValueError(f"EngineConfig.device must be a device string such as 'cpu' or 'cuda', got {self.device!r}")
+            raise ValueError(
+                f"EngineConfig.device must be a device string such as 'cpu' or 'cuda', got {self.device!r}"
+            )
 
 
 @dataclass(frozen=True)

@@ -3,7 +3,7 @@ r"""Where each adapter lives, keyed by digest: compute slot, host RAM, or cold (
 ::
 
     cold (fetch(digest) -> bytes) ──load worker: fetch, verify sha256, parse, validate──► RAM entry
-    RAM entry ──activate (copy into a SlotTable slot, engine thread)──► compute slot ──► rows route to it
+    RAM entry ──activate (copy into a SlotTable slot, engine thread)──► compute slot ──► rows route here
 
 * **Entries** are ``QUEUED`` (wanted, no RAM reserved yet), ``LOADING`` (a worker has it; one RAM entry
   reserved) or ``READY`` (deserialized, in RAM, maybe also in a slot). ``len(READY + LOADING) <= max_cached``.
@@ -15,10 +15,14 @@ r"""Where each adapter lives, keyed by digest: compute slot, host RAM, or cold (
   Eviction takes probation's LRU end first, so a scan of one-off adapters only churns probation and the
   regulars in protected survive. ``cache_policy="lru"`` is the plain LRU baseline.
 * **Slot policy.** LRU among unreferenced slot residents, pinned adapters last.
+* **Exclusive tiers.** An adapter in a slot is not also kept as a RAM copy (for 128 active rank-8 adapters on
+  SmolLM2 that halves the memory); if its slot is reused while it stays cached, it is copied back out first.
 * **Pinning** keeps an adapter in RAM (never evicted) and in its slot unless no other slot can be freed.
-* **Loads never block decoding**: a worker fetches, verifies and parses, then (under the lock) makes the entry
-  READY and starts the next queued load, so load throughput does not depend on the engine's step rate. The
-  engine thread learns which loads finished (``poll``) between steps. A failed load (missing or corrupt blob,
+* **Loads never block decoding**: a worker fetches (``load_workers`` concurrent fetches hide store latency),
+  verifies and parses (at most ``parse_workers`` at once: that part is CPU-bound and takes a core from
+  decoding), then, under the lock, makes the entry READY and starts the next queued load, so load throughput
+  does not depend on the engine's step rate. The engine thread learns which loads finished (``poll``) between
+  steps. A failed load (missing or corrupt blob,
   bad adapter, wrong base) drops the entry and is reported with the entry's id, so exactly the requests waiting
   for that attempt fail.
 """
@@ -36,7 +40,7 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
-from lorafleet.adapters import LoraAdapter, SlotTable
+from lorafleet.adapters import LoraAdapter, LoraSpec, SlotTable
 from lorafleet.serving.metrics import Metrics
 
 log = logging.getLogger(__name__)
@@ -144,6 +148,8 @@ class _Entry:
     pinned: bool = False
     hinted: bool = False  # loaded by a prefetch hint and not used since
     nbytes: int = 0
+    spec: LoraSpec | None = None  # kept to copy the adapter back out of its slot
+    modules: tuple[str, ...] = ()
 
 
 class Residency:
@@ -154,9 +160,9 @@ class Residency:
     """
 
     def __init__(self, table: SlotTable, *, fetch: Callable[[str], bytes], parse: Callable[[bytes], LoraAdapter],
-                 max_cached: int, policy: str = "slru", protected_fraction: float = 0.8, load_workers: int = 2,
-                 max_inflight_loads: int = 4, verify_digest: bool = True, metrics: Metrics | None = None,
-                 notify: Callable[[], None] | None = None) -> None:
+                 max_cached: int, policy: str = "slru", protected_fraction: float = 0.8, load_workers: int = 4,
+                 parse_workers: int = 1, max_inflight_loads: int = 4, verify_digest: bool = True,
+                 metrics: Metrics | None = None, notify: Callable[[], None] | None = None) -> None:
         self.table = table
         self.max_active = table.num_slots
         self.max_cached = max_cached
@@ -175,6 +181,7 @@ class Residency:
         self._slot_lru: OrderedDict[str, None] = OrderedDict()
         self._pool = ThreadPoolExecutor(max_workers=load_workers, thread_name_prefix="lorafleet-load",
                                         initializer=_lower_priority)
+        self._parse_slots = threading.Semaphore(parse_workers)  # CPU-bound part: verify + parse
         self._closed = False
 
     # -- requests --------------------------------------------------------------------------------------------
@@ -246,6 +253,7 @@ class Residency:
                 raise
             self.metrics.observe("slot_load_latency", time.perf_counter() - t0)
             self.metrics.inc("slot_loads")
+            e.adapter = None  # exclusive: the slot now holds the only copy
             e.slot, e.active = slot, e.active + 1
             self._slot_owner[slot] = digest
             self._slot_lru[digest] = None
@@ -265,10 +273,18 @@ class Residency:
             for d in self._slot_lru:
                 e = self._entries[d]
                 if e.active == 0 and e.pinned == want_pinned:
+                    slot = e.slot
+                    e.adapter = self._copy_out(e)  # it stays cached in RAM
                     self._drop_slot(e)
                     self.metrics.inc("evictions_slot")
-                    return self._slot_owner.index(None)
+                    return slot
         return None
+
+    def _copy_out(self, e: _Entry) -> LoraAdapter:
+        """The adapter in ``e``'s slot, back as a host-RAM ``LoraAdapter`` (what ``table.load`` put in)."""
+        r, slot, A, B = e.spec.rank, e.slot, self.table.A, self.table.B
+        weights = {n: (A[n][slot, :r].to("cpu", copy=True), B[n][slot, :, :r].to("cpu", copy=True)) for n in e.modules}
+        return LoraAdapter(spec=e.spec, weights=weights)
 
     def _drop_slot(self, e: _Entry) -> None:
         if e.slot is not None:
@@ -351,11 +367,12 @@ class Residency:
             data = self._fetch(digest)
             if not isinstance(data, (bytes, bytearray, memoryview)):
                 raise TypeError(f"fetch returned {type(data).__name__}, expected bytes")
-            if self.verify_digest:
-                actual = hashlib.sha256(data).hexdigest()
-                if actual != digest:
-                    raise AdapterLoadError(f"blob is corrupt: its sha256 is {actual[:12]}…, not the digest")
-            adapter = self._parse(bytes(data))
+            with self._parse_slots:
+                if self.verify_digest:
+                    actual = hashlib.sha256(data).hexdigest()
+                    if actual != digest:
+                        raise AdapterLoadError(f"blob is corrupt: its sha256 is {actual[:12]}…, not the digest")
+                adapter = self._parse(bytes(data))
         except Exception as exc:  # any failure is this adapter's alone
             error = f"adapter {digest[:12]} could not be loaded: {type(exc).__name__}: {exc}"
             log.warning("%s", error)
@@ -370,6 +387,7 @@ class Residency:
                 self._resident -= 1
             else:
                 e.state, e.adapter, e.nbytes = READY, adapter, adapter.num_bytes
+                e.spec, e.modules = adapter.spec, tuple(adapter.weights)
                 self.policy.insert(digest)
             if error is None:
                 self.metrics.inc("loads_ok")
@@ -397,14 +415,15 @@ class Residency:
         with self._lock:
             ram = [
                 {"digest": e.digest, "slot": e.slot, "refs": e.refs, "active": e.active, "pinned": e.pinned,
-                 "segment": self.policy.segment(e.digest), "bytes": e.nbytes}
+                 "segment": self.policy.segment(e.digest), "bytes": e.nbytes, "in_ram": e.adapter is not None}
                 for e in self._entries.values() if e.state == READY
             ]
             return {
                 "slots": [{"slot": s, "digest": d, "active": self._entries[d].active if d else 0}
                           for s, d in enumerate(self._slot_owner)],
                 "ram": ram,
-                "ram_bytes": sum(r["bytes"] for r in ram),
+                "ram_bytes": sum(r["bytes"] for r in ram if r["in_ram"]),  # slot residents are not duplicated
+                "slot_table_bytes": self.table.nbytes,
                 "loading": [e.digest for e in self._entries.values() if e.state == LOADING],
                 "queued": sum(1 for e in self._entries.values() if e.state == QUEUED),
                 "max_active": self.max_active,

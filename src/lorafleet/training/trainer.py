@@ -16,7 +16,7 @@ from torch import Tensor
 
 from lorafleet.adapters import LoraAdapter, LoraHost, StackedWeights
 from lorafleet.training.data import IGNORE, Dataset, TokenizeReport, tokenize_pair, tokenize_sft
-from lorafleet.training.losses import dpo_loss, sequence_logprob, sft_token_loss
+from lorafleet.training.losses import dpo_loss, labelled_logprobs
 
 
 class TrainConfigError(ValueError):
@@ -190,8 +190,8 @@ class MultiTenantTrainer:
         device = self.base.device
         table = StackedWeights([t.adapter for t in group], train=True)
         with self.host.route(table, slots):
-            logits = self.base.model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits
-        nll, count = sft_token_loss(logits, lab.to(device))
+            logp, count = labelled_logprobs(self.base.model, ids.to(device), mask.to(device), lab.to(device))
+        nll = -logp
         slot_t = torch.tensor(slots, device=device)
         out = {}
         for slot, t in enumerate(group):
@@ -212,9 +212,9 @@ class MultiTenantTrainer:
         ids, lab, mask = ids.to(device), lab.to(device), mask.to(device)
         table = StackedWeights([t.adapter for t in group], train=True)
         with self.host.route(table, slots):
-            policy = sequence_logprob(self.base.model(input_ids=ids, attention_mask=mask).logits, lab)
+            policy, _ = labelled_logprobs(self.base.model, ids, mask, lab)
         with torch.no_grad():  # reference = the base, adapter off: no second copy of the model
-            ref = sequence_logprob(self.base.model(input_ids=ids, attention_mask=mask).logits, lab)
+            ref, _ = labelled_logprobs(self.base.model, ids, mask, lab)
         slot_t = torch.tensor(slots[::2], device=device)  # one entry per pair
         pc, pr, rc, rr = policy[0::2], policy[1::2], ref[0::2], ref[1::2]
         out = {}
@@ -260,8 +260,7 @@ def sft_eval_loss(base, adapter: LoraAdapter | None, dataset: Dataset, max_len: 
         chunk = items[i : i + batch]
         ids, lab, mask = _pad([c.input_ids for c in chunk], [c.labels for c in chunk], base.tokenizer.pad_token_id)
         with host.route(table, [0] * len(chunk) if table is not None else None):
-            logits = base.model(input_ids=ids.to(base.device), attention_mask=mask.to(base.device)).logits
-        nll, n = sft_token_loss(logits, lab.to(base.device))
-        total += float(nll.sum())
+            logp, n = labelled_logprobs(base.model, ids.to(base.device), mask.to(base.device), lab.to(base.device))
+        total -= float(logp.sum())
         count += int(n.sum())
     return total / count if count else math.nan
