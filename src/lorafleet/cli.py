@@ -116,14 +116,23 @@ def generate_cmd(
     base: str | None = BaseOpt,
     as_json: bool = typer.Option(False, "--json", help="print JSON"),
 ) -> None:
-    """Generate a reply from the base, optionally through a personal adapter."""
+    """Generate a reply from the base, optionally through a personal adapter (through the serving engine)."""
     from lorafleet.adapters import load_peft  # noqa: PLC0415
-    from lorafleet.serving.hf_generate import generate  # noqa: PLC0415
+    from lorafleet.serving.engine import Engine  # noqa: PLC0415
+    from lorafleet.serving.params import EngineConfig, SamplingParams  # noqa: PLC0415
+    from lorafleet.serving.sources import DictBlobs  # noqa: PLC0415
 
     b = _load(base)
-    loaded = load_peft(adapter, b) if adapter else None
-    rows = [loaded, None] if loaded is not None and compare else [loaded]
-    outs = generate(b, [prompt] * len(rows), rows, max_new_tokens=max_tokens, temperature=temperature, seed=seed)
+    blobs = DictBlobs()
+    digest = blobs.put(load_peft(adapter, b)) if adapter else None
+    rows = [digest, None] if digest is not None and compare else [digest]
+    engine = Engine(b, blobs, EngineConfig(max_batch=2, max_active=1, max_cached=1, max_rank=64))
+    try:
+        sampling = SamplingParams(max_tokens=max_tokens, temperature=temperature, seed=seed)
+        results = engine.generate([[{"role": "user", "content": prompt}]] * len(rows), rows, sampling)
+    finally:
+        engine.close()
+    outs = [r.raise_for_error().text.strip() for r in results]
     labels = ["adapter" if r is not None else "base" for r in rows]
     if as_json:
         print_json({label: text for label, text in zip(labels, outs, strict=True)})

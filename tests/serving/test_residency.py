@@ -180,4 +180,21 @@ def test_metrics_and_snapshot(many, make_engine):
     assert {"running", "queue_loading", "queue_ready", "adapters_in_ram"} <= set(m["gauges"])
     snap = engine.residency_snapshot()
     assert {s["digest"] for s in snap["slots"]} == {digests[0], digests[1]}
-    assert snap["ram_bytes"] > 0 and snap["policy"] == "slru"
+    assert snap["policy"] == "slru" and snap["slot_table_bytes"] > 0
+    assert all(e["bytes"] > 0 and not e["in_ram"] for e in snap["ram"])  # in a slot: no second copy in RAM
+    assert snap["ram_bytes"] == 0
+
+
+def test_slot_reuse_copies_a_cached_adapter_back_out(many, make_engine):
+    """Exclusive tiers: two cached adapters alternate through one slot; each switch copies the old one out."""
+    blobs, _, digests = many
+    a, b = digests[0], digests[1]
+    engine = make_engine(blobs, max_active=1, max_cached=3)
+    want = {d: make_engine(blobs, max_active=1, max_cached=1).generate(["hi there"], d, GREEDY4)[0].token_ids
+            for d in (a, b)}
+    for d in (a, b, a, b, a):
+        assert engine.generate(["hi there"], d, GREEDY4)[0].token_ids == want[d]
+    c = _counters(engine)
+    assert c["misses"] == 2 and c["hits_ram"] == 3 and c["evictions_slot"] == 4
+    in_ram = {e["digest"]: e["in_ram"] for e in engine.residency_snapshot()["ram"]}
+    assert in_ram == {a: False, b: True}
