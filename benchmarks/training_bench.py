@@ -108,11 +108,16 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--rank", type=int, default=8)
     parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--threads", type=int, default=0, help="torch threads per mode (0 = torch's default)")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     base_name = "tiny" if args.quick else "smollm2-135m-instruct"
     if args.quick:
         args.steps = min(args.steps, 4)
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
     if args.child:
         print(json.dumps(child(args.child, base_name, args.users, args.examples, args.steps, args.rank, args.batch)))
         return
@@ -122,7 +127,8 @@ def main() -> None:
     results = {}
     for mode in ("packed", "sequential", "peft"):
         argv = [__file__, "--child", mode, "--users", str(args.users), "--examples", str(args.examples),
-                "--steps", str(args.steps), "--rank", str(args.rank), "--batch", str(args.batch)]
+                "--steps", str(args.steps), "--rank", str(args.rank), "--batch", str(args.batch),
+                "--threads", str(args.threads)]
         if args.quick:
             argv.append("--quick")
         results[mode] = json.loads(run_child(argv).strip().splitlines()[-1])

@@ -33,11 +33,11 @@ LIFECYCLE_PROMPT = "What is a good way to start the morning?"
 @dataclass
 class DemoSettings:
     base: str | None = None
-    steps: int = 40
-    lr: float = 4e-3
+    steps: int = 30
+    lr: float = 5e-3
     rank: int = 4
     alpha: float = 16.0
-    batch: int = 4
+    batch: int = 2
     max_new_tokens: int = 40
     n_eval: int = 16
     personas: tuple[str, ...] = DEMO_PERSONAS

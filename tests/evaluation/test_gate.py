@@ -29,7 +29,7 @@ RULES = [
     (_m(0.40, 1.59), {"adherence": 0.40, "eval_loss": 1.60}, False, "drop +0.0100 < 0.0200"),
     (_m(None, 1.50), {"adherence": None, "eval_loss": 1.60}, True, "no habit checker"),
     (_m(None, 1.70), {"adherence": None, "eval_loss": 1.60}, False, "no habit checker"),
-    (_m(0.9, 1.0, probe_ppl_ratio=1.5), {"adherence": 0.0, "eval_loss": 3.0}, False, "perplexity x1.500 > x1.200"),
+    (_m(0.9, 1.0, probe_ppl_ratio=1.7), {"adherence": 0.0, "eval_loss": 3.0}, False, "perplexity x1.700 > x1.500"),
     (_m(0.9, 1.0, probe_retention=0.5), {"adherence": 0.0, "eval_loss": 3.0}, False, "kept 50%"),
     (_m(0.9, 1.0, probe_retention=None), {"adherence": 0.0, "eval_loss": 3.0}, False, "probe missing"),
     ({"adherence": 0.9}, {"adherence": 0.0, "eval_loss": 3.0}, False, "not evaluated"),

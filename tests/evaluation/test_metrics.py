@@ -99,3 +99,16 @@ def test_eval_set_errors(registry, tiny_base, adapters):
     with pytest.raises(EvaluationError, match="either a persona or an eval file"):
         eval_set_for(persona="ahab", eval_file="x.jsonl")
     assert eval_set_for(rev, persona="ahab").name == "persona:ahab"
+
+
+def test_probe_scoring():
+    from lorafleet.evaluation import probe
+
+    n = len(probe.PROBE_QUESTIONS)
+    right = [k[0] for _, k in probe.PROBE_QUESTIONS]
+    m = probe.score_answers(right, right)
+    assert m["probe_accuracy"] == m["probe_retention"] == m["probe_agreement"] == 1.0 and m["probe_lost"] == []
+    half = right[: n // 2] + ["no idea"] * (n - n // 2)
+    m = probe.score_answers(half, right)
+    assert m["probe_retention"] == pytest.approx((n // 2) / n) and len(m["probe_lost"]) == 5
+    assert probe.token_f1("The cat sat.", "the cat sat") == 1.0 and probe.token_f1("a", "b") == 0.0

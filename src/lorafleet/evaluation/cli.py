@@ -156,7 +156,7 @@ def promote_cmd(
     reason: str = typer.Option("", "--reason", "-r", help="why (recorded in the audit log)"),
     adherence_margin: float = typer.Option(0.05, help="adherence gain over live that wins outright"),
     loss_margin: float = typer.Option(0.02, help="held-out loss drop that wins at equal adherence"),
-    max_ppl_ratio: float = typer.Option(1.2, help="probe perplexity may grow at most this factor"),
+    max_ppl_ratio: float = typer.Option(1.5, help="probe perplexity may grow at most this factor"),
     min_retention: float = typer.Option(0.75, help="share of the base's correct probe answers kept"),
     manifest: Path | None = ManifestOpt,
     base: str | None = BaseOpt,

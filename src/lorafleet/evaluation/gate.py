@@ -3,7 +3,7 @@
 The rule (:func:`decide`, thresholds in :class:`GateConfig`), applied to metrics measured on the *same* eval
 set (same ``eval_digest``):
 
-1. **Competence holds**: ``probe_ppl_ratio <= max_ppl_ratio`` and ``probe_retention >= min_probe_retention``.
+1. **Competence holds**: ``probe_ppl_ratio <= max_ppl_ratio`` (1.5) and ``probe_retention >= min_probe_retention``.
 2. **Better than the reference** (the current ``live`` revision; the base itself when nothing is live):
    - adherence up:   ``adherence - ref_adherence >= adherence_margin``, or
    - loss down at equal adherence: ``|adherence - ref_adherence| <= adherence_tolerance`` and
@@ -40,7 +40,9 @@ class GateConfig:
     adherence_margin: float = field(default=0.05, metadata={"help": "adherence gain over the reference that wins outright"})
     adherence_tolerance: float = field(default=0.0, metadata={"help": "|adherence difference| counted as equal"})
     loss_margin: float = field(default=0.02, metadata={"help": "held-out loss drop (nats/token) that wins at equal adherence"})
-    max_ppl_ratio: float = field(default=1.20, metadata={"help": "probe perplexity may grow at most this factor vs the base"})
+    # A style adapter legitimately moves plain-prose perplexity by 10-40% (it was trained on chat turns only); a
+    # damaged one by 1.7x and more (see docs/results/persona_gate.md).
+    max_ppl_ratio: float = field(default=1.50, metadata={"help": "probe perplexity may grow at most this factor vs the base"})
     min_probe_retention: float = field(default=0.75, metadata={"help": "share of the base's correct probe answers kept"})
     min_adherence: float = field(default=0.0, metadata={"help": "absolute adherence floor (0 = none)"})
     require_probe: bool = field(default=True, metadata={"help": "refuse a revision whose probe was not run"})

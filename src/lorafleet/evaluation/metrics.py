@@ -33,9 +33,9 @@ from lorafleet.evaluation.personas import Persona, get_persona, records_digest
 
 MAX_LEN = 256
 SAMPLES = 3  # responses kept on the revision, for `lorafleet report`
-PROBE_MAX_NEW_TOKENS = 32
-PROBE_KEYS = ("probe_accuracy", "base_probe_accuracy", "probe_retention", "probe_agreement", "probe_version",
-              "probe_ppl", "base_probe_ppl", "probe_ppl_ratio")
+PROBE_MAX_NEW_TOKENS = 24
+PROBE_KEYS = ("probe_accuracy", "base_probe_accuracy", "probe_retention", "probe_agreement", "probe_lost",
+              "probe_version", "probe_ppl", "base_probe_ppl", "probe_ppl_ratio")
 
 
 @dataclass

@@ -18,7 +18,7 @@ from __future__ import annotations
 import re
 from collections import Counter
 
-PROBE_VERSION = 1
+PROBE_VERSION = 2
 
 PROBE_TEXTS: tuple[str, ...] = (
     "The library opens at nine in the morning and closes at six in the evening. Visitors can borrow up to "
@@ -41,20 +41,33 @@ PROBE_TEXTS: tuple[str, ...] = (
     "sea was bright in the afternoon sun.",
 )
 
-# (prompt, accepted keywords): keywords are matched case-insensitively at word boundaries.
+# (prompt, accepted keywords): keywords are matched case-insensitively at word boundaries. Most are questions the
+# 135M base answers correctly (retention is measured on those); a few it gets wrong keep accuracy honest.
 PROBE_QUESTIONS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("Which planet do we live on?", ("earth",)),
     ("What is the capital of England?", ("london",)),
-    ("What color is grass?", ("green",)),
+    ("What is the capital of Scotland?", ("edinburgh",)),
+    ("Which city is the capital of Belgium?", ("brussels",)),
+    ("What is the capital of Russia?", ("moscow",)),
+    ("In which country is the city of Rome?", ("italy", "italian")),
     ("How many legs does a dog have?", ("four", "4")),
+    ("How many legs does a cat have?", ("four", "4")),
     ("What is the opposite of up?", ("down",)),
-    ("What do you call frozen water?", ("ice",)),
+    ("What is the opposite of left?", ("right",)),
+    ("What is the opposite of day?", ("night",)),
+    ("What is the opposite of big?", ("small", "little")),
+    ("What is the opposite of black?", ("white",)),
+    ("What color is the sky on a clear day?", ("blue",)),
+    ("What color are strawberries?", ("red",)),
+    ("What do bees collect from flowers?", ("nectar", "pollen")),
+    ("What do hens lay?", ("eggs", "egg")),
+    ("What is H2O commonly called?", ("water",)),
     ("Who wrote Hamlet?", ("shakespeare",)),
+    ("Who was Albert Einstein?", ("physicist", "scientist")),
+    ("What instrument has 88 keys?", ("piano",)),
     ("What is 5 plus 3?", ("eight", "8")),
     ("What is the capital of the United States?", ("washington",)),
-    ("What animal says moo?", ("cow", "cows")),
-    ("Translate 'thank you' into Spanish.", ("gracias",)),
-    ("What language do people speak in France?", ("french",)),
+    ("What do you call frozen water?", ("ice",)),
 )
 
 
@@ -86,9 +99,12 @@ def score_answers(answers: list[str], base_answers: list[str]) -> dict:
     base_ok = [is_correct(a, kw) for a, (_, kw) in zip(base_answers, PROBE_QUESTIONS, strict=True)]
     kept = [o for o, b in zip(ok, base_ok, strict=True) if b]
     n = len(PROBE_QUESTIONS)
+    lost = [{"prompt": q, "response": a[:200]}
+            for (q, _), a, o, b in zip(PROBE_QUESTIONS, answers, ok, base_ok, strict=True) if b and not o]
     return {
         "probe_accuracy": sum(ok) / n,
         "base_probe_accuracy": sum(base_ok) / n,
         "probe_retention": sum(kept) / len(kept) if kept else 1.0,
         "probe_agreement": sum(token_f1(a, b) for a, b in zip(answers, base_answers, strict=True)) / n,
+        "probe_lost": lost[:5],  # what the base knew and the adapter no longer says (first 5)
     }
