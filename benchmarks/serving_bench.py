@@ -345,7 +345,7 @@ def section_cold(base, size, targets, report: Report) -> None:
     """c) cold load to compute-ready from the local blob store; warm throughput during a stream of cold loads."""
     tmp = tempfile.TemporaryDirectory()
     n_cold = size["cold_loads"]
-    n_burst_pool = size["burst_loads"] * size["burst_reps"] + 64  # distinct, more than max_cached: all cold
+    n_burst_pool = size["burst_loads"] * size["burst_reps"] + 96  # distinct, more than max_cached: all cold
     adapters = make_adapters(base, 8, targets, seed0=5000)
     cold = make_adapters(base, n_cold, targets, seed0=6000)
     try:
@@ -388,8 +388,8 @@ def section_cold(base, size, targets, report: Report) -> None:
             burst_d.append(put(5000 + i, LoraAdapter(spec=proto.spec, weights=w)))
             progress.advance(task)
     blob_bytes = len(fetch(cold_d[0]))
-    engine = Engine(base, fetch, EngineConfig(max_batch=BATCH, max_active=BATCH, max_cached=64, max_rank=RANK,
-                                              verify_digest=verify))
+    engine = Engine(base, fetch, EngineConfig(max_batch=BATCH, max_active=BATCH, max_cached=size["burst_loads"] + 16,
+                                              max_rank=RANK, verify_digest=verify))
     # cold load -> compute-ready, one at a time (nothing else running)
     latencies = []
     for d in cold_d:
@@ -436,10 +436,15 @@ def section_cold(base, size, targets, report: Report) -> None:
         handles = [engine.submit(p, d, SamplingParams(max_tokens=size["new"], ignore_eos=True))
                    for p, d in zip(prompts, names, strict=True)]
         time.sleep(1.0)  # steady state
-        c0, t0 = engine.metrics_snapshot()["counters"]["tokens_generated"], time.perf_counter()
-        if burst:
+        before = engine.metrics_snapshot()["counters"]
+        c0, t0 = before["tokens_generated"], time.perf_counter()
+        if burst:  # until every load of the burst has finished (counted: early ones may be evicted by later ones)
             engine.prefetch(burst)
-            while any(engine.residency.state(d) != READY for d in burst):
+            deadline = time.monotonic() + 300
+            while time.monotonic() < deadline:
+                c = engine.metrics_snapshot()["counters"]
+                if c["loads_ok"] + c["load_failures"] - before["loads_ok"] - before["load_failures"] >= len(burst):
+                    break
                 time.sleep(0.002)
         else:
             time.sleep(seconds)

@@ -34,9 +34,9 @@ LIFECYCLE_PROMPT = "What is a good way to start the morning?"
 class DemoSettings:
     base: str | None = None
     steps: int = 30
-    lr: float = 5e-3
+    lr: float = 3e-3
     rank: int = 4
-    alpha: float = 16.0
+    alpha: float = 8.0
     batch: int = 2
     max_new_tokens: int = 40
     n_eval: int = 16
@@ -312,9 +312,18 @@ def _lifecycle(registry, base, engine, personas, settings: DemoSettings) -> list
                               SamplingParams(max_tokens=settings.max_new_tokens))[0]
         return res.raise_for_error().text.strip().replace("\n", " ")
 
-    live1 = registry.resolve(ref)
-    say(f"{ref} is live at #{live1.number} ({old.describe()}): “{answer(ref)}”")
-    say(f"the user now wants: {changed.describe()} — training revision 2 from live #{live1.number}")
+    from lorafleet.registry import NotFoundError  # noqa: PLC0415
+
+    try:
+        live1 = registry.resolve(ref)
+        say(f"{ref} is live at #{live1.number} ({old.describe()}): “{answer(ref)}”")
+    except NotFoundError:  # the gate refused revision 1: the lifecycle starts from the candidate, honestly labelled
+        live1 = None
+        cand = registry.resolve(f"{ref}@candidate")
+        say(f"{ref} has no live revision (the gate refused #{cand.number}); its candidate answers: "
+            f"“{answer(cand.address)}”")
+    say(f"the user now wants: {changed.describe()} — training a new revision"
+        + (f" from live #{live1.number}" if live1 else " from scratch"))
     revs = _train(registry, base, [(changed, ref)], settings, warm_start="live")
     rev2 = revs[ref]
     metrics, decisions = _evaluate_and_gate(registry, base, [(rev2, changed)], settings)
@@ -322,9 +331,9 @@ def _lifecycle(registry, base, engine, personas, settings: DemoSettings) -> list
     m = metrics[ref]
     say(f"#{rev2.number}: new-habit adherence {_pct(m.get('adherence'))} (base {_pct(m.get('base_adherence'))}); "
         f"gate: {'promoted to live' if d.promoted else 'refused'} — {d.reason}")
-    say(f"{ref} now answers: “{answer(ref)}”")
-    if not d.promoted:
-        say(f"live stays at #{live1.number}; nothing to roll back")
+    say(f"#{rev2.number} answers: “{answer(rev2.address)}”")
+    if not d.promoted or live1 is None:
+        say("nothing to roll back to: " + ("the gate kept the old live revision" if live1 else "no earlier live revision"))
         return steps
     entry = registry.rollback(ref, actor="demo", reason="demo: user asked for the old sign-off back")
     say(f"rollback: live moved #{entry.from_number} → #{entry.to_number} (audited); answer: “{answer(ref)}”")

@@ -147,6 +147,8 @@ def eval_cmd(
     for s in m.get("samples", []):
         mark = {True: "[green]✓[/]", False: "[red]✗[/]", None: " "}[s["ok"]]
         console.print(f"{mark} [bold]{s['prompt']}[/] → {s['response']}", highlight=False)
+    for s in m.get("probe_lost") or []:
+        console.print(f"[yellow]probe lost[/] [bold]{s['prompt']}[/] → {s['response']}", highlight=False)
 
 
 @_command
