@@ -185,9 +185,9 @@ def _write_report(out_dir: Path, base, personas, metrics, decisions, sizes, batc
     ax.bar([x + 0.2 for x in xs], [100 * v for v in own_adh], width=0.4, label="personal adapter", color="#3b75af")
     ax.set_xticks(list(xs), names)
     ax.set_ylabel("habit adherence on held-out prompts (%)")
-    ax.set_ylim(0, 105)
+    ax.set_ylim(0, 125)
     ax.set_title(f"One base ({base.name}), {len(names)} personal models")
-    ax.legend()
+    ax.legend(loc="upper left", ncol=2)
     fig.tight_layout()
     chart = out_dir / "adherence.png"
     fig.savefig(chart, dpi=120)
