@@ -37,8 +37,8 @@ def main() -> None:
         args.clients, args.seconds, args.adapters = 8, 10.0, 20
 
     import openai
-
     from _common import markdown_table, show, write_result
+
     from conftest import Server, commit_live  # the test suite's loopback server harness
     from lorafleet.api.service import Service
     from lorafleet.base import load_base
