@@ -20,6 +20,7 @@ from starlette.concurrency import iterate_in_threadpool, run_in_threadpool
 
 from lorafleet.api.auth import can_use, current_key
 from lorafleet.api.errors import ApiError, error_body
+from lorafleet.api.feedback import capture
 from lorafleet.api.keys import ApiKey
 from lorafleet.registry import NotFoundError
 from lorafleet.registry.errors import InvalidNameError
@@ -124,7 +125,7 @@ def _failed(result) -> ApiError:
     return ApiError(500, f"generation failed: {result.error}", type_="server_error", code="generation_failed")
 
 
-def _stream(request: Request, handle, target: Target, kind: str, include_usage: bool) -> StreamingResponse:
+def _stream(request: Request, handle, target: Target, kind: str, include_usage: bool, prompt) -> StreamingResponse:
     created, rid = int(time.time()), handle.id
     obj = "chat.completion.chunk" if kind == "chat" else "text_completion"
 
@@ -151,6 +152,8 @@ def _stream(request: Request, handle, target: Target, kind: str, include_usage: 
             yield "data: [DONE]\n\n"
             return
         result = await run_in_threadpool(handle.result)
+        if result.error is None:
+            await run_in_threadpool(capture, request, target, prompt, result.text, rid, kind)
         yield chunk(None, result.finish_reason)
         if include_usage:
             yield _sse({"id": rid, "object": obj, "created": created, "model": target.model, "choices": [],
@@ -171,10 +174,12 @@ async def chat_completions(body: ChatRequest, request: Request, key: Key):
     messages = [m.model_dump() for m in body.messages]
     handle = _submit(request, target, messages, body)
     if body.stream:
-        return _stream(request, handle, target, "chat", bool(body.stream_options and body.stream_options.include_usage))
+        return _stream(request, handle, target, "chat", bool(body.stream_options and body.stream_options.include_usage),
+                       messages)
     result = await run_in_threadpool(handle.result)
     if result.error is not None:
         raise _failed(result)
+    await run_in_threadpool(capture, request, target, messages, result.text, result.request_id, "chat")
     return {"id": result.request_id, "object": "chat.completion", "created": int(time.time()), "model": target.model,
             "choices": [{"index": 0, "message": {"role": "assistant", "content": result.text},
                          "finish_reason": result.finish_reason, "logprobs": None}],
@@ -187,10 +192,11 @@ async def completions(body: CompletionRequest, request: Request, key: Key):
     handle = _submit(request, target, body.prompt, body)
     if body.stream:
         return _stream(request, handle, target, "completion",
-                       bool(body.stream_options and body.stream_options.include_usage))
+                       bool(body.stream_options and body.stream_options.include_usage), body.prompt)
     result = await run_in_threadpool(handle.result)
     if result.error is not None:
         raise _failed(result)
+    await run_in_threadpool(capture, request, target, body.prompt, result.text, result.request_id, "completion")
     return {"id": result.request_id, "object": "text_completion", "created": int(time.time()), "model": target.model,
             "choices": [{"index": 0, "text": result.text, "finish_reason": result.finish_reason, "logprobs": None}],
             "usage": _usage(result), "lorafleet": {"revision": target.revision, "digest": target.digest}}

@@ -53,9 +53,11 @@ class Service:
         if self.engine is not None and hasattr(self.engine, "start"):
             self.engine.start()
         if self.run_worker:
+            from lorafleet.training.schedule import Scheduler  # noqa: PLC0415
             from lorafleet.training.worker import Worker  # noqa: PLC0415
 
-            worker = Worker(self.registry, self.base)
+            scheduler = Scheduler(self.registry, self.base, min_interval_s=5.0)
+            worker = Worker(self.registry, self.base, hooks=[scheduler.tick])
             self._worker_thread = threading.Thread(
                 target=worker.run, kwargs={"until_idle": False, "stop": self._worker_stop}, name="lorafleet-worker",
                 daemon=True)

@@ -10,6 +10,11 @@ set (same ``eval_digest``):
      ``ref_eval_loss - eval_loss >= loss_margin``.
    Without a habit checker (an eval file, no persona) only the loss rule applies.
 3. Optionally ``adherence >= min_adherence``.
+4. **Drift guard** (when the candidate carries ``metrics["drift"]``: the habits the user already had, i.e. their
+   earlier eval sets, measured on the candidate and on the reference side by side — see
+   :mod:`lorafleet.training.schedule`): on every earlier set, adherence may fall at most ``max_habit_drop`` below
+   the reference's, and (sets without a habit checker) held-out loss may rise at most ``max_habit_loss_rise``.
+   A revision that learns the new preference but loses an old one is refused, the lost habit named in the reason.
 
 A promotion moves ``live`` with the decision as the audit ``reason``. A refusal leaves ``live`` alone and
 records the reason in the audit log by re-pointing ``candidate`` at the revision (an ``alias.set`` entry
@@ -46,6 +51,9 @@ class GateConfig:
     min_probe_retention: float = field(default=0.75, metadata={"help": "share of the base's correct probe answers kept"})
     min_adherence: float = field(default=0.0, metadata={"help": "absolute adherence floor (0 = none)"})
     require_probe: bool = field(default=True, metadata={"help": "refuse a revision whose probe was not run"})
+    max_habit_drop: float = field(default=0.10, metadata={"help": "drift guard: adherence an earlier habit may lose"})
+    max_habit_loss_rise: float = field(default=0.10, metadata={"help": "drift guard: held-out loss (nats/token) an "
+                                                                       "earlier eval set without checker may gain"})
 
     def __post_init__(self) -> None:
         checks = {
@@ -55,6 +63,8 @@ class GateConfig:
             "max_ppl_ratio": self.max_ppl_ratio >= 1.0,
             "min_probe_retention": 0.0 <= self.min_probe_retention <= 1.0,
             "min_adherence": 0.0 <= self.min_adherence <= 1.0,
+            "max_habit_drop": 0.0 <= self.max_habit_drop <= 1.0,
+            "max_habit_loss_rise": self.max_habit_loss_rise >= 0.0,
         }
         for name, ok in checks.items():
             value = getattr(self, name)
@@ -137,6 +147,32 @@ def decide(candidate: dict, reference: dict, config: GateConfig = GateConfig(), 
                    f"(drop {drop:+.4f} < {config.loss_margin:.4f})")
 
 
+def check_drift(candidate: dict, config: GateConfig = GateConfig()) -> tuple[bool, str]:
+    """The drift guard: ``candidate["drift"]`` lists the user's earlier eval sets, each with the candidate's and the
+    reference's ``adherence`` / ``eval_loss`` on it. Returns ``(kept every habit?, reason)``."""
+    entries = candidate.get("drift") or []
+    kept = []
+    for e in entries:
+        name = e.get("eval_set") or e.get("eval_digest", "?")[:12]
+        adh, ref_adh = _num(e.get("adherence")), _num(e.get("ref_adherence"))
+        loss, ref_loss = _num(e.get("eval_loss")), _num(e.get("ref_eval_loss"))
+        if adh is not None and ref_adh is not None:
+            if ref_adh - adh > config.max_habit_drop + 1e-12:
+                return False, (f"drift guard: lost the earlier habit {name!r}: adherence {adh:.2f} vs "
+                               f"{e.get('reference', 'reference')} {ref_adh:.2f} (-{ref_adh - adh:.2f} > "
+                               f"{config.max_habit_drop:.2f} allowed)")
+            kept.append(f"{name} {adh:.2f}")
+        elif loss is not None and ref_loss is not None:
+            if loss - ref_loss > config.max_habit_loss_rise + 1e-12:
+                return False, (f"drift guard: lost the earlier habit {name!r}: held-out loss {loss:.4f} vs "
+                               f"{e.get('reference', 'reference')} {ref_loss:.4f} (+{loss - ref_loss:.4f} > "
+                               f"{config.max_habit_loss_rise:.4f} allowed)")
+            kept.append(f"{name} loss {loss:.3f}")
+        else:
+            return False, f"drift guard: earlier eval set {name!r} was not measured on both sides"
+    return True, ("earlier habits kept (" + ", ".join(kept) + ")") if kept else "no earlier habits"
+
+
 def _live(registry, ref: str):
     from lorafleet.registry.errors import NotFoundError  # noqa: PLC0415
 
@@ -192,6 +228,9 @@ def gate(registry, address: str, *, config: GateConfig = GateConfig(), actor: st
                 return _record(registry, rev, decision, actor)
             reference = evaluate(live, cand["eval_digest"])
     ok, why = decide(cand, reference, config, reference_name=ref_name)
+    if ok and cand.get("drift"):
+        kept, drift_why = check_drift(cand, config)
+        ok, why = (True, f"{why}; {drift_why}") if kept else (False, drift_why)
     reason = f"gate {'promoted' if ok else 'refused'} {rev.address}: {why}"
     decision = GateDecision(rev.address, ok, reason, ref_label, candidate=_pick(cand), reference_metrics=_pick(reference))
     return _record(registry, rev, decision, actor)

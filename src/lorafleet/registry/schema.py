@@ -12,7 +12,7 @@
     audit (id, adapter_id, ref, action, alias, from_number, to_number, actor, reason, at)
         index (adapter_id, id)                          -- append-only
 
-Later features (training jobs, API keys, interactions) add tables with new migrations; the
+Later features (training jobs, API keys, interactions/feedback/schedules) add tables with new migrations; the
 naming convention below gives every constraint a stable name so migrations can refer to it.
 
 Blob references: a column that holds the digest of a blob in the blob store must carry
@@ -178,6 +178,60 @@ api_keys = sa.Table(
     sa.Column("created_at", UTCDateTime, nullable=False),
     sa.Column("revoked_at", UTCDateTime, nullable=True),
     sa.UniqueConstraint("key_hash"),
+)
+
+
+# Continual learning (migration 0005): captured conversations, the user's feedback on them, and each adapter's
+# memory settings (capture opt-in, update policy, the scheduler's watermark). See lorafleet.registry.memory.
+interactions = sa.Table(
+    "interactions",
+    metadata,
+    sa.Column("id", BigId, primary_key=True, autoincrement=True),
+    sa.Column("response_id", sa.String(64), nullable=False),
+    sa.Column("tenant", sa.String(63), nullable=False),
+    sa.Column("username", sa.String(63), nullable=False),
+    sa.Column("adapter", sa.String(63), nullable=False),
+    sa.Column("revision", sa.Integer, nullable=True),
+    sa.Column("kind", sa.String(16), nullable=False),
+    sa.Column("prompt", sa.JSON, nullable=False),
+    sa.Column("response", sa.Text, nullable=False),
+    sa.Column("created_at", UTCDateTime, nullable=False),
+    sa.UniqueConstraint("response_id"),
+    sa.Index("ix_interactions_tenant_username_id", "tenant", "username", "id"),
+)
+
+feedback = sa.Table(
+    "feedback",
+    metadata,
+    sa.Column("id", BigId, primary_key=True, autoincrement=True),
+    sa.Column("tenant", sa.String(63), nullable=False),
+    sa.Column("username", sa.String(63), nullable=False),
+    sa.Column("adapter", sa.String(63), nullable=False),
+    sa.Column("response_id", sa.String(64), nullable=False),
+    sa.Column("kind", sa.String(16), nullable=False),
+    sa.Column("rating", sa.Integer, nullable=True),
+    sa.Column("method", sa.String(8), nullable=True),
+    sa.Column("record", sa.JSON, nullable=True),
+    sa.Column("created_at", UTCDateTime, nullable=False),
+    sa.Index("ix_feedback_tenant_username_adapter_id", "tenant", "username", "adapter", "id"),
+)
+
+schedules = sa.Table(
+    "schedules",
+    metadata,
+    sa.Column("tenant", sa.String(63), nullable=False),
+    sa.Column("username", sa.String(63), nullable=False),
+    sa.Column("adapter", sa.String(63), nullable=False),
+    sa.Column("capture", sa.Boolean, nullable=False),
+    sa.Column("enabled", sa.Boolean, nullable=False),
+    sa.Column("policy", sa.JSON, nullable=False),
+    sa.Column("watermark", sa.BigInteger, nullable=False),
+    sa.Column("pending_job", sa.BigInteger, nullable=True),
+    sa.Column("pending_watermark", sa.BigInteger, nullable=True),
+    sa.Column("last_run_at", UTCDateTime, nullable=True),
+    sa.Column("last_result", sa.JSON, nullable=False),
+    sa.Column("updated_at", UTCDateTime, nullable=False),
+    sa.PrimaryKeyConstraint("tenant", "username", "adapter"),
 )
 
 

@@ -246,6 +246,7 @@ class Engine:
         self._steps = 0  # decode steps so far
         self._join_batch = config.join_batch or max(1, config.max_batch // 4)
         self._live: dict[str, _Request] = {}
+        self._purging: set[str] = set()  # digests being purged: requests for them are refused
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
         self._closed = False
@@ -276,6 +277,35 @@ class Engine:
 
     def unpin(self, digest: str) -> None:
         self.residency.unpin(check_digest(digest))
+
+    def purge(self, digest: str, timeout: float = 30.0) -> None:
+        """Remove every cached copy of ``digest`` (compute slot, RAM) — e.g. after its user was forgotten.
+
+        While the purge runs, new requests for it are refused (``finish_reason="error"``); requests already using
+        it are cancelled and waited for (at most ``timeout`` s), then the residency drops it.
+        """
+        check_digest(digest)
+        with self._inbox_lock:
+            self._purging.add(digest)
+        try:
+            with self._step_lock:
+                using = [r.handle for r in self._live.values() if r.adapter == digest and not r.done]
+            for handle in using:
+                handle.cancel()
+            deadline = time.monotonic() + timeout
+            while True:
+                with self._step_lock:
+                    if not self.running:
+                        self.step()
+                    if not any(r.adapter == digest and not r.done for r in self._live.values()) \
+                            and self.residency.purge(digest):
+                        return
+                if time.monotonic() >= deadline:
+                    raise TimeoutError(f"adapter {digest[:12]} is still in use after {timeout} s; purge again")
+                time.sleep(0.01)
+        finally:
+            with self._inbox_lock:
+                self._purging.discard(digest)
 
     def residency_snapshot(self) -> dict:
         """What is in compute slots and in RAM right now (see :meth:`Residency.snapshot`)."""
@@ -438,6 +468,8 @@ class Engine:
                 self._finish(req, "cancelled")
             elif req.adapter is None:
                 self._make_ready(req)
+            elif req.adapter in self._purging:
+                self._finish(req, "error", error=f"adapter {req.adapter[:12]} was deleted")
             else:
                 req.acquired = True
                 state, req.entry = self.residency.acquire(req.adapter)

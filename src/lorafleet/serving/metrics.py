@@ -25,6 +25,7 @@ COUNTERS = (
     "loads_ok",
     "load_failures",
     "evictions_ram",
+    "purges",
     "evictions_slot",
     "slot_loads",
 )

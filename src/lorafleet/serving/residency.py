@@ -329,6 +329,29 @@ class Residency:
                 if e.state == QUEUED and e.refs == 0 and not e.hinted:
                     del self._entries[digest]
 
+    def purge(self, digest: str) -> bool:
+        """Drop ``digest`` from every tier: its compute slot is zeroed, its RAM copy and pin released, a queued or
+        running load discarded. Refused (``False``, nothing changed) while a request still holds it; ``True`` when
+        nothing of it remains (also when it was never here). The blob itself is the caller's business."""
+        with self._lock:
+            e = self._entries.get(digest)
+            if e is None:
+                return True
+            if e.refs or e.active:
+                return False
+            if e.slot is not None:
+                self.table.clear(e.slot)  # zero the weights: nothing of it stays readable in the slot table
+                self._drop_slot(e)
+            e.adapter, e.pinned, e.hinted = None, False, False
+            del self._entries[digest]
+            self.policy.remove(digest)
+            if e.state == READY:
+                self._resident -= 1
+            # QUEUED: its queue item is skipped as stale. LOADING: the worker finds the entry gone, frees its
+            # reservation and drops what it parsed.
+            self.metrics.inc("purges")
+            return True
+
     # -- loading ---------------------------------------------------------------------------------------------
 
     def _pump(self) -> None:

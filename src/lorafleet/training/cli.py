@@ -46,7 +46,7 @@ def _jobs_table(jobs, title: str) -> Table:
 
 
 def run_worker_with_progress(registry, base, *, only: set[int] | None = None, until_idle: bool = True,
-                             config=None, stop: threading.Event | None = None):
+                             config=None, stop: threading.Event | None = None, hooks=()):
     """Run a worker in this process with one live progress bar per job."""
     from lorafleet.training.worker import Worker  # noqa: PLC0415
 
@@ -60,7 +60,7 @@ def run_worker_with_progress(registry, base, *, only: set[int] | None = None, un
                 tasks[job_id] = bar.add_task(f"job {job_id} {ref}", total=total, loss="…")
             bar.update(tasks[job_id], completed=step, loss=f"{loss:.4f}")
 
-        worker = Worker(registry, base, config, on_progress=on_progress)
+        worker = Worker(registry, base, config, on_progress=on_progress, hooks=hooks)
         return worker.run(until_idle=until_idle, only=only, stop=stop)
 
 
@@ -128,8 +128,11 @@ def register(app: typer.Typer) -> None:
         lease: float = typer.Option(120.0, "--lease", help="seconds before a dead worker's jobs are reclaimed"),
         checkpoint_every: int = typer.Option(10, "--checkpoint-every", min=1),
         base: str | None = typer.Option(None, "--base"),
+        schedules: bool = typer.Option(True, "--schedules/--no-schedules",
+                                       help="also run scheduled personal updates (see `lorafleet schedule`)"),
     ) -> None:
         """Take training jobs from the queue and train them, several users per step."""
+        from lorafleet.training.schedule import Scheduler  # noqa: PLC0415
         from lorafleet.training.worker import WorkerConfig  # noqa: PLC0415
 
         config = WorkerConfig(max_jobs=max_jobs, lease_seconds=lease, checkpoint_every=checkpoint_every)
@@ -138,7 +141,8 @@ def register(app: typer.Typer) -> None:
         console.print(f"worker ready on {b.name}; waiting for jobs (Ctrl-C to stop)")
         stop = threading.Event()
         try:
-            finished = run_worker_with_progress(registry, b, until_idle=once, config=config, stop=stop)
+            hooks = [Scheduler(registry, b, min_interval_s=0.0 if once else 5.0).tick] if schedules else []
+            finished = run_worker_with_progress(registry, b, until_idle=once, config=config, stop=stop, hooks=hooks)
         except KeyboardInterrupt:
             stop.set()
             return

@@ -116,9 +116,10 @@ class JobQueue:
     # ---------------------------------------------------------------- clients
 
     def submit(self, ref: str, dataset: Dataset, spec: LoraSpec, config: TrainConfig, *, creator: str = "cli",
-               warm_start: str = "live", auto_promote: bool = False) -> Job:
+               warm_start: str = "live", auto_promote: bool = False, provenance: dict | None = None) -> Job:
         """Queue a training job for adapter ``ref`` (which must exist). The dataset blob is written first,
-        then the job row in one transaction: a crash leaves at most an unreferenced blob, never half a job."""
+        then the job row in one transaction: a crash leaves at most an unreferenced blob, never half a job.
+        ``provenance``: extra JSON fields the revision's hyperparams will carry (e.g. the interaction window)."""
         tenant, user, name = parse_ref(ref)
         ref = f"{tenant}/{user}/{name}"
         if warm_start not in WARM_STARTS:
@@ -130,7 +131,8 @@ class JobQueue:
         self.registry.blobs.put(dataset.digest, blob)
         now = utcnow()
         values = {
-            "ref": ref, "state": "queued", "method": config.method, "spec": spec.to_dict(),
+            "ref": ref, "state": "queued", "method": config.method,
+            "spec": {**spec.to_dict(), **({"provenance": provenance} if provenance else {})},
             "config": config.to_dict(), "dataset_digest": dataset.digest, "example_count": len(dataset),
             "warm_start": warm_start, "creator": creator, "auto_promote": auto_promote, "created_at": now,
             "updated_at": now, "attempts": 0, "step": 0, "total_steps": config.steps, "losses": [],

@@ -13,7 +13,7 @@ import math
 import os
 import signal
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from lorafleet.adapters import LoraAdapter, from_bytes, to_bytes
@@ -53,16 +53,18 @@ class _Running:
 
 class Worker:
     """Runs jobs from ``registry``'s queue on ``base``. ``on_progress(job_id, step, total, loss)`` is called
-    after every step (for progress bars)."""
+    after every step (for progress bars); each of ``hooks()`` at the top of every loop iteration."""
 
     def __init__(self, registry: Registry, base, config: WorkerConfig | None = None, *, worker_id: str | None = None,
-                 on_progress: Callable[[int, int, int, float], None] | None = None) -> None:
+                 on_progress: Callable[[int, int, int, float], None] | None = None,
+                 hooks: Sequence[Callable[[], object]] = ()) -> None:
         self.registry = registry
         self.queue = JobQueue(registry)
         self.base = base
         self.config = config or WorkerConfig()
         self.worker_id = worker_id or default_worker_id()
         self.on_progress = on_progress
+        self.hooks = list(hooks)  # run at the top of every loop iteration (e.g. the update scheduler's tick)
         self.trainer = MultiTenantTrainer(base)
         self.running: dict[int, _Running] = {}
         self.global_steps = 0
@@ -129,7 +131,8 @@ class Worker:
                 base_fingerprint=self.base.fingerprint, parent=run.parent, parent_digest=run.parent_digest,
                 method=job.method,
                 hyperparams={**job.lora_spec.to_dict(), **job.train_config.to_dict(), "job_id": job.id,
-                             "final_loss": track.losses[-1] if track.losses else None},
+                             "final_loss": track.losses[-1] if track.losses else None,
+                             **job.spec.get("provenance", {})},
                 dataset_digest=run.dataset_digest, example_count=job.example_count, creator=job.creator,
             )
             existing = self.registry.commit(job.ref, blob, provenance, creator=job.creator, aliases=("candidate",),
@@ -157,16 +160,22 @@ class Worker:
             max_steps: int | None = None) -> list[Job]:
         """Train until the queue is empty (``until_idle``) or ``stop`` is set; returns the jobs finished here."""
         stop = stop or threading.Event()
-        steps_here = 0
+        steps_here, idle = 0, False
         while not stop.is_set():
+            for hook in self.hooks:
+                hook()
             room = self.config.max_jobs - len(self.running)
             for job in self.queue.claim(self.worker_id, room, lease_seconds=self.config.lease_seconds, only=only):
                 self._start(job)
             if not self.running:
                 if until_idle:
-                    break
+                    if idle or not self.hooks:
+                        break
+                    idle = True  # one more pass: the hooks see what just finished (and may queue more)
+                    continue
                 stop.wait(self.config.poll_seconds)
                 continue
+            idle = False
             self._step()
             steps_here += 1
             if max_steps is not None and steps_here >= max_steps:
