@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from lorafleet.evaluation.errors import EvaluationError
-from lorafleet.evaluation.gate import GateConfig, decide, gate, promote, rollback
+from lorafleet.evaluation.gate import GateConfig, check_drift, decide, gate, promote, rollback
 from lorafleet.registry import Provenance
 
 REF = "acme/alice/assistant"
@@ -155,3 +155,45 @@ def test_refusing_an_older_revision_leaves_candidate_on_the_newer_one(registry):
 def test_unevaluated_revision_is_refused(registry):
     d = gate(registry, _commit(registry, None, b"one"))
     assert not d.promoted and "not evaluated" in d.reason and _live(registry) is None
+
+
+# --------------------------------------------------------------------------- the drift guard (earlier habits)
+
+def _drift(adh, ref_adh, loss=None, ref_loss=None, name="persona:ahab"):
+    return {"eval_set": name, "eval_digest": "e" * 64, "adherence": adh, "ref_adherence": ref_adh,
+            "eval_loss": loss, "ref_eval_loss": ref_loss, "reference": "live #1"}
+
+
+# (drift entries, expected kept, reason fragment)
+DRIFT = [
+    ([], True, "no earlier habits"),
+    ([_drift(0.90, 0.95)], True, "earlier habits kept (persona:ahab 0.90)"),
+    ([_drift(0.85, 0.95)], True, "kept"),  # exactly the allowed 0.10
+    ([_drift(0.50, 0.95)], False, "lost the earlier habit 'persona:ahab': adherence 0.50 vs live #1 0.95"),
+    ([_drift(0.9, 0.9), _drift(0.1, 0.8, name="persona:greta")], False, "'persona:greta'"),
+    ([_drift(None, None, 1.05, 1.0, name="feedback:x")], True, "feedback:x loss 1.050"),
+    ([_drift(None, None, 1.5, 1.0, name="feedback:x")], False, "held-out loss 1.5000 vs live #1 1.0000"),
+    ([_drift(None, None, None, 1.0)], False, "not measured on both sides"),
+]
+
+
+@pytest.mark.parametrize(("entries", "kept", "fragment"), DRIFT)
+def test_drift_rule(entries, kept, fragment):
+    ok, reason = check_drift({"drift": entries})
+    assert ok is kept and fragment in reason
+
+
+def test_drift_guard_refuses_a_revision_that_loses_an_earlier_habit(registry):
+    a1 = _commit(registry, _m(0.0, 2.0), b"one")
+    promote(registry, a1, force=True, reason="setup")
+    # better on the new habit (adherence 0.0 -> 0.9), but the earlier habit fell from 0.95 to 0.40
+    a2 = _commit(registry, _m(0.9, 1.0, drift=[_drift(0.40, 0.95)]), b"two")
+    d = gate(registry, a2, evaluate=lambda live, digest: {"adherence": 0.0, "eval_loss": 2.0})
+    assert not d.promoted and _live(registry) == 1
+    assert "drift guard: lost the earlier habit 'persona:ahab'" in registry.audit(REF)[0].reason
+    # the same revision keeping the old habit passes, and says so
+    a3 = _commit(registry, _m(0.9, 1.0, drift=[_drift(0.95, 0.95)]), b"three")
+    d = gate(registry, a3, evaluate=lambda live, digest: {"adherence": 0.0, "eval_loss": 2.0})
+    assert d.promoted and "earlier habits kept" in d.reason
+    # a looser guard is configurable
+    assert check_drift({"drift": [_drift(0.40, 0.95)]}, GateConfig(max_habit_drop=0.6))[0]

@@ -134,8 +134,8 @@ class UpdatePolicy:
         from lorafleet.evaluation.errors import EvaluationError  # noqa: PLC0415
         from lorafleet.evaluation.gate import GateConfig  # noqa: PLC0415
 
-        try:
-            return GateConfig(**self.gate)
+        try:  # without the probe the gate cannot require it
+            return GateConfig(**{**({} if self.probe else {"require_probe": False}), **self.gate})
         except (TypeError, EvaluationError) as exc:
             raise PolicyError(f"gate overrides {self.gate!r} are invalid: {exc}") from None
 
@@ -259,7 +259,7 @@ def user_habits(registry, ref: str, *, exclude_digest: str | None = None) -> lis
                 continue
             seen.add(digest)
             es = eval_set_from(desc)
-            if es is not None and es.digest not in seen | {e.digest for e in out}:
+            if es is not None and es.digest not in {exclude_digest, *(e.digest for e in out)}:
                 out.append(es)
     return out[:MAX_HABITS]
 
@@ -413,8 +413,11 @@ class Scheduler:
                           "ref_adherence": r["adherence"] if live is not None else r["base_adherence"],
                           "ref_eval_loss": r["eval_loss"] if live is not None else r["base_eval_loss"]})
         habits = [describe_eval_set(es) for es in [primary, *earlier]][: MAX_HABITS + 1]
+        ref_side = live_on_primary or {"adherence": cand_m["base_adherence"], "eval_loss": cand_m["base_eval_loss"]}
         cand_m.update({**describe_eval_set(primary), "drift": drift, "habits": habits,
-                       "window": cand_rev.provenance.hyperparams.get("window")})
+                       "window": cand_rev.provenance.hyperparams.get("window"),
+                       "reference": {"name": ref_name, "adherence": ref_side["adherence"],
+                                     "eval_loss": ref_side["eval_loss"]}})
         self.registry.update_metrics(address, cand_m)
 
         def evaluate_live(_rev, _digest):  # live on the candidate's eval set, measured above
