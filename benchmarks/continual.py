@@ -62,7 +62,6 @@ def main() -> int:
     from lorafleet.evaluation.metrics import EvalSet, evaluate_revisions
     from lorafleet.evaluation.personas import get_persona
     from lorafleet.registry import Registry
-    from lorafleet.registry.memory import MemoryStore
     from lorafleet.serving.engine import Engine
     from lorafleet.serving.params import EngineConfig
     from lorafleet.training.jobs import JobQueue
@@ -82,9 +81,8 @@ def main() -> int:
     engine = Engine(base, lambda d: blobs[d] if d in blobs else reg.read_blob(d),
                     EngineConfig(max_batch=16, max_active=8, max_cached=16, max_rank=16))
     generation.set_backend(_engine_backend(engine, blobs))  # evaluation generates through the same engine
-    memory = MemoryStore(reg)
     service = Service(reg, base, engine)
-    service.memory = memory
+    memory = service.memory
     _, key = service.keys.create(tenant="bench")
     limit = args.eval_prompts
 

@@ -182,3 +182,22 @@ def test_forget_names_bad_input(store):
     with pytest.raises(InvalidArgumentError, match="user segment"):
         store.forget_user("acme", "Alice/../x")
     assert store.registry.get_adapter(REF)  # nothing changed
+
+
+def test_forget_on_both_databases(registry_url, tmp_path):
+    """The same deletion and shared-blob rule on SQLite and PostgreSQL (the gc lock is taken on both)."""
+    reg = Registry(registry_url, str(tmp_path / "blobs"))
+    store = MemoryStore(reg)
+    prov = Provenance(base_fingerprint=FP)
+    own = reg.commit(REF, b"alice only", prov, aliases=("live",))
+    shared = reg.commit(REF, b"shared bytes", prov)
+    reg.commit("acme/bob/assistant", b"shared bytes", prov, aliases=("live",))
+    store.configure(REF, capture=True)
+    _capture(store, "resp-1", SECRET)
+    store.add_feedback("resp-1", rating=1)
+    report = store.forget_user("acme", "alice", actor="admin")
+    assert (report["revisions"], report["interactions"], report["feedback"]) == (2, 1, 1)
+    assert not reg.blobs.exists(own.digest) and reg.blobs.exists(shared.digest)
+    assert SECRET not in _rows_text(reg.engine) and "alice" not in _rows_text(reg.engine)
+    assert reg.resolve("acme/bob/assistant").digest == shared.digest
+    reg.close()

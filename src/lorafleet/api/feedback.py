@@ -49,11 +49,7 @@ class MemorySettingsRequest(BaseModel):
 
 
 def memory(request: Request) -> MemoryStore:
-    svc = request.app.state.service
-    store = getattr(svc, "memory", None)
-    if store is None:
-        store = svc.memory = MemoryStore(svc.registry)
-    return store
+    return request.app.state.service.memory
 
 
 def capture(request: Request, target, prompt, text: str, response_id: str, kind: str) -> None:

@@ -13,6 +13,7 @@ from lorafleet.api.errors import ApiError
 from lorafleet.api.keys import KeyStore
 from lorafleet.api.metrics import RequestCounter
 from lorafleet.registry import Provenance, Registry
+from lorafleet.registry.memory import MemoryStore
 from lorafleet.training.jobs import JobQueue
 
 log = logging.getLogger(__name__)
@@ -42,6 +43,7 @@ class Service:
         self.limits = limits or Limits()
         self.keys = KeyStore(registry)
         self.jobs = JobQueue(registry)
+        self.memory = MemoryStore(registry)  # captured conversations, feedback, update schedules
         self.requests = RequestCounter()
         self.run_worker = run_worker
         self._worker_stop = threading.Event()
@@ -56,7 +58,7 @@ class Service:
             from lorafleet.training.schedule import Scheduler  # noqa: PLC0415
             from lorafleet.training.worker import Worker  # noqa: PLC0415
 
-            scheduler = Scheduler(self.registry, self.base, min_interval_s=5.0)
+            scheduler = Scheduler(self.registry, self.base, memory=self.memory, min_interval_s=5.0)
             worker = Worker(self.registry, self.base, hooks=[scheduler.tick])
             self._worker_thread = threading.Thread(
                 target=worker.run, kwargs={"until_idle": False, "stop": self._worker_stop}, name="lorafleet-worker",

@@ -124,6 +124,15 @@ class Worker:
         if not all(math.isfinite(v) for v in track.losses):
             self._finish(job_id, "failed", error="training diverged: the loss became NaN/Inf")
             return
+        try:
+            existing = self._commit(job, run, track)
+        except NotFoundError as exc:  # the adapter was deleted (its user forgotten) while training
+            self._finish(job_id, "failed", error=str(exc))
+            return
+        self._finish(job_id, "succeeded", result_number=existing, report=_report(track))
+
+    def _commit(self, job: Job, run: _Running, track) -> int:
+        """The job's revision: committed now, or found (committed by an earlier attempt that died before finish)."""
         existing = self._revision_of_job(job)
         if existing is None:
             blob = to_bytes(track.adapter)
@@ -137,7 +146,7 @@ class Worker:
             )
             existing = self.registry.commit(job.ref, blob, provenance, creator=job.creator, aliases=("candidate",),
                                             create=False).number
-        self._finish(job_id, "succeeded", result_number=existing, report=_report(track))
+        return existing
 
     def _revision_of_job(self, job: Job) -> int | None:
         """A revision this job already committed (the worker died between commit and finish)."""
