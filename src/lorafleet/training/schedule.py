@@ -79,7 +79,7 @@ class UpdatePolicy:
 
         checks = {
             "min_examples": whole(self.min_examples) and self.min_examples >= 1,
-            "every_hours": self.every_hours is None or (num(self.every_hours) and self.every_hours > 0),
+            "every_hours": self.every_hours is None or (num(self.every_hours) and 0 < self.every_hours <= 87_600),
             "replay": num(self.replay) and 0 <= self.replay <= 100,
             "replay_max": whole(self.replay_max) and self.replay_max >= 0,
             "holdout": num(self.holdout) and 0 <= self.holdout <= 0.5,
@@ -127,7 +127,7 @@ class UpdatePolicy:
             if isinstance(self.eval_persona, dict):
                 return Persona.from_dict(self.eval_persona)
             return get_persona(self.eval_persona) if self.eval_persona else None
-        except (EvaluationError, TypeError, KeyError) as exc:
+        except (EvaluationError, TypeError, KeyError, ValueError, AttributeError) as exc:
             raise PolicyError(f"eval_persona {self.eval_persona!r} is not a usable persona: {exc}") from None
 
     def gate_config(self):
