@@ -39,6 +39,8 @@ def main() -> int:
     parser.add_argument("--steps", type=int, default=30, help="training steps of habit A")
     parser.add_argument("--update-steps", type=int, default=12, help="training steps per update cycle")
     parser.add_argument("--lr", type=float, default=3e-3)
+    parser.add_argument("--update-lr", type=float, default=None, help="learning rate of the updates (default --lr)")
+    parser.add_argument("--out", default="continual", help="result name: docs/results/<out>.md")
     parser.add_argument("--eval-prompts", type=int, default=8, help="held-out prompts per habit")
     parser.add_argument("--max-new-tokens", type=int, default=32)
     args = parser.parse_args()
@@ -111,7 +113,8 @@ def main() -> int:
              "forced" if d1.forced else "promoted"]]
 
     # ---- the schedule: capture on, retrain at N new examples, B's persona checks the new habit
-    policy = {"min_examples": args.per_cycle, "steps": args.update_steps, "lr": args.lr, "batch_size": 2,
+    update_lr = args.update_lr or args.lr
+    policy = {"min_examples": args.per_cycle, "steps": args.update_steps, "lr": update_lr, "batch_size": 2,
               "max_len": 160, "holdout": 0.0, "replay": 1.0, "eval_persona": second.to_dict(),
               "eval_limit": limit, "max_new_tokens": args.max_new_tokens, "probe": not args.quick}
     memory.configure(REF, capture=True, enabled=True, policy=policy)
@@ -133,10 +136,11 @@ def main() -> int:
             with ThreadPoolExecutor(8) as pool:  # concurrent users: the engine batches them
                 served = list(pool.map(chat, batch))
             sign = first.params["text"]
+            greeting = second.params["text"]
             for s in served:  # the user's rewrite: their greeting first, their sign-off kept at the end
                 text = s["choices"][0]["message"]["content"].strip()
                 text = text if text.endswith(sign) else f"{text} {sign}"
-                rewrite = f"{second.params['text']} {text}"
+                rewrite = text if text.startswith(greeting) else f"{greeting} {text}"
                 r = client.post("/v1/feedback", headers={"authorization": f"Bearer {key}"},
                                 json={"response_id": s["id"], "rewrite": rewrite})
                 r.raise_for_status()
@@ -177,7 +181,7 @@ def main() -> int:
     audit = [[e.id, e.action, e.alias or "", f"{e.from_number}→{e.to_number}", e.actor, e.reason[:150]]
              for e in reversed(reg.audit(REF, 20))]
     sample_text = "\n".join(f"- cycle {c}: “{p}” → “{r[:160]}”" for c, p, r in samples)
-    write_result("continual", "Continual learning: a second habit through feedback, the first one kept", [
+    write_result(args.out, "Continual learning: a second habit through feedback, the first one kept", [
         ("Result", markdown_table(headers, table_rows)),
         ("Audit log of the adapter", markdown_table(["id", "action", "alias", "move", "actor", "reason"], audit)),
         ("Samples", sample_text),
@@ -187,7 +191,7 @@ def main() -> int:
         "is the gate's drift guard: the candidate and the revision live before it on A's eval set, side by side. "
         f"Each cycle: {args.per_cycle} conversations through the OpenAI API with capture on, one rewrite each through "
         f"POST /v1/feedback, then the worker's scheduler: {args.update_steps} steps warm-started from live, "
-        f"lr {args.lr}, replay 1.0 (cycle 2 replays cycle 1's feedback). Total wall time {seconds:.0f}s with "
+        f"lr {update_lr}, replay 1.0 (cycle 2 replays cycle 1's feedback). Total wall time {seconds:.0f}s with "
         "OMP_NUM_THREADS=1."))
     return 0
 
