@@ -11,6 +11,8 @@ from __future__ import annotations
 import concurrent.futures
 import json
 import threading
+import re
+import secrets
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -49,6 +51,9 @@ class TinkerConfig:
     max_num_samples: int = 16
     long_poll_s: float = 25.0  # retrieve_future holds a pending request this long before "try_again"
     gap_wait_s: float = 5.0  # a missing seq_id is skipped after this long
+
+
+RUN_ID_RE = re.compile(r"^[A-Za-z0-9_.-]+(:train:[0-9]+)?$")
 
 
 def _user(message: str) -> TinkerUserError:
@@ -152,24 +157,47 @@ class TinkerService:
         if not targets:
             raise _user("lora_config: set train_attn and/or train_mlp; lorafleet adapters adapt the attention and MLP "
                         "projections (train_unembed alone is not supported)")
+        spec = LoraSpec(rank=rank, alpha=self.config.lora_alpha, target_modules=targets)
+        seed = lora.get("seed")
+        return self._new_run(key, body, spec, secrets.randbelow(2**31) if seed is None else int(seed),
+                             unembed=bool(lora.get("train_unembed", True)))
+
+    def create_from_state(self, key: ApiKey, body: dict) -> tuple[Run, Checkpoint]:
+        """``create_training_client_from_state[_with_optimizer]``: a new run shaped like the checkpoint."""
+        self.check_session(key, str(body.get("session_id", "")))
+        self.check_base(body.get("base_model"))
+        ckpt = self.find_checkpoint(key, str(body.get("path", "")), "training")
+        meta = json.loads(Path(ckpt.file).with_suffix(".json").read_text())
+        spec = LoraSpec(**{k: (tuple(v) if k == "target_modules" else v) for k, v in meta["spec"].items()})
+        if spec.rank > self.max_rank:
+            raise _user(f"checkpoint {ckpt.tinker_path} has rank {spec.rank}, above this server's {self.max_rank}")
+        return self._new_run(key, body, spec, 0, unembed=False), ckpt
+
+    def _new_run(self, key: ApiKey, body: dict, spec: LoraSpec, seed: int, *, unembed: bool) -> Run:
         optimizer = body.get("optimizer_config") or {"type": "adamw"}
         if optimizer.get("type", "adamw") != "adamw":
             raise _user(f"optimizer_config.type {optimizer.get('type')!r} is not supported; use AdamW ('adamw')")
+        seq = body.get("model_seq_id")
+        if isinstance(seq, bool) or not isinstance(seq, int) or seq < 0:
+            raise _user(f"model_seq_id must be a non-negative integer, got {seq!r}")
+        run_id = f"{body['session_id']}:train:{seq}"  # the SDK derives this id itself (create from state)
+        if run_id in self.runs:
+            raise _user(f"model_seq_id {seq} was already used in session {body['session_id']}")
         metadata = body.get("user_metadata") or {}
-        run_id = new_id("run")
-        ref = self._adapter_ref(key, run_id, metadata)
-        spec = LoraSpec(rank=rank, alpha=self.config.lora_alpha, target_modules=targets)
-        adapter = LoraAdapter.create(self.base, spec, seed=int(lora.get("seed") or 0))
+        ref = self._adapter_ref(key, run_id.replace(":", "-"), metadata)
+        adapter = LoraAdapter.create(self.base, spec, seed=seed)
         for name, (A, B) in list(adapter.weights.items()):
             adapter.weights[name] = (A.requires_grad_(True), B.requires_grad_(True))
         params = [t for ab in adapter.weights.values() for t in ab]
         run = Run(run_id=run_id, session_id=body["session_id"], tenant=ref.split("/")[0], ref=ref,
                   creator=f"tinker:{key.prefix}", adapter=adapter, user_metadata=dict(metadata),
                   optimizer=torch.optim.AdamW(params, lr=1e-4, betas=(0.9, 0.95), eps=1e-12, weight_decay=0.0),
-                  unembed_requested=bool(lora.get("train_unembed", True)))
+                  unembed_requested=unembed)
         self.registry.create_adapter(ref, creator=run.creator, exist_ok=True,
                                      description=f"trained through the Tinker API (run {run_id})")
         with self._lock:
+            if run_id in self.runs:
+                raise _user(f"model_seq_id {seq} was already used in session {body['session_id']}")
             self.runs[run_id] = run
         return run
 
@@ -249,11 +277,15 @@ class TinkerService:
         payload = {"name": name, "session_id": run.session_id}
         return self._submit(run, body.get("seq_id"), "save_sampler" if sampler else "save_state", payload)
 
-    def load(self, key: ApiKey, body: dict) -> concurrent.futures.Future:
-        run = self.run_of(key, str(body.get("model_id", "")))
-        ckpt = self.find_checkpoint(key, str(body.get("path", "")), "training")
-        return self._submit(run, body.get("seq_id"), "load_state",
-                            {"checkpoint": ckpt, "optimizer": bool(body.get("optimizer", False))})
+    def load(self, key: ApiKey, body: dict) -> tuple[concurrent.futures.Future, str]:
+        if body.get("model_id") is None:
+            run, ckpt = self.create_from_state(key, body)
+        else:
+            run = self.run_of(key, str(body.get("model_id", "")))
+            ckpt = self.find_checkpoint(key, str(body.get("path", "")), "training")
+        fut = self._submit(run, body.get("seq_id"), "load_state",
+                           {"checkpoint": ckpt, "optimizer": bool(body.get("optimizer", False))})
+        return fut, run.run_id
 
     def _submit(self, run: Run, seq_id, kind: str, payload: dict) -> concurrent.futures.Future:
         run.last_request = utcnow()
@@ -416,16 +448,26 @@ class TinkerService:
     # ------------------------------------------------------------------ checkpoints and sampling
 
     def find_checkpoint(self, key: ApiKey, path: str, kind: str) -> Checkpoint:
+        """The checkpoint at ``tinker://<run>/<weights|sampler_weights>/<name>`` of one of the key's runs.
+
+        Training checkpoints are files, so they are found again after a server restart (by the run's tenant).
+        """
         prefix = "tinker://"
         parts = path[len(prefix):].split("/") if path.startswith(prefix) else []
         segment = "sampler_weights" if kind == "sampler" else "weights"
-        if len(parts) != 3 or parts[1] != segment:
+        if len(parts) != 3 or parts[1] != segment or not RUN_ID_RE.fullmatch(parts[0]):
             raise _user(f"path {path!r} is not a {kind} checkpoint path: expected 'tinker://<run>/{segment}/<name>'")
-        run = self.run_of(key, parts[0])
-        ckpt = run.checkpoint(kind, parts[2])
-        if ckpt is None:
-            raise LookupError(f"checkpoint {path!r} does not exist")
-        return ckpt
+        run_id, name = parts[0], check_segment(parts[2], "checkpoint name")
+        run = self.runs.get(run_id)
+        if run is not None and (key.is_admin or run.tenant == key.tenant):
+            ckpt = run.checkpoint(kind, name)
+            if ckpt is not None:
+                return ckpt
+        elif run is None and kind == "training" and key.tenant is not None:
+            file = self.home / key.tenant / run_id / f"{name}.safetensors"
+            if file.is_file():
+                return Checkpoint(f"weights/{name}", "training", path, utcnow(), file.stat().st_size, file=str(file))
+        raise LookupError(f"checkpoint {path!r} does not exist")
 
     def _new_sampler(self, tenant: str | None, model_path: str | None, digest: str | None) -> SamplerSession:
         sampler = SamplerSession(new_id("sampler"), tenant, self.base.name, model_path, digest)

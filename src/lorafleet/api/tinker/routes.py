@@ -174,7 +174,7 @@ async def optim_step(request: Request, key: Key, tinker: Tinker) -> dict:
 @router.post("/save_weights", summary="save_state: weights + optimizer to a training checkpoint (a future)")
 async def save_weights(request: Request, key: Key, tinker: Tinker) -> dict:
     body = await _json(request)
-    return _future(tinker, _call(tinker.save, key, body, False), key, model_id=body.get("model_id"))
+    return _future(tinker, _call(lambda: tinker.save(key, body, sampler=False)), key, model_id=body.get("model_id"))
 
 
 @router.post("/save_weights_for_sampler", summary="Sampler weights: a new registry revision (a future)")
@@ -184,13 +184,10 @@ async def save_weights_for_sampler(request: Request, key: Key, tinker: Tinker) -
     return _future(tinker, fut, key, model_id=body.get("model_id"))
 
 
-@router.post("/load_weights", summary="load_state: restore a training checkpoint into a run (a future)")
+@router.post("/load_weights", summary="load_state, or a new run from a training checkpoint (a future)")
 async def load_weights(request: Request, key: Key, tinker: Tinker) -> dict:
-    body = await _json(request)
-    if body.get("model_id") is None:
-        raise ApiError(400, "load_weights without model_id (creating a run from a checkpoint in one call) is not "
-                            "supported: create the training client first, then load_state", code="invalid_request")
-    return _future(tinker, _call(tinker.load, key, body), key, model_id=body.get("model_id"))
+    fut, run_id = _call(tinker.load, key, await _json(request))
+    return _future(tinker, fut, key, model_id=run_id)
 
 
 # ------------------------------------------------------------------------------ sampling
