@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import concurrent.futures
 import json
-import threading
 import re
 import secrets
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
