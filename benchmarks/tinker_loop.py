@@ -185,8 +185,9 @@ def main() -> None:
     show("loss curves (mean token NLL of the step's batch)", curve_headers, curve_rows)
     sample_rows = [[q[:60], t[:90].replace("|", "/").replace("\n", " "), "yes" if ok else "no"] for q, t, ok in samples]
     show(f"samples from {path_a} (greedy, 48 tokens)", ["prompt", "answer", "habit"], sample_rows)
-    name = "tinker_quick" if args.quick else "tinker"
-    write_result(name, f"Tinker SDK loop on {base.name}", [
+    if args.quick:
+        return
+    write_result("tinker", f"Tinker SDK loop on {base.name}", [
         ("Throughput side by side", markdown_table(headers, rows) + (
             f"\n\nratio: (b) row = how much faster the in-process trainer is than the Tinker loop "
             f"(protocol + HTTP + futures overhead); (c) row = aggregate steps/s of two concurrent clients over one "

@@ -214,6 +214,11 @@ def test_bad_inputs_are_named(server, tk):
         tc.forward_backward([types.Datum(model_input=types.ModelInput.from_ints([]),
                                          loss_fn_inputs={"target_tokens": [], "weights": []})], "cross_entropy").result()
     assert tk.runs[tc.model_id].datums == 0  # nothing was applied
+    sampler = sc.create_sampling_client(base_model=server.base.name).result()
+    with pytest.raises(Exception, match="top_k is not supported"):
+        sampler.sample(types.ModelInput.from_ints(ids), 1, types.SamplingParams(max_tokens=4, top_k=5)).result()
+    with pytest.raises(Exception, match=r"num_samples must be an integer in 1\.\.16"):
+        sampler.sample(types.ModelInput.from_ints(ids), 17, types.SamplingParams(max_tokens=4)).result()
 
     # Wrong key: refused before anything is created.
     import httpx

@@ -30,6 +30,7 @@ from lorafleet.api.tinker.state import (
     FutureStore,
     Run,
     SamplerSession,
+    TinkerNotFoundError,
     TinkerUserError,
     new_id,
     utcnow,
@@ -108,7 +109,7 @@ class TinkerService:
         with self._lock:
             known = session_id in self.sessions and (key.is_admin or self.sessions[session_id] == key.tenant)
         if not known:
-            raise LookupError(f"session {session_id!r} does not exist (create one with create_session)")
+            raise TinkerNotFoundError(f"session {session_id!r} does not exist (create one with create_session)")
 
     def check_base(self, base_model: str | None) -> None:
         if base_model is not None and base_model != self.base.name:
@@ -118,7 +119,7 @@ class TinkerService:
     def run_of(self, key: ApiKey, run_id: str) -> Run:
         run = self.runs.get(run_id)
         if run is None or not (key.is_admin or run.tenant == key.tenant):  # another tenant's run looks absent
-            raise LookupError(f"training run {run_id!r} does not exist")
+            raise TinkerNotFoundError(f"training run {run_id!r} does not exist")
         return run
 
     def _adapter_ref(self, key: ApiKey, run_id: str, metadata: dict) -> str:
@@ -374,7 +375,7 @@ class TinkerService:
         run.steps += 1
         run.pending_grad = False
         run.last_adam = dict(p)
-        return {"metrics": {"grad_norm:last": norm, "step:max": float(run.steps)}}
+        return {"metrics": {"grad_norm:mean": norm, "step:max": float(run.steps)}}
 
     def _path(self, run: Run, kind: str, name: str) -> str:
         return f"tinker://{run.run_id}/{'sampler_weights' if kind == 'sampler' else 'weights'}/{name}"
@@ -467,7 +468,7 @@ class TinkerService:
             file = self.home / key.tenant / run_id / f"{name}.safetensors"
             if file.is_file():
                 return Checkpoint(f"weights/{name}", "training", path, utcnow(), file.stat().st_size, file=str(file))
-        raise LookupError(f"checkpoint {path!r} does not exist")
+        raise TinkerNotFoundError(f"checkpoint {path!r} does not exist")
 
     def _new_sampler(self, tenant: str | None, model_path: str | None, digest: str | None) -> SamplerSession:
         sampler = SamplerSession(new_id("sampler"), tenant, self.base.name, model_path, digest)
@@ -487,14 +488,14 @@ class TinkerService:
         # A registry address (tenant/user/adapter, @alias or #N): sample any revision the key may use.
         addr = parse_address(str(path))
         if not key.is_admin and addr.tenant != key.tenant:
-            raise LookupError(f"model_path {path!r} does not exist")
+            raise TinkerNotFoundError(f"model_path {path!r} does not exist")
         rev = self.registry.resolve(str(path))
         return self._new_sampler(addr.tenant, str(path), rev.digest)
 
     def sampler_of(self, key: ApiKey, sampler_id: str) -> SamplerSession:
         sampler = self.samplers.get(sampler_id)
         if sampler is None or not (sampler.tenant is None or key.is_admin or sampler.tenant == key.tenant):
-            raise LookupError(f"sampling session {sampler_id!r} does not exist")
+            raise TinkerNotFoundError(f"sampling session {sampler_id!r} does not exist")
         return sampler
 
     def sample(self, key: ApiKey, body: dict) -> tuple[concurrent.futures.Future, int]:

@@ -17,11 +17,12 @@ from typing import Annotated
 from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import JSONResponse, Response
 
+from lorafleet.adapters import AdapterError
 from lorafleet.api.errors import ApiError
 from lorafleet.api.keys import ApiKey
 from lorafleet.api.tinker import wire
 from lorafleet.api.tinker.core import TinkerService
-from lorafleet.api.tinker.state import TinkerUserError, wait_for
+from lorafleet.api.tinker.state import TinkerNotFoundError, TinkerUserError, wait_for
 
 router = APIRouter(prefix="/api/v1", tags=["tinker"])
 PROTO = "application/x-protobuf"
@@ -77,8 +78,8 @@ def _call(fn, *args):
         return fn(*args)
     except TinkerUserError as exc:
         raise ApiError(400, str(exc), code="invalid_request") from None
-    except LookupError as exc:
-        raise ApiError(404, str(exc).strip("'\""), type_="not_found_error", code="not_found") from None
+    except TinkerNotFoundError as exc:
+        raise ApiError(404, str(exc), type_="not_found_error", code="not_found") from None
 
 
 def _future(tinker: TinkerService, fut, key: ApiKey, *, proto: bool = False, **extra) -> dict:
@@ -226,7 +227,7 @@ async def retrieve_future(request: Request, key: Key, tinker: Tinker):
         return {"type": "try_again", "request_id": request_id, "queue_state": "active"}
     exc = pending.future.exception()
     if exc is not None:
-        user = isinstance(exc, ValueError)  # TinkerUserError, AdapterError, registry input errors
+        user = isinstance(exc, TinkerUserError | AdapterError)
         return {"error": str(exc), "category": "user" if user else "server"}
     result = pending.future.result()
     if pending.proto:

@@ -19,6 +19,8 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from lorafleet.api.tinker.state import TinkerUserError
+
 log = logging.getLogger(__name__)
 
 
@@ -112,7 +114,7 @@ class Scheduler:
         try:
             results = fn()
         except Exception as exc:  # noqa: BLE001 - the failure goes to the clients' futures, the loop lives on
-            if not isinstance(exc, ValueError):
+            if not isinstance(exc, TinkerUserError):
                 log.exception("tinker %s failed", ops[0].kind)
             for op in ops:
                 op.future.set_exception(exc)

@@ -35,6 +35,10 @@ class TinkerUserError(ValueError):
     """A request the client must fix; answered as a user error naming the problem (never retried)."""
 
 
+class TinkerNotFoundError(LookupError):
+    """A run, checkpoint, session or sampler that does not exist for this key (404)."""
+
+
 @dataclass
 class Checkpoint:
     checkpoint_id: str  # "weights/<name>" or "sampler_weights/<name>"
