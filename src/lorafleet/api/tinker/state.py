@@ -82,7 +82,6 @@ class Run:
     next_seq: int = 1
     last_revision: int | None = None
     checkpoints: list[Checkpoint] = field(default_factory=list)
-    lock: threading.Lock = field(default_factory=threading.Lock)
 
     def params(self) -> list[torch.Tensor]:
         return [t for ab in self.adapter.weights.values() for t in ab]
