@@ -87,6 +87,12 @@ def test_sft_loop_trains_samples_commits_and_serves(server, tk):
     assert len(out.sequences) == 3 and all(1 <= len(s.tokens) <= 6 for s in out.sequences)
     assert all(s.stop_reason in ("length", "stop") for s in out.sequences)
     greedy = sampler.sample(prompt, 1, types.SamplingParams(max_tokens=6, temperature=0.0)).result().sequences[0]
+    # Sampled tokens come with their log-probs under the checkpoint: equal to a forward pass of the trainer.
+    full = prompt.to_ints() + list(greedy.tokens)
+    check = types.Datum(model_input=types.ModelInput.from_ints(full[:-1]),
+                        loss_fn_inputs={"target_tokens": full[1:], "weights": [1.0] * (len(full) - 1)})
+    fwd = tc.forward([check], "cross_entropy").result().loss_fn_outputs[0]["logprobs"].to_numpy()
+    np.testing.assert_allclose(greedy.logprobs, fwd[len(prompt.to_ints()) - 1:], atol=1e-4)
 
     # The checkpoint is revision 1 of acme/alice/tinker-sft, with its provenance.
     rev = server.registry.resolve("acme/alice/tinker-sft#1")

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from lorafleet import __version__
-from lorafleet.adapters import LoraAdapter, LoraHost, LoraSpec, StackedWeights, to_bytes
+from lorafleet.adapters import LoraAdapter, LoraHost, LoraSpec, StackedWeights, from_bytes, to_bytes
 from lorafleet.adapters.spec import ATTENTION_TARGETS, MAX_RANK, MLP_TARGETS
 from lorafleet.api.keys import ApiKey
 from lorafleet.api.tinker import losses, wire
@@ -79,6 +79,7 @@ class TinkerService:
             "optim_step": self._optim_step, "save_state": self._save_state, "load_state": self._load_state,
             "save_sampler": self._save_sampler}, gap_wait_s=self.config.gap_wait_s)
         self._lock = threading.Lock()
+        self._adapters: dict[str, LoraAdapter] = {}  # digest -> parsed adapter, for sampled log-probs
         self.vocab = self.base.model.get_input_embeddings().num_embeddings
         self.max_seq_len = int(getattr(self.base.config, "max_position_embeddings", 2048))
 
@@ -553,13 +554,53 @@ class TinkerService:
                     cut = next((i for i, t in enumerate(ids) if t in stop_ids), None)
                     if cut is not None:  # a stop token: keep it (as Tinker does) and end there
                         ids, reason = ids[: cut + 1], "stop"
-                    seqs.append((ids, "length" if reason == "length" else "stop", None))
-                fut.set_result(wire.encode_sample_response(seqs))
+                    seqs.append((ids, "length" if reason == "length" else "stop"))
+                logprobs = self._sampled_logprobs(sampler.digest, tokens, [ids for ids, _ in seqs])
+                fut.set_result(wire.encode_sample_response(
+                    [(ids, reason, lp) for (ids, reason), lp in zip(seqs, logprobs, strict=True)]))
             except Exception as exc:  # noqa: BLE001 - reported through the future
                 fut.set_exception(exc)
 
         threading.Thread(target=collect, name="lorafleet-tinker-sample", daemon=True).start()
         return fut, n
+
+    @torch.no_grad()
+    def _sampled_logprobs(self, digest: str | None, prompt: list[int], completions: list[list[int]]) -> list:
+        """Log-probs (temperature 1) of each completion's tokens under the sampler's adapter: one padded forward.
+
+        The engine does not report them; RL losses (importance_sampling) need them as the sampler's log-probs.
+        """
+        rows = [prompt + c for c in completions if c]
+        if not rows:
+            return [[] for _ in completions]
+        with self._lock:
+            adapter = self._adapters.get(digest) if digest is not None else None
+        if digest is not None and adapter is None:
+            adapter = from_bytes(self.registry.read_blob(digest), self.base)
+            with self._lock:
+                self._adapters[digest] = adapter
+                while len(self._adapters) > 8:  # a few recent samplers' adapters, parsed
+                    self._adapters.pop(next(iter(self._adapters)))
+        width = max(len(r) for r in rows) - 1
+        ids = torch.zeros((len(rows), width), dtype=torch.long)  # (n, T)
+        tgt = torch.zeros((len(rows), width), dtype=torch.long)  # (n, T)
+        mask = torch.zeros((len(rows), width), dtype=torch.long)  # (n, T)
+        for r, row in enumerate(rows):
+            ids[r, : len(row) - 1], tgt[r, : len(row) - 1], mask[r, : len(row) - 1] = (
+                torch.tensor(row[:-1]), torch.tensor(row[1:]), 1)
+        table = StackedWeights([adapter]) if adapter is not None else None
+        dev = self.base.device
+        with self.host.route(table, [0] * len(rows) if table is not None else None):
+            logp = next_token_logprobs(self.base.model, ids.to(dev), mask.to(dev), tgt.to(dev)).cpu()  # (n, T)
+        out, r = [], 0
+        for c in completions:
+            if not c:
+                out.append([])
+                continue
+            start = len(prompt) - 1  # position predicting the first completion token
+            out.append(logp[r, start : start + len(c)].tolist())
+            r += 1
+        return out
 
     # ------------------------------------------------------------------ listing
 
