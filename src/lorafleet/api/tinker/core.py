@@ -479,6 +479,9 @@ class TinkerService:
 
     def create_sampler(self, key: ApiKey, body: dict) -> SamplerSession:
         self.check_session(key, str(body.get("session_id", "")))
+        return self._resolve_sampler(key, body)
+
+    def _resolve_sampler(self, key: ApiKey, body: dict) -> SamplerSession:
         path = body.get("model_path")
         if not path:
             self.check_base(body.get("base_model") or self.base.name)
@@ -508,7 +511,7 @@ class TinkerService:
         if body.get("sampling_session_id"):
             sampler = self.sampler_of(key, str(body["sampling_session_id"]))
         elif body.get("model_path") or body.get("base_model"):
-            sampler = self.create_sampler(key, {"session_id": next(iter(self.sessions), ""), **body})
+            sampler = self._resolve_sampler(key, body)  # a one-off sampler (no sampling session)
         else:
             raise _user("asample: give sampling_session_id (or model_path / base_model)")
         unsupported = [k for k in ("prompt_logprobs", "topk_prompt_logprobs", "topk_sample_logprobs",
