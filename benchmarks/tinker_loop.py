@@ -1,6 +1,6 @@
 """The Tinker SFT loop through the official SDK against a lorafleet server, next to the same training in-process.
 
-    OMP_NUM_THREADS=1 python benchmarks/tinker_loop.py            # SmolLM2-135M-Instruct, ~5 min on 2 cores
+    OMP_NUM_THREADS=1 python benchmarks/tinker_loop.py            # SmolLM2-135M-Instruct, ~3-12 min (load)
     OMP_NUM_THREADS=1 python benchmarks/tinker_loop.py --quick    # tiny model smoke run
 
 One process: a real server (uvicorn on loopback, the real app, engine and registry) and the unmodified
@@ -32,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests" / "api")
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="tiny random model, few steps")
-    parser.add_argument("--steps", type=int, default=16)
+    parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--batch", type=int, default=4, help="datums per forward_backward")
     parser.add_argument("--rank", type=int, default=8)
     parser.add_argument("--lr", type=float, default=1e-3)
@@ -61,6 +61,7 @@ def main() -> None:
     from lorafleet.training.trainer import MultiTenantTrainer, TrainConfig, sft_eval_loss
 
     torch.manual_seed(0)
+    t_start = time.perf_counter()
     tmp = Path(tempfile.mkdtemp(prefix="lorafleet-tinker-"))
     reg = Registry(f"sqlite:///{tmp / 'reg.db'}", str(tmp / "blobs"))
     base = load_base("tiny" if args.quick else None)
@@ -202,7 +203,8 @@ def main() -> None:
     ], notes=(f"persona data: shipped `ahab` / `quiet` SFT records, {args.batch} datums per step, rank {args.rank}, "
               f"LoRA alpha {tk_config.lora_alpha}, AdamW lr {args.lr}, betas (0.9, 0.95). (a) and (c) feed the records "
               "in file order; (b) uses the trainer's own seeded shuffle, so the curves differ batch by batch. "
-              "OMP_NUM_THREADS=" + os.environ.get("OMP_NUM_THREADS", "unset") + "; a shared 2-core machine."))
+              "OMP_NUM_THREADS=" + os.environ.get("OMP_NUM_THREADS", "unset") + f"; a shared 2-core machine (load average "
+              f"{os.getloadavg()[0]:.1f} at the end); whole benchmark {time.perf_counter() - t_start:.0f}s wall."))
 
 
 if __name__ == "__main__":

@@ -71,3 +71,19 @@ def test_a_failing_op_fails_its_future_and_the_loop_lives_on():
         assert sched.submit(Op(run, 2, "optim_step", {})).result(timeout=10) == 2
     finally:
         sched.stop()
+
+
+def test_a_just_served_client_joins_the_next_pass_instead_of_falling_out_of_step():
+    sched, log = make()
+    sched.pack_wait_s = 2.0
+    a, b = FakeRun("a"), FakeRun("b")
+    sched.start()
+    try:
+        sched.submit(Op(b, 1, "optim_step", {})).result(timeout=10)  # b was just served, has nothing queued
+        fut_a = sched.submit(Op(a, 1, "forward_backward", {}))
+        time.sleep(0.2)  # b's client is still sending its next request
+        fut_b = sched.submit(Op(b, 2, "forward_backward", {}))
+        assert (fut_a.result(timeout=10), fut_b.result(timeout=10)) == (1, 2)
+    finally:
+        sched.stop()
+    assert log[-1] == ("pack", [("a", 1), ("b", 2)])

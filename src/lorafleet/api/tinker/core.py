@@ -52,6 +52,7 @@ class TinkerConfig:
     max_num_samples: int = 16
     long_poll_s: float = 25.0  # retrieve_future holds a pending request this long before "try_again"
     gap_wait_s: float = 5.0  # a missing seq_id is skipped after this long
+    pack_wait_s: float = 0.2  # before a pass, wait this long for just-served clients' next forward_backward
 
 
 RUN_ID_RE = re.compile(r"^[A-Za-z0-9_.-]+(:train:[0-9]+)?$")
@@ -77,7 +78,8 @@ class TinkerService:
         self.host = LoraHost.attach(self.base.model)
         self.scheduler = Scheduler(self._forward_backward, {
             "optim_step": self._optim_step, "save_state": self._save_state, "load_state": self._load_state,
-            "save_sampler": self._save_sampler}, gap_wait_s=self.config.gap_wait_s)
+            "save_sampler": self._save_sampler}, gap_wait_s=self.config.gap_wait_s,
+            pack_wait_s=self.config.pack_wait_s)
         self._lock = threading.Lock()
         self._adapters: dict[str, LoraAdapter] = {}  # digest -> parsed adapter, for sampled log-probs
         self.vocab = self.base.model.get_input_embeddings().num_embeddings
