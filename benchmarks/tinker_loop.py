@@ -193,7 +193,8 @@ def main() -> None:
             f"\n\nratio: (b) row = how much faster the in-process trainer is than the Tinker loop "
             f"(protocol + HTTP + futures overhead); (c) row = aggregate steps/s of two concurrent clients over one "
             f"client. {packed_passes} packed forward/backward passes served (c)'s {2 * n_steps} forward_backward "
-            f"requests. Held-out loss of the base alone: {eval_base:.3f}.")),
+            f"requests. Held-out loss of the base alone: {eval_base:.3f}. On a CPU a packed pass costs about the "
+            f"sum of its parts (compute-bound), so (c) shows sharing, not a speed-up.")),
         ("Loss curves", markdown_table(curve_headers, curve_rows)),
         ("Sampling the trained checkpoint through the engine",
          markdown_table(["prompt", "answer", "habit"], sample_rows)
