@@ -26,7 +26,9 @@ router = APIRouter(prefix="/ui/api", tags=["dashboard"])
 Segment = Annotated[str | None, Query(min_length=1, max_length=63)]
 Page = Annotated[int, Query(ge=1, le=fleet.MAX_PAGE)]
 MAX_INT = 2**31 - 1
-FORGET_PATH, FORGET_METHOD = "/admin/users/{tenant}/{user}", "DELETE"
+PIN_WAIT_S = 5.0
+# Forgetting a user is another feature's route; the page offers it only when this app has it.
+FORGET_PATHS = ("/admin/users/{tenant}/{user}", "/v1/admin/users/{tenant}/{user}")
 
 
 class PromoteRequest(BaseModel):
@@ -87,9 +89,9 @@ def whoami(request: Request, key: Admin) -> dict:
 
 @router.get("/capabilities", summary="Which optional routes this build has (e.g. forgetting a user)")
 def capabilities(request: Request, _: Admin) -> dict:
-    forget = any(isinstance(r, Route) and r.path == FORGET_PATH and FORGET_METHOD in (r.methods or ())
-                 for r in request.app.routes)
-    return {"forget": forget, "forget_route": f"{FORGET_METHOD} {FORGET_PATH}", "pin": _svc(request).engine is not None}
+    found = next((r.path for r in request.app.routes
+                  if isinstance(r, Route) and r.path in FORGET_PATHS and "DELETE" in (r.methods or ())), None)
+    return {"forget": found is not None, "forget_path": found, "pin": _svc(request).engine is not None}
 
 
 @router.get("/summary", summary="Fleet totals: tenants, users, adapters, live adapters (cached for 30 s)")
@@ -192,6 +194,10 @@ def pin(tenant: Name, user: Name, name: Name, body: PinRequest, request: Request
             engine.pin(rev.digest)
         except ValueError as exc:  # too many pins for max_cached - max_active
             raise ApiError(409, str(exc), type_="conflict_error", code="pin_capacity") from None
+        # A cold adapter loads in the background; wait a little so the answer (and the page) shows it resident.
+        deadline = time.monotonic() + PIN_WAIT_S
+        while engine.residency.state(rev.digest) in ("queued", "loading") and time.monotonic() < deadline:
+            time.sleep(0.02)
     else:
         engine.unpin(rev.digest)
     return {"ref": ref, "number": rev.number, "digest": rev.digest, "pinned": body.pinned}

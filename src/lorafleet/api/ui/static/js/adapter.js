@@ -95,8 +95,9 @@ export function adapterView(ref) {
       { okLabel: "Forget", danger: true });
     if (!c.ok) return;
     try {
-      await api(`/admin/users/${encodeURIComponent(tenant)}/${encodeURIComponent(user)}${c.reason ? `?reason=${encodeURIComponent(c.reason)}` : ""}`,
-        { method: "DELETE" });
+      const path = state.capabilities.forget_path.replace("{tenant}", encodeURIComponent(tenant))
+        .replace("{user}", encodeURIComponent(user));
+      await api(`${path}${c.reason ? `?reason=${encodeURIComponent(c.reason)}` : ""}`, { method: "DELETE" });
       toast(`forgot ${tenant}/${user}`, "ok");
       location.hash = `#/?q=${encodeURIComponent(`${tenant}/`)}`;
     } catch (e) {

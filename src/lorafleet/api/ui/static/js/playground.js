@@ -40,6 +40,7 @@ export function playgroundView(params) {
 
   async function run() {
     err.textContent = "";
+    try { await state.ready; } catch { return; }
     const baseName = state.whoami ? state.whoami.base : "base";
     const targets = [...models, ...(withBase.checked ? [baseName] : [])];
     if (!targets.length) {
