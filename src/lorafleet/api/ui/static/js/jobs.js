@@ -66,7 +66,7 @@ export function jobsView(selected) {
       return;
     }
     const active = j.state === "queued" || j.state === "running";
-    detail.replaceChildren(
+    detail.replaceChildren(...[
       h("h3", {}, `job #${j.id} · ${j.ref} · `, h("span", { class: `chip state-${j.state}` }, j.state)),
       h("p", { class: "muted" }, `${j.method} · step ${j.step}/${j.total_steps} (${fmtPct(j.progress, 1)}) · `,
         `${j.example_count} examples · rank ${j.spec.rank} · lr ${j.config.lr} · attempts ${j.attempts}`,
@@ -83,7 +83,7 @@ export function jobsView(selected) {
           toast(`job #${j.id} cancelled`, "ok");
         } catch (e) { toast(e instanceof ApiError ? e.message : String(e), "error"); }
         refresh();
-      } }, "cancel job") : null);
+      } }, "cancel job") : null].filter(Boolean));
   }
 
   function refresh() {
