@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import time
 
 import httpx
 import pytest
@@ -152,3 +153,48 @@ def test_forget_capability_follows_the_route(server):
     app.router.add_api_route("/admin/users/{tenant}/{user}", lambda tenant, user: {}, methods=["DELETE"])
     with TestClient(app) as client:
         assert client.get("/ui/api/capabilities", headers=headers).json()["forget"] is True
+
+
+def test_fleet_queries_on_both_databases(registry_url, tmp_path):
+    """Skip scans, totals and bulk seeding through the schema on SQLite and PostgreSQL alike."""
+    from lorafleet.registry import Registry  # noqa: PLC0415
+
+    reg = Registry(registry_url, str(tmp_path / "blobs"))
+    try:
+        assert fleet.distinct_tenants(reg.engine) == ([], None)
+        assert fleet.count_totals(reg.engine).adapters == 0
+        assert bulk_seed(reg, 250, digest="ab" * 32, size=1, base_fingerprint="f" * 64, users_per_tenant=100) == 250
+        assert reg.get_adapter("t0002/u000049/style").aliases == {"live": 1}
+        assert reg.resolve("t0002/u000049/style").created_at.tzinfo is not None
+        page, after = fleet.distinct_tenants(reg.engine, limit=2)
+        assert page == ["t0000", "t0001"] and after == "t0001"
+        assert fleet.distinct_tenants(reg.engine, after=after, limit=2) == (["t0002"], None)
+        users, after = fleet.distinct_users(reg.engine, "t0002", limit=49)
+        assert users[0] == "u000000" and users[-1] == "u000048" and after == "u000048"
+        assert fleet.distinct_users(reg.engine, "t0002", after=after, limit=49)[0] == ["u000049"]
+        totals = fleet.count_totals(reg.engine)
+        assert (totals.tenants, totals.users, totals.adapters, totals.live) == (3, 250, 250, 250)
+        stats = fleet.FleetStats(reg.engine, ttl_s=3600)
+        first = stats.totals()
+        reg.create_adapter("zeta/new/style")
+        assert stats.totals() == first  # cached
+        assert stats.totals(fresh=True).adapters == 251
+        with pytest.raises(ValueError, match="limit must be"):
+            fleet.distinct_tenants(reg.engine, limit=0)
+    finally:
+        reg.close()
+
+
+def test_stale_totals_are_answered_at_once_and_recounted_behind(tmp_path):
+    from lorafleet.registry import Registry  # noqa: PLC0415
+
+    reg = Registry(f"sqlite:///{tmp_path / 'r.db'}", str(tmp_path / "blobs"))
+    stats = fleet.FleetStats(reg.engine, ttl_s=0.0)
+    assert stats.totals().adapters == 0
+    reg.create_adapter("acme/a/style")
+    assert stats.totals().adapters == 0  # stale: answered from the cache, a recount starts behind it
+    deadline = time.monotonic() + 10
+    while stats.totals().adapters != 1:
+        assert time.monotonic() < deadline, "the background recount never landed"
+        time.sleep(0.02)
+    reg.close()

@@ -108,17 +108,43 @@ def count_totals(engine: sa.Engine) -> Totals:
 
 
 class FleetStats:
-    """:func:`count_totals`, cached for ``ttl_s`` seconds; one computation at a time."""
+    """:func:`count_totals`, cached for ``ttl_s`` seconds.
+
+    Stale-while-revalidate: once a count exists, a caller gets it at once and a stale one is recounted in a
+    background thread (one at a time), so no page load waits for a full index scan after the first.
+    """
 
     def __init__(self, engine: sa.Engine, ttl_s: float = 30.0) -> None:
         self.engine = engine
         self.ttl_s = ttl_s
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()  # guards _cached and _refreshing
+        self._count_lock = threading.Lock()  # one count at a time
         self._cached: Totals | None = None
+        self._refreshing = False
+
+    def _recount(self) -> Totals:
+        with self._count_lock:
+            totals = count_totals(self.engine)
+        with self._lock:
+            self._cached = totals
+        return totals
+
+    def _background(self) -> None:
+        try:
+            self._recount()
+        except Exception:  # noqa: BLE001 - the stale value stays; the next call tries again
+            pass
+        finally:
+            with self._lock:
+                self._refreshing = False
 
     def totals(self, *, fresh: bool = False) -> Totals:
         with self._lock:
             cached = self._cached
-            if fresh or cached is None or time.time() - cached.computed_at > self.ttl_s:
-                cached = self._cached = count_totals(self.engine)
-            return cached
+            stale = cached is not None and time.time() - cached.computed_at > self.ttl_s
+            if stale and not fresh and not self._refreshing:
+                self._refreshing = True
+                threading.Thread(target=self._background, name="lorafleet-fleet-totals", daemon=True).start()
+        if cached is None or fresh:
+            return self._recount()
+        return cached

@@ -101,4 +101,7 @@ def bulk_seed(registry, n: int, *, digest: str, size: int, base_fingerprint: str
         done += k
         if progress is not None:
             progress(done, n)
+    if registry.engine.dialect.name == "postgresql" and n:  # explicit ids do not advance the id sequence
+        with regdb.write_tx(registry.engine) as conn:
+            conn.execute(sa.text("SELECT setval(pg_get_serial_sequence('adapters', 'id'), (SELECT max(id) FROM adapters))"))
     return done
