@@ -134,6 +134,14 @@ def test_login_form_checks_the_key(browser, fleet):
     pg.click("#signout")
     pg.wait_for_selector("#login-form")
     assert pg.evaluate("sessionStorage.getItem('lorafleet.adminKey')") is None
+    # a key revoked while the page is open: the next live poll gets 401 and the page asks for a key again
+    key, secret = fleet.service.keys.create(admin=True, name="to-revoke")
+    pg.fill("#login-key", secret)
+    pg.click("#login-form button[type=submit]")
+    pg.wait_for_selector("#adapter-rows tr[data-ref]")
+    fleet.service.keys.revoke(key.id)
+    sync_api.expect(pg.locator("#login-error")).to_contain_text("refused", timeout=10_000)
+    assert pg.evaluate("sessionStorage.getItem('lorafleet.adminKey')") is None
     context.close()
 
 

@@ -13,16 +13,19 @@ import time
 from collections import deque
 from typing import Annotated
 
-from fastapi import APIRouter, Query, Request
+from fastapi import APIRouter, Depends, Path, Query, Request
 from pydantic import BaseModel, Field
 from starlette.routing import Route
 
 from lorafleet import __version__
+from lorafleet.api.auth import admin_key
 from lorafleet.api.errors import ApiError
-from lorafleet.api.management import Admin, Name
+from lorafleet.api.keys import ApiKey
 from lorafleet.api.ui import fleet
 
 router = APIRouter(prefix="/ui/api", tags=["dashboard"])
+Admin = Annotated[ApiKey, Depends(admin_key)]
+Name = Annotated[str, Path(min_length=1, max_length=63)]
 Segment = Annotated[str | None, Query(min_length=1, max_length=63)]
 Page = Annotated[int, Query(ge=1, le=fleet.MAX_PAGE)]
 MAX_INT = 2**31 - 1

@@ -130,7 +130,7 @@ export function overviewView(params) {
       totals = await api("/ui/api/summary", { signal });
     } catch { return; }
     for (const k of ["tenants", "users", "adapters", "live"]) $(`#t-${k}`, el).textContent = fmtNum(totals[k]);
-    $("#t-note", el).textContent = `counted ${fmtTime(new Date(totals.computed_at * 1000).toISOString())} in ${totals.took_ms} ms (cached 30 s)`;
+    $("#t-note", el).textContent = `counted ${fmtTime(new Date(totals.computed_at * 1000).toISOString())} in ${totals.took_ms} ms (recounted every 30 s)`;
   }
   async function loadLive() {
     let live;
