@@ -40,6 +40,7 @@ export function adapterView(ref) {
   const signal = controller.signal;
   const base = `/v1/adapters/${refPath(ref)}`;
   const uiBase = `/ui/api/adapters/${refPath(ref)}`;
+  let capabilities = {};
   const head = h("section", { class: "card", id: "adapter-head" }, h("h2", {}, ref), h("p", { class: "muted" }, "loading…"));
   const charts = h("section", { class: "card" }, h("h3", {}, "evaluation metrics per revision"), h("div", { class: "charts", id: "charts" }));
   const timeline = h("ol", { class: "timeline", id: "timeline" });
@@ -95,7 +96,7 @@ export function adapterView(ref) {
       { okLabel: "Forget", danger: true });
     if (!c.ok) return;
     try {
-      const path = state.capabilities.forget_path.replace("{tenant}", encodeURIComponent(tenant))
+      const path = capabilities.forget_path.replace("{tenant}", encodeURIComponent(tenant))
         .replace("{user}", encodeURIComponent(user));
       await api(`${path}${c.reason ? `?reason=${encodeURIComponent(c.reason)}` : ""}`, { method: "DELETE" });
       toast(`forgot ${tenant}/${user}`, "ok");
@@ -105,9 +106,8 @@ export function adapterView(ref) {
     }
   }
 
-  function renderHead(info, residency) {
+  function renderHead(info, residency, caps) {
     const live = info.aliases.live;
-    const caps = state.capabilities || {};
     const forgetBtn = caps.forget
       ? h("button", { id: "act-forget", class: "danger", onclick: forget }, `forget ${tenant}/${user}`)
       : h("span", { class: "tooltip-wrap", title: "forget: not available in this build" },
@@ -194,11 +194,12 @@ export function adapterView(ref) {
 
   async function load() {
     try {
-      const [info, revs, audit, residency] = await Promise.all([
+      const [info, revs, audit, residency, [, caps]] = await Promise.all([
         api(base, { signal }), api(`${base}/revisions`, { signal }), api(`${base}/audit?limit=200`, { signal }),
         api(`${uiBase}/residency`, { signal }), state.ready]);
       const newestFirst = [...revs.data].sort((a, b) => b.number - a.number);
-      renderHead(info, residency);
+      capabilities = caps;
+      renderHead(info, residency, caps);
       renderCharts(newestFirst);
       renderTimeline(info, newestFirst);
       renderAudit(audit.data);

@@ -40,8 +40,9 @@ export function playgroundView(params) {
 
   async function run() {
     err.textContent = "";
-    try { await state.ready; } catch { return; }
-    const baseName = state.whoami ? state.whoami.base : "base";
+    let whoami;
+    try { [whoami] = await state.ready; } catch { return; }
+    const baseName = whoami.base;
     const targets = [...models, ...(withBase.checked ? [baseName] : [])];
     if (!targets.length) {
       err.textContent = "add at least one adapter, or keep the base";
