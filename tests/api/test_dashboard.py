@@ -13,6 +13,7 @@ from lorafleet.adapters import LoraAdapter, LoraSpec, to_bytes
 from lorafleet.api.app import create_app
 from lorafleet.api.ui import STATIC, fleet
 from lorafleet.api.ui.harness import bulk_seed
+from lorafleet.api.ui.routes import FORGET_PATHS
 from lorafleet.registry import Provenance
 
 GOOD = {"eval_set": "s", "eval_digest": "d1", "adherence": 0.9, "eval_loss": 1.0, "probe_ppl_ratio": 1.05,
@@ -144,15 +145,20 @@ def test_live_numbers_move_with_traffic(server, admin_client):
     assert set(second["jobs"]) == {"queued", "running", "succeeded", "failed", "cancelled"}
 
 
-def test_forget_capability_follows_the_route(server):
-    app = create_app(server.service, manage_lifecycle=False)
+@pytest.mark.parametrize("path", FORGET_PATHS)
+def test_forget_capability_follows_the_route(server, path):
     headers = {"authorization": f"Bearer {server.keys['admin']}"}
-    with TestClient(app) as client:
-        assert client.get("/ui/api/capabilities", headers=headers).json()["forget"] is False
     app = create_app(server.service, manage_lifecycle=False)
-    app.router.add_api_route("/admin/users/{tenant}/{user}", lambda tenant, user: {}, methods=["DELETE"])
+    if not any(getattr(r, "path", None) in FORGET_PATHS for r in app.routes):  # this build has no forget route
+        with TestClient(app) as client:
+            assert client.get("/ui/api/capabilities", headers=headers).json() == {
+                "forget": False, "forget_path": None, "pin": True}
+    app = create_app(server.service, manage_lifecycle=False)
+    app.router.routes = [r for r in app.router.routes if getattr(r, "path", None) not in FORGET_PATHS]
+    app.router.add_api_route(path, lambda tenant, user: {}, methods=["DELETE"])
     with TestClient(app) as client:
-        assert client.get("/ui/api/capabilities", headers=headers).json()["forget"] is True
+        caps = client.get("/ui/api/capabilities", headers=headers).json()
+    assert caps["forget"] is True and caps["forget_path"] == path
 
 
 def test_fleet_queries_on_both_databases(registry_url, tmp_path):

@@ -8,7 +8,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse
 
 from lorafleet import __version__
-from lorafleet.api import errors, management, ui
+from lorafleet.api import errors, management
 from lorafleet.api.service import Service
 
 
@@ -63,5 +63,7 @@ def create_app(service: Service, *, manage_lifecycle: bool = True) -> FastAPI:
 
         return PlainTextResponse(render(service), media_type="text/plain; version=0.0.4")
 
-    ui.mount(app)  # the dashboard at /ui (after every API route: its static mount takes the rest of /ui/)
+    from lorafleet.api import ui  # noqa: PLC0415
+
+    ui.mount(app)  # the dashboard at /ui, after every API route (its file route takes the rest of /ui/)
     return app

@@ -31,7 +31,7 @@ Page = Annotated[int, Query(ge=1, le=fleet.MAX_PAGE)]
 MAX_INT = 2**31 - 1
 PIN_WAIT_S = 5.0
 # Forgetting a user is another feature's route; the page offers it only when this app has it.
-FORGET_PATHS = ("/admin/users/{tenant}/{user}", "/v1/admin/users/{tenant}/{user}")
+FORGET_PATHS = ("/admin/users/{tenant}/{user}", "/v1/admin/users/{tenant}/{user}", "/v1/users/{tenant}/{user}")
 
 
 class PromoteRequest(BaseModel):

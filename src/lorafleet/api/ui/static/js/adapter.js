@@ -93,12 +93,12 @@ export function adapterView(ref) {
   async function forget() {
     const c = await confirmAction(`Forget user ${tenant}/${user}?`,
       `Deletes every adapter, revision and training record of ${tenant}/${user}. This cannot be undone.`,
-      { okLabel: "Forget", danger: true });
+      { okLabel: "Forget", danger: true, reason: false });
     if (!c.ok) return;
     try {
       const path = capabilities.forget_path.replace("{tenant}", encodeURIComponent(tenant))
         .replace("{user}", encodeURIComponent(user));
-      await api(`${path}${c.reason ? `?reason=${encodeURIComponent(c.reason)}` : ""}`, { method: "DELETE" });
+      await api(path, { method: "DELETE" });
       toast(`forgot ${tenant}/${user}`, "ok");
       location.hash = `#/?q=${encodeURIComponent(`${tenant}/`)}`;
     } catch (e) {
