@@ -36,6 +36,7 @@ export function lineChart(series, { title = "", width = 360, height = 180, xLabe
   y0 -= pad; y1 += pad;
   const X = (x) => m.l + ((x - x0) / (x1 - x0)) * (width - m.l - m.r);
   const Y = (y) => height - m.b - ((y - y0) / (y1 - y0)) * (height - m.t - m.b);
+  const rightHalf = (x) => X(x) > (m.l + width - m.r) / 2;
   const svg = s("svg", { viewBox: `0 0 ${width} ${height}`, width, height, role: "img", "aria-label": title });
   for (const t of ticks(y0, y1)) {
     svg.append(s("line", { x1: m.l, x2: width - m.r, y1: Y(t), y2: Y(t), class: "grid" }),
@@ -49,7 +50,8 @@ export function lineChart(series, { title = "", width = 360, height = 180, xLabe
   if (xLabel) svg.append(s("text", { x: width - m.r, y: height - 2, "text-anchor": "end", class: "tick" }, xLabel));
   for (const mk of marks) {
     svg.append(s("line", { x1: X(mk.x), x2: X(mk.x), y1: m.t, y2: height - m.b, class: "mark" }),
-      s("text", { x: X(mk.x) - 3, y: m.t + 9, "text-anchor": "end", class: "tick mark-label" }, mk.label));
+      s("text", { x: X(mk.x) + (rightHalf(mk.x) ? -3 : 3), y: m.t + 9, "text-anchor": rightHalf(mk.x) ? "end" : "start",
+        class: "tick mark-label" }, mk.label));
   }
   series.forEach((sr, i) => {
     const color = sr.color || COLORS[i % COLORS.length];
