@@ -243,8 +243,10 @@ def main() -> None:
     notes = (
         "Time to first rows is measured in the page (navigation start to the first 50 rows in the DOM); it "
         "includes fetching the HTML and the ES modules, the admin-key check and the keyset page "
-        "`/v1/adapters?limit=50`. The fleet totals (`COUNT` over the index) are fetched in parallel and never "
-        "delay the rows; they are cached for 30 s on the server. 'first load' is each server's first page "
+        "`/v1/adapters?limit=50`. The fleet totals (`COUNT`s over the index) are fetched in parallel and never "
+        "delay the rows; the server keeps them and recounts them in a background thread when older than 30 s — "
+        "at 1M identities such a recount (about 2 s of CPU) can overlap the measurements of that size. "
+        "'first load' is each server's first page "
         "view in a new browser context (first requests, cold caches). The machine is shared by several "
         "engineers' jobs (its 1-minute load average on 2 cores is in the table), so absolute numbers follow "
         "that load; the ratios are the scaling.")
