@@ -87,6 +87,7 @@ def fleet(tmp_path_factory):
     reg.set_alias("acme/alice/style", "live", 2, reason="better adherence")
     bob = _commit(reg, base, "acme/bob/style", 3, aliases=("candidate", "live"))
     reg.create_adapter("acme/carol/style")
+    _commit(reg, base, "acme/dave/style", 4, aliases=("live",))  # forgotten by the last test, if this build can
     job_id = _train_one_job(reg, base)
     bulk_seed(reg, 120, digest=bob.digest, size=bob.size, base_fingerprint=base.fingerprint, users_per_tenant=60)
     service = _service(reg, base)
@@ -151,13 +152,13 @@ def test_overview_lists_searches_and_pages(page, fleet):
     rows.first.wait_for()
     assert rows.count() == 50
     assert rows.first.get_attribute("data-ref") == "acme/alice/style"
-    sync_api.expect(page.locator("#t-adapters")).to_have_text("123")  # 3 made here + 120 seeded
+    sync_api.expect(page.locator("#t-adapters")).to_have_text("124")  # 4 made here + 120 seeded
     sync_api.expect(page.locator("#t-tenants")).to_have_text("3")
     sync_api.expect(page.locator("#r-slots")).to_contain_text("/ 4")
     sync_api.expect(page.locator("#jobs-by-state")).to_contain_text("succeeded")
     _shot(page, "overview")
     page.click("#next")
-    sync_api.expect(rows.first).to_have_attribute("data-ref", "t0000/u000047/style")
+    sync_api.expect(rows.first).to_have_attribute("data-ref", "t0000/u000046/style")
     page.click("#prev")
     sync_api.expect(rows.first).to_have_attribute("data-ref", "acme/alice/style")
     page.fill("#search", "t0001/u00005")
@@ -180,9 +181,6 @@ def test_adapter_page_rollback_promote_pin(page, fleet):
     sync_api.expect(page.locator("#timeline li.rev.live")).to_have_attribute("data-number", "2")
     page.locator("#timeline li.rev[data-number='2'] summary").click()
     sync_api.expect(page.locator("#timeline li.rev[data-number='2'] details")).to_contain_text("#2 ← #1")
-    forget = page.locator("#act-forget")
-    assert forget.is_disabled()
-    assert page.locator(".tooltip-wrap").get_attribute("title") == "forget: not available in this build"
     sync_api.expect(page.locator("#adapter-head")).not_to_contain_text("null")
     _shot(page, "adapter")
 
@@ -253,6 +251,27 @@ def test_playground_matches_the_api(page, fleet):
         texts.append(got)
     assert len(set(texts)) == 3, "each adapter (and the base) answers differently"
     _shot(page, "playground")
+
+
+def test_forget_button_follows_the_build(page, fleet):
+    """Forgetting a user is another feature's route: with it the button forgets the user (after confirmation);
+    without it the button is disabled and says why."""
+    caps = httpx.get(f"{fleet.url}/ui/api/capabilities", headers={"authorization": f"Bearer {fleet.admin}"}).json()
+    page.goto(f"{fleet.url}/ui/#/adapter/acme/dave/style")
+    forget = page.locator("#act-forget")
+    sync_api.expect(forget).to_have_text("forget acme/dave")
+    if not caps["forget"]:
+        assert forget.is_disabled()
+        assert page.locator(".tooltip-wrap").get_attribute("title") == "forget: not available in this build"
+        return
+    forget.click()
+    page.click("#confirm-cancel")
+    assert fleet.registry.get_adapter("acme/dave/style").ref == "acme/dave/style"
+    forget.click()
+    page.click("#confirm-ok")
+    sync_api.expect(page.locator("#toast")).to_contain_text("forgot acme/dave")
+    sync_api.expect(page.locator("#adapter-rows tr[data-ref]").first).to_have_attribute("data-ref", "acme/alice/style")
+    assert not [a for a in fleet.registry.list_adapters(prefix="acme/dave/")[0]]
 
 
 def test_overview_renders_100k_adapters_under_a_second(browser):

@@ -15,7 +15,6 @@ from typing import Annotated
 
 from fastapi import APIRouter, Depends, Path, Query, Request
 from pydantic import BaseModel, Field
-from starlette.routing import Route
 
 from lorafleet import __version__
 from lorafleet.api.auth import admin_key
@@ -92,8 +91,9 @@ def whoami(request: Request, key: Admin) -> dict:
 
 @router.get("/capabilities", summary="Which optional routes this build has (e.g. forgetting a user)")
 def capabilities(request: Request, _: Admin) -> dict:
-    found = next((r.path for r in request.app.routes
-                  if isinstance(r, Route) and r.path in FORGET_PATHS and "DELETE" in (r.methods or ())), None)
+    # The OpenAPI paths, not app.routes: FastAPI keeps included routers as nested objects there.
+    paths = request.app.openapi().get("paths", {})
+    found = next((p for p in FORGET_PATHS if "delete" in paths.get(p, {})), None)
     return {"forget": found is not None, "forget_path": found, "pin": _svc(request).engine is not None}
 
 
