@@ -241,7 +241,8 @@ class LoraHost:
         if slots is not None and not isinstance(slots, Tensor):
             slots = torch.tensor(slots, dtype=torch.long)
         device = next(self.model.parameters()).device
-        self.routing.slots = None if slots is None else _as_levels(slots.to(device=device, dtype=torch.long))
+        # a private copy: the kernels' per-forward segment plan may be reused while this routing is unchanged
+        self.routing.slots = None if slots is None else _as_levels(slots.to(device=device, dtype=torch.long)).clone()
         self.routing.table = table
         try:
             yield self

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import functools
 import os
+import weakref
 
 import torch
 from torch import Tensor
@@ -262,7 +263,31 @@ def segment_plan(slots_level: Tensor, T: int, num_slots: int, block_m: int) -> t
     blk_slot = torch.where(live, seg_c, torch.full_like(seg_c, -1)).to(torch.int32)
     row0 = torch.where(live, row0, torch.zeros_like(row0)).to(torch.int32)
     row1 = torch.where(live, row1, torch.zeros_like(row1)).to(torch.int32)
+    if device.type != "cuda":  # CPU (the interpreter): a sync is free, and every spare program costs
+        n = int(nblk.sum())
+        blk_slot, row0, row1 = blk_slot[:n], row0[:n], row1[:n]
     return order, blk_slot, row0, row1
+
+
+_last_plan: tuple = (None,)  # (weakref to slots, its _version, T, S, BLOCK_M, plans); one entry, swapped atomically
+
+
+def _plans(slots: Tensor, T: int, num_slots: int, block_m: int) -> list[tuple[Tensor, ...]]:
+    """:func:`segment_plan` of every level, reused while the same routing tensor is passed unchanged.
+
+    Every wrapped layer of one forward gets the same ``slots`` object (the host's routing), so the plan is built
+    once per forward instead of once per layer. Identity (a live weakref: another tensor, even at the same
+    address, never matches) plus ``_version`` (bumped by any in-place write) make reuse safe. Inference tensors
+    keep no version counter; ``LoraHost.route`` stores a private copy of the routing, which nobody writes to.
+    """
+    global _last_plan
+    ref, version, *key, plans = _last_plan if _last_plan[0] is not None else (None, None, None, None, None, None)
+    now = -1 if slots.is_inference() else slots._version
+    if ref is not None and ref() is slots and version == now and key == [T, num_slots, block_m]:
+        return plans
+    plans = [segment_plan(slots[:, level], T, num_slots, block_m) for level in range(slots.shape[1])]
+    _last_plan = (weakref.ref(slots), now, T, num_slots, block_m, plans)
+    return plans
 
 
 def _check(y: Tensor, x: Tensor, A: Tensor, B: Tensor, scaling: Tensor, slots: Tensor) -> None:
@@ -279,13 +304,20 @@ def _check(y: Tensor, x: Tensor, A: Tensor, B: Tensor, scaling: Tensor, slots: T
         raise ValueError(f"scaling must be (S,) = ({A.shape[0]},), got {tuple(scaling.shape)}")
 
 
+# (BLOCK_M, BLOCK_K, BLOCK_N) per path; on CPU (the interpreter) large tiles: its cost is per operation, per program
+BLOCKS = {("cuda", "decode"): (1, 128, 64), ("cuda", "prefill"): (64, 64, 64),
+          ("cpu", "decode"): (1, 128, 128), ("cpu", "prefill"): (32, 128, 128)}
+
+
 def lora_add_(y: Tensor, x: Tensor, A: Tensor, B: Tensor, scaling: Tensor, slots: Tensor,
-              ranks: Tensor | None = None, *, path: str | None = None) -> Tensor:
+              ranks: Tensor | None = None, *, path: str | None = None,
+              blocks: tuple[int, int, int] | None = None) -> Tensor:
     """``y += lora_delta(x, A, B, scaling, slots)`` in place, with the Triton kernels; returns ``y``.
 
     ``y: (Bsz, T, out)`` (the base output), ``x: (Bsz, T, in)``, ``A: (S, r, in)``, ``B: (S, out, r)``,
     ``scaling: (S,)``, ``slots: (Bsz,)`` or ``(Bsz, L)`` with ``-1`` = none, ``ranks: (S,)`` optional per-slot
     ranks (padding beyond them is not read). ``path``: ``"decode"`` | ``"prefill"`` | None (decode iff T == 1).
+    ``blocks``: ``(BLOCK_M, BLOCK_K, BLOCK_N)`` powers of two, default :data:`BLOCKS` (tests use small ones).
     """
     slots = slots.unsqueeze(1) if slots.dim() == 1 else slots  # (Bsz, L)
     _check(y, x, A, B, scaling, slots)
@@ -304,8 +336,10 @@ def lora_add_(y: Tensor, x: Tensor, A: Tensor, B: Tensor, scaling: Tensor, slots
     rank_t = ranks.to(device=x.device, dtype=torch.int32).contiguous() if has_ranks else slots  # dummy if absent
     BLOCK_R = _blocks_r(R)
     path = path or ("decode" if T == 1 else "prefill")
+    if path not in ("decode", "prefill"):
+        raise ValueError(f"path must be 'decode', 'prefill' or None, got {path!r}")
+    BLOCK_M, BLOCK_K, BLOCK_N = blocks or BLOCKS[("cuda" if x.is_cuda else "cpu", path)]
     if path == "decode":
-        BLOCK_K, BLOCK_N = 128, 64
         split = _decode_split(M, L, K, BLOCK_K, x.device)
         k_per = (K + split - 1) // split
         k_per = (k_per + BLOCK_K - 1) // BLOCK_K * BLOCK_K
@@ -320,21 +354,18 @@ def lora_add_(y: Tensor, x: Tensor, A: Tensor, B: Tensor, scaling: Tensor, slots
             y2.stride(0), B.stride(0), B.stride(1), B.stride(2), h.stride(0), h.stride(1), h.stride(2),
             HAS_RANKS=has_ranks, R=R, BLOCK_R=BLOCK_R, BLOCK_N=BLOCK_N)
         return y
-    if path != "prefill":
-        raise ValueError(f"path must be 'decode', 'prefill' or None, got {path!r}")
-    BLOCK_M, BLOCK_K, BLOCK_N = (64, 64, 64) if x.is_cuda else (16, 32, 32)
     # fp32 stays exact (no TF32); bf16/fp16 use tensor cores. The interpreter's tl.dot multiplies bf16's raw bits
     # (triton 3.9), so there the operands are cast to fp32 first: same kernels, inputs already rounded to bf16.
     ieee = x.dtype == torch.float32 or interpreting()
     h = torch.empty(M, BLOCK_R, dtype=torch.float32, device=x.device)  # (M, BLOCK_R), in sorted order
-    for level in range(L):  # one kernel pair per level: levels may hit the same row, so never concurrently
-        order, blk_slot, row0, row1 = segment_plan(slots[:, level], T, S, BLOCK_M)
-        blocks = blk_slot.numel()
-        k["segment_shrink"][(blocks,)](
+    for order, blk_slot, row0, row1 in _plans(slots, T, S, BLOCK_M):  # one kernel pair per level: levels may
+        # hit the same row, so they never run concurrently
+        n_blocks = blk_slot.numel()
+        k["segment_shrink"][(n_blocks,)](
             x2, A, rank_t, scaling, order, blk_slot, row0, row1, h, K,
             x2.stride(0), A.stride(0), A.stride(1), A.stride(2), h.stride(0),
             HAS_RANKS=has_ranks, R=R, BLOCK_M=BLOCK_M, BLOCK_R=BLOCK_R, BLOCK_K=BLOCK_K, IEEE=ieee)
-        k["segment_expand"][(blocks, k["cdiv"](N, BLOCK_N))](
+        k["segment_expand"][(n_blocks, k["cdiv"](N, BLOCK_N))](
             y2, B, rank_t, order, blk_slot, row0, row1, h, N,
             y2.stride(0), B.stride(0), B.stride(1), B.stride(2), h.stride(0),
             HAS_RANKS=has_ranks, R=R, BLOCK_M=BLOCK_M, BLOCK_R=BLOCK_R, BLOCK_N=BLOCK_N, IEEE=ieee)
@@ -342,7 +373,8 @@ def lora_add_(y: Tensor, x: Tensor, A: Tensor, B: Tensor, scaling: Tensor, slots
 
 
 def lora_delta_triton(x: Tensor, A: Tensor, B: Tensor, scaling: Tensor, slots: Tensor,
-                      ranks: Tensor | None = None, *, path: str | None = None) -> Tensor:
+                      ranks: Tensor | None = None, *, path: str | None = None,
+                      blocks: tuple[int, int, int] | None = None) -> Tensor:
     """The operator's delta ``(Bsz, T, out)`` computed by the kernels (into zeros)."""
     y = torch.zeros(x.shape[0], x.shape[1], B.shape[1], dtype=x.dtype, device=x.device)
-    return lora_add_(y, x.contiguous(), A, B, scaling, slots, ranks, path=path)
+    return lora_add_(y, x.contiguous(), A, B, scaling, slots, ranks, path=path, blocks=blocks)
