@@ -204,7 +204,7 @@ def test_engine_generates_the_same_tokens_with_the_kernels(tiny_base, monkeypatc
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("seed", range(100, 140))
+@pytest.mark.parametrize("seed", range(100, 120))
 def test_sweep_larger_shapes(seed, device):
     rnd = random.Random(seed)
     T, levels = rnd.choice([1, 1, 2, 7, 16]), rnd.choice([1, 1, 2, 3])
