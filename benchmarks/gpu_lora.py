@@ -28,6 +28,7 @@ import math
 import os
 import sys
 import time
+import traceback
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -463,27 +464,48 @@ def main(argv=None) -> int:
     sections: list[tuple[str, str]] = []
     dev_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
 
+    name_out = "gpu_lora_smoke" if args.smoke else "gpu_lora"
+    title_out = "GPU serving at S-LoRA scale (Triton kernels)"
+
     def add(title: str, headers: list[str], rows: list[list], note: str = "") -> None:
         show(title, headers, rows)
         sections.append((title, markdown_table(headers, rows) + (f"\n\n{note}" if note else "")))
         console.print(f"[{time.monotonic() - t_start:.0f}s] {title} done")
+        # written after every section: a run cut short still leaves what it measured
+        write_result(name_out, title_out, sections, "INCOMPLETE: the run stopped or is still running after this.")
 
-    box = Box("check", sizes.boxes["check"])
-    rows, ok = section_check(device, sizes, box, args.interpret)
-    if device.type == "cuda" or args.interpret:
-        check_base = random_base(sizes.models[0], device, torch.float32)  # fp32: both paths exact, comparable
-        rows += check_model(check_base, device, box)
-        ok &= rows[-1][-1] != "FAIL"
-        del check_base
+    def guarded(what: str, width: int, fn: Callable, *fargs):
+        """``fn(*fargs)``; on an exception, one row naming it (the traceback goes to stderr) and the run goes on."""
+        try:
+            return fn(*fargs)
+        except Exception as exc:  # noqa: BLE001 - a failed section must not lose the others' numbers
+            traceback.print_exc()
+            return [[what] + ["—"] * (width - 2) + [f"ERROR {type(exc).__name__}: {str(exc)[:300]}"]]
+
+    def check_all():
+        box = Box("check", sizes.boxes["check"])
+        rows, ok = section_check(device, sizes, box, args.interpret)
+        if device.type == "cuda" or args.interpret:
+            check_base = random_base(sizes.models[0], device, torch.float32)  # fp32: both paths exact, comparable
+            rows += check_model(check_base, device, box)
+        return rows
+
+    rows = guarded("kernel check", 5, check_all)
+    ok = not any(r[-1] == "FAIL" or str(r[-1]).startswith("ERROR") for r in rows)
     add("1. Kernels vs the plain-loop reference", ["case", "dtype", "max err (rel. to max)", "tolerance", "result"],
         rows)
 
-    ceil = section_ceilings(device, sizes)
+    try:
+        ceil = section_ceilings(device, sizes)
+    except Exception:  # noqa: BLE001
+        traceback.print_exc()
+        ceil = {"copy_gbs": float("nan"), "matmul_tflops": float("nan"), "copy_bytes": 0, "matmul_n": 0}
     add("2. Device ceilings", ["measure", "value"],
         [[f"device-to-device copy, {ceil['copy_bytes'] >> 20} MiB (read + write)", f"{ceil['copy_gbs']:,.0f} GB/s"],
          [f"bf16 matmul {ceil['matmul_n']}³", f"{ceil['matmul_tflops']:,.1f} TFLOP/s"]])
 
-    rows = section_kernels(device, sizes, ceil, Box("kernels", sizes.boxes["kernels"]), args.interpret)
+    rows = guarded("kernels", 11, section_kernels, device, sizes, ceil, Box("kernels", sizes.boxes["kernels"]),
+                   args.interpret)
     add("3. Kernels alone (bf16): Triton vs the torch path",
         ["shape in→out", "ranks", "phase", "adapters", "rows×T", "torch µs", "triton µs", "speed-up",
          "achieved GB/s (% of copy)", "TFLOP/s (% of matmul)", "note"], rows,
@@ -494,7 +516,8 @@ def main(argv=None) -> int:
     tok, engine_rows, peft_rows, peft_tok, engine_k100 = {}, [], [], {}, {}
     for name in sizes.models:
         box = Box(f"engine:{name}", sizes.boxes[f"engine:{name}"])
-        rows, tok[name] = engine_runs(name, device, sizes, box, dtype)
+        out = guarded(name, 10, engine_runs, name, device, sizes, box, dtype)
+        rows, tok[name] = out if isinstance(out, tuple) else (out, {})
         engine_rows += rows
         engine_k100[name] = tok[name].get(("rank 8", f"{sizes.peft_k} adapters"))
     add("4. Engine throughput (continuous batching, batch "
@@ -506,7 +529,8 @@ def main(argv=None) -> int:
 
     box = Box("peft", sizes.boxes["peft"])
     for name in sizes.models:
-        rows, peft_tok[name] = peft_runs(name, device, sizes, box, dtype)
+        out = guarded(name, 5, peft_runs, name, device, sizes, box, dtype)
+        rows, peft_tok[name] = out if isinstance(out, tuple) else (out, None)
         peft_rows += rows
     add("5. peft mixed-adapter batches on the same device", ["base shapes", "run", "tok/s", "build s", "note"],
         peft_rows)
@@ -520,8 +544,7 @@ def main(argv=None) -> int:
     if args.smoke:
         notes += ("SMOKE RUN on CPU with tiny shapes: a crash test of the script, not a measurement of anything "
                   "the targets are about.")
-    write_result("gpu_lora_smoke" if args.smoke else "gpu_lora", "GPU serving at S-LoRA scale (Triton kernels)",
-                 sections, notes)
+    write_result(name_out, title_out, sections, notes)
     return 0 if ok else 1
 
 
