@@ -228,11 +228,16 @@ def _blocks_r(r_max: int) -> int:
     return max(16, 1 << (r_max - 1).bit_length())  # tl.dot needs >= 16; a power of two for tl.arange
 
 
+@functools.cache
+def _sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
 def _decode_split(rows: int, levels: int, k: int, block_k: int, device: torch.device) -> int:
     """Split-K factor for the decode shrink: enough programs to fill the GPU when the batch is small."""
     if device.type != "cuda":
         return 1 if k <= 2 * block_k else 2  # interpreter: exercise the split path, cheaply
-    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    sms = _sm_count(device.index if device.index is not None else torch.cuda.current_device())
     want = max(1, (4 * sms) // max(1, rows * levels))
     return max(1, min(want, (k + block_k - 1) // block_k, 64))
 
