@@ -67,8 +67,8 @@ class Sizes:
 FULL = Sizes(models=("smollm2-135m", "llama-3-8b"), ks=(1, 10, 100, 1000), requests=1024, batch=256, prompt=64,
              new=32, peft_k=100, peft_requests=256, kernel_rows=256, kernel_tokens=8192,
              kernel_shapes=((4096, 4096), (4096, 14336), (14336, 4096)),
-             boxes={"check": 45, "ceilings": 20, "kernels": 60, "engine:smollm2-135m": 90,
-                    "engine:llama-3-8b": 160, "peft": 60})
+             boxes={"check": 40, "ceilings": 20, "kernels": 50, "engine:smollm2-135m": 80,
+                    "engine:llama-3-8b": 150, "peft": 60})
 SMOKE = Sizes(models=("smoke-tiny",), ks=(1, 4), requests=8, batch=4, prompt=6, new=3, peft_k=4, peft_requests=4,
               kernel_rows=8, kernel_tokens=32, kernel_shapes=((64, 96),),
               boxes={"check": 120, "ceilings": 10, "kernels": 120, "engine:smoke-tiny": 120, "peft": 60})
@@ -150,11 +150,16 @@ def bench(fn: Callable[[], object], device: torch.device, min_s: float = 0.2) ->
     return sorted(times)[len(times) // 2]
 
 
+DEADLINE = [float("inf")]  # monotonic time by which the whole run must be done (--budget)
+
+
 class Box:
-    """A section's time box: ``left()`` seconds remain; configs not started in time are reported as skipped."""
+    """A section's time box: ``left()`` seconds remain; configs not started in time are reported as skipped.
+    Never runs past the whole run's deadline."""
 
     def __init__(self, name: str, seconds: float) -> None:
-        self.name, self.seconds, self.t0 = name, seconds, time.monotonic()
+        self.name, self.t0 = name, time.monotonic()
+        self.seconds = min(seconds, DEADLINE[0] - self.t0)
 
     def left(self) -> float:
         return self.seconds - (time.monotonic() - self.t0)
@@ -447,7 +452,9 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--smoke", "--quick", action="store_true", help="CPU, tiny shapes (a crash test, not numbers)")
     p.add_argument("--interpret", action="store_true", help="with --smoke: the kernels in Triton's interpreter")
+    p.add_argument("--budget", type=float, default=480.0, help="seconds for the whole run (sections are cut to fit)")
     args = p.parse_args(argv)
+    DEADLINE[0] = time.monotonic() + args.budget
 
     from _common import console, markdown_table, show, write_result  # noqa: PLC0415
 
