@@ -8,7 +8,8 @@ import random
 import pytest
 import torch
 
-pytest.importorskip("triton", reason="triton is not installed (pip install -e '.[dev]' on linux x86_64)")
+pytest.importorskip("triton", reason="triton is not importable (pip install -e '.[dev]' on linux x86_64)",
+                    exc_type=ImportError)
 
 from lorafleet.adapters import LoraAdapter, LoraHost, LoraSpec, SlotTable, StackedWeights  # noqa: E402
 from lorafleet.adapters import triton_lora as tk  # noqa: E402
