@@ -211,7 +211,7 @@ def test_sweep_larger_shapes(seed, device):
     T, levels = rnd.choice([1, 1, 2, 7, 16]), rnd.choice([1, 1, 2, 3])
     x, A, B, scaling, slots, ranks = random_case(seed, T=T, levels=levels, device=device, max_s=24)
     for path in ("decode", "prefill"):
-        small = None if seed % 3 else (16, 16, 16)
+        small = (16, 16, 16) if seed % 3 == 0 and T <= 2 else None  # small tiles: many programs, keep T small
         got = tk.lora_delta_triton(x, A, B, scaling, slots, ranks if seed % 2 else None, path=path, blocks=small)
         torch.testing.assert_close(got, reference(x, A, B, scaling, slots), atol=1e-5, rtol=1e-5)
 
