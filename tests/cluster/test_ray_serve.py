@@ -1,0 +1,235 @@
+"""lorafleet on a local Ray Serve: 2 engine replicas, 20 adapters, affinity, rollback, a replica killed mid-run.
+
+Everything goes through HTTP to Serve's proxy, as a client would; answers are checked against the same
+adapters run through a local ``Engine`` (greedy, so the text must match exactly).
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import pytest
+
+pytest.importorskip("ray.serve")
+
+from _cluster import adapter_refs, commit_live  # noqa: E402
+
+from lorafleet.cluster.remote import AFFINITY_HEADER, REPLICA_HEADER  # noqa: E402
+
+pytestmark = pytest.mark.postgres
+PROMPT = [{"role": "user", "content": "Tell me something about the sea."}]
+SHORT, LONG = 8, 48
+
+
+@pytest.fixture(scope="module")
+def local_engine(ray_cluster):
+    from lorafleet.serving.engine import Engine
+    from lorafleet.serving.params import EngineConfig
+    from lorafleet.serving.sources import registry_fetch
+
+    with Engine(ray_cluster.base, registry_fetch(ray_cluster.registry),
+                EngineConfig(max_batch=8, max_active=8, max_cached=32, max_rank=8)) as engine:
+        yield engine
+
+
+def expected(engine, digests: list[str], max_tokens: int) -> list[str]:
+    from lorafleet.serving.params import SamplingParams
+
+    results = engine.generate([PROMPT] * len(digests), digests, SamplingParams(max_tokens=max_tokens))
+    return [r.raise_for_error().text for r in results]
+
+
+@pytest.fixture(scope="module")
+def reference(ray_cluster, local_engine) -> dict[str, str]:
+    refs = adapter_refs()
+    return dict(zip(refs, expected(local_engine, [ray_cluster.digests[r] for r in refs], SHORT), strict=True))
+
+
+def chat(cluster, model: str, *, max_tokens: int = SHORT, key: str = "tenant", retries: int = 0,
+         client: httpx.Client | None = None, attempts: list | None = None) -> httpx.Response:
+    """POST /v1/chat/completions (greedy); retry on 5xx / connection errors, as OpenAI clients do."""
+    body = {"model": model, "messages": PROMPT, "max_tokens": max_tokens, "temperature": 0}
+    headers = {"authorization": f"Bearer {cluster.keys[key]}"}
+    for attempt in range(retries + 1):
+        try:
+            r = (client or httpx).post(f"{cluster.url}/v1/chat/completions", json=body, headers=headers, timeout=120)
+        except httpx.TransportError:
+            if attempt == retries:
+                raise
+            r = None
+        if attempts is not None:
+            attempts.append(None if r is None else r.status_code)
+        if r is not None and r.status_code < 500:
+            return r
+    return r
+
+
+def fleet(cluster) -> dict:
+    r = httpx.get(f"{cluster.url}/v1/fleet/residency", headers={"authorization": f"Bearer {cluster.keys['admin']}"},
+                  timeout=30)
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
+def wait_for(predicate, timeout: float, what: str, step: float = 0.2):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(step)
+    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+
+
+def text_of(r: httpx.Response) -> str:
+    assert r.status_code == 200, r.text
+    return r.json()["choices"][0]["message"]["content"]
+
+
+def test_twenty_adapters_are_answered_correctly_by_both_replicas(ray_cluster, reference):
+    refs = adapter_refs()
+    with httpx.Client() as client, ThreadPoolExecutor(8) as pool:
+        responses = list(pool.map(lambda ref: chat(ray_cluster, ref, client=client), refs))
+    for ref, r in zip(refs, responses, strict=True):
+        assert text_of(r) == reference[ref], ref
+        assert r.json()["lorafleet"]["digest"] == ray_cluster.digests[ref]
+    served_by = {r.headers[REPLICA_HEADER] for r in responses}
+    assert len(served_by) == 2, f"one replica answered everything: {served_by}"
+
+    view = wait_for(lambda: (v := fleet(ray_cluster))["totals"]["replicas"] == 2
+                    and v["totals"]["adapter_requests"] >= 20 and v, 15, "both replicas' reports")
+    resident = set().union(*(set(rep["multiplexed"]) for rep in view["replicas"]))
+    assert resident >= set(ray_cluster.digests.values())
+    assert all(rep["routing"]["requests"] > 0 for rep in view["replicas"])
+
+
+def test_streaming_and_bad_prompts_go_through_the_cluster(ray_cluster, reference):
+    ref = adapter_refs()[3]
+    body = {"model": ref, "messages": PROMPT, "max_tokens": SHORT, "temperature": 0, "stream": True}
+    headers = {"authorization": f"Bearer {ray_cluster.keys['tenant']}"}
+    text = ""
+    with httpx.stream("POST", f"{ray_cluster.url}/v1/chat/completions", json=body, headers=headers, timeout=60) as r:
+        assert r.status_code == 200
+        for line in r.iter_lines():
+            if line.startswith("data: ") and line != "data: [DONE]":
+                chunk = json.loads(line[6:])
+                assert "error" not in chunk, chunk
+                text += chunk["choices"][0]["delta"].get("content") or ""
+    assert text == reference[ref]
+
+    too_long = {"model": ref, "messages": [{"role": "user", "content": "sea " * 5000}], "max_tokens": 4}
+    r = httpx.post(f"{ray_cluster.url}/v1/chat/completions", json=too_long, headers=headers, timeout=60)
+    assert r.status_code == 400 and r.json()["error"]["param"] == "messages", r.text
+    r = chat(ray_cluster, "globex/gina/style")  # another tenant's name: the same 404 as a missing adapter
+    assert r.status_code == 404 and r.json()["error"]["code"] == "model_not_found"
+
+
+def test_repeated_requests_land_on_a_replica_that_has_the_adapter(ray_cluster, reference):
+    before = fleet(ray_cluster)["totals"]
+    hits = n = 0
+    with httpx.Client() as client:
+        for _ in range(2):
+            for ref in adapter_refs():
+                r = chat(ray_cluster, ref, client=client)
+                assert text_of(r) == reference[ref]
+                hits += r.headers[AFFINITY_HEADER] == "hit"
+                n += 1
+    rate = hits / n
+    print(f"affinity: {hits}/{n} repeated requests landed on a replica with the adapter resident ({rate:.0%})")
+    assert rate >= 0.9
+    after = wait_for(lambda: (t := fleet(ray_cluster)["totals"])["adapter_requests"] - before["adapter_requests"] >= n
+                     and t, 15, "the fleet board to count the requests")
+    assert after["affinity_hits"] - before["affinity_hits"] == hits  # the fleet view counts what clients saw
+
+
+def burst_until_both_replicas(cluster, ref: str, want: set[str] | None = None) -> list[httpx.Response]:
+    """Bursts of concurrent requests for one adapter until both replicas have answered (max_ongoing_requests=2
+    makes the router spill past the replica that holds it)."""
+    seen: list[httpx.Response] = []
+    with httpx.Client() as client, ThreadPoolExecutor(8) as pool:
+        for _ in range(8):
+            seen += list(pool.map(lambda _: chat(cluster, ref, max_tokens=LONG, client=client), range(8)))
+            if len({r.headers.get(REPLICA_HEADER) for r in seen}) >= 2:
+                return seen
+    raise AssertionError(f"8 bursts for {ref} were all answered by {[r.headers.get(REPLICA_HEADER) for r in seen]}")
+
+
+def test_a_rollback_takes_effect_on_every_replica(ray_cluster, local_engine):
+    ref = adapter_refs()[0]
+    rev1 = ray_cluster.digests[ref]
+    rev2 = commit_live(ray_cluster.registry, ray_cluster.base, ref, seed=999)
+    text1, text2 = expected(local_engine, [rev1, rev2], LONG)
+    assert text1 != text2
+
+    for r in burst_until_both_replicas(ray_cluster, ref):  # both replicas now hold revision 2
+        assert text_of(r) == text2 and r.json()["lorafleet"]["revision"] == f"{ref}#2"
+
+    t, u, a = ref.split("/")
+    r = httpx.post(f"{ray_cluster.url}/v1/adapters/{t}/{u}/{a}/rollback", json={"reason": "test"},
+                   headers={"authorization": f"Bearer {ray_cluster.keys['admin']}"}, timeout=30)
+    assert r.status_code == 200, r.text
+    after = burst_until_both_replicas(ray_cluster, ref)
+    for r in after:
+        assert r.json()["lorafleet"] == {"revision": f"{ref}#1", "digest": rev1}
+        assert text_of(r) == text1
+    assert len({r.headers[REPLICA_HEADER] for r in after}) == 2
+
+
+def test_a_killed_replica_is_replaced_and_retries_complete_every_request(ray_cluster, reference):
+    import ray
+    from ray import serve
+
+    refs = adapter_refs()
+    clients, per_client = 4, 10
+    done, kill_after = threading.Event(), 8
+    finished: list[httpx.Response] = []
+    attempts: list[list] = [[] for _ in range(clients)]
+    lock = threading.Lock()
+
+    def client_loop(i: int) -> None:
+        with httpx.Client() as client:
+            for j in range(per_client):
+                ref = refs[(i * per_client + j) % len(refs)]
+                r = chat(ray_cluster, ref, client=client, retries=1, attempts=attempts[i])
+                with lock:
+                    finished.append((ref, r))
+                    if len(finished) >= kill_after:
+                        done.set()
+
+    threads = [threading.Thread(target=client_loop, args=(i,)) for i in range(clients)]
+    for th in threads:
+        th.start()
+    assert done.wait(120), "the clients made no progress"
+    with lock:
+        victim = finished[-1][1].headers[REPLICA_HEADER]
+    ray.kill(ray.get_actor(victim, namespace="serve"), no_restart=True)
+    killed_at = time.monotonic()
+    for th in threads:
+        th.join(timeout=180)
+    assert len(finished) == clients * per_client
+    for ref, r in finished:
+        assert text_of(r) == reference[ref], ref
+    failed_first = sum(1 for a in attempts for s in a if s is None or s >= 500)
+    print(f"killed {victim}; {failed_first} attempt(s) failed and were retried (at most {clients} in flight)")
+    assert failed_first <= clients
+
+    def replaced():
+        status = serve.status().applications["lorafleet"].deployments["EngineReplica"]
+        return status.replica_states.get("RUNNING", 0) == 2
+
+    wait_for(replaced, 90, "Serve to replace the killed replica", step=0.5)
+    survivor_and_new = set()
+    base_name = ray_cluster.base.name
+
+    def new_replica_serves():
+        r = chat(ray_cluster, base_name, retries=1)
+        assert r.status_code == 200, r.text
+        survivor_and_new.add(r.headers[REPLICA_HEADER])
+        return len(survivor_and_new - {victim}) == 2
+
+    wait_for(new_replica_serves, 60, "the replacement replica to answer")
+    print(f"replacement serving {time.monotonic() - killed_at:.1f} s after the kill")
