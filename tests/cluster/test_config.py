@@ -101,3 +101,29 @@ def test_fleet_view_totals_the_affinity_rate_and_drops_silent_replicas(monkeypat
     now = fleet.time.time()
     monkeypatch.setattr(fleet.time, "time", lambda: now + 11)
     assert board.reports() == []
+
+
+CLI_ERRORS = [
+    (["serve", "--cluster", "swarm"], {}, "must be 'local' or 'ray'"),
+    (["serve", "--cluster", "ray"], {"LORAFLEET_DB_URL": "sqlite:///x.db"}, "must be a PostgreSQL URL"),
+    (["serve", "--cluster", "ray", "--max-active", "32", "--max-cached", "32"], {"LORAFLEET_DB_URL": PG},
+     r"must exceed engine.max_active"),
+]
+
+
+@pytest.mark.parametrize(("argv", "env", "match"), CLI_ERRORS)
+def test_serve_cluster_refuses_bad_settings_before_starting_anything(argv, env, match, monkeypatch, tmp_path):
+    import re
+
+    from typer.testing import CliRunner
+
+    from lorafleet.cli import app
+
+    monkeypatch.setenv("LORAFLEET_HOME", str(tmp_path))
+    monkeypatch.delenv("LORAFLEET_DB_URL", raising=False)
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    result = CliRunner().invoke(app, argv)
+    assert result.exit_code == 2, result.output
+    assert re.search(match, " ".join(result.output.replace("│", " ").split())), result.output
+    assert not (tmp_path / "registry.db").exists()  # nothing was opened or created

@@ -107,7 +107,7 @@ def test_twenty_adapters_are_answered_correctly_by_both_replicas(ray_cluster, re
     assert all(rep["routing"]["requests"] > 0 for rep in view["replicas"])
 
 
-def test_streaming_and_bad_prompts_go_through_the_cluster(ray_cluster, reference):
+def test_streaming_errors_and_metrics_go_through_the_cluster(ray_cluster, reference):
     ref = adapter_refs()[3]
     body = {"model": ref, "messages": PROMPT, "max_tokens": SHORT, "temperature": 0, "stream": True}
     headers = {"authorization": f"Bearer {ray_cluster.keys['tenant']}"}
@@ -127,8 +127,20 @@ def test_streaming_and_bad_prompts_go_through_the_cluster(ray_cluster, reference
     r = chat(ray_cluster, "globex/gina/style")  # another tenant's name: the same 404 as a missing adapter
     assert r.status_code == 404 and r.json()["error"]["code"] == "model_not_found"
 
+    broken = commit_live(ray_cluster.registry, ray_cluster.base, "acme/broken/style", seed=5)
+    ray_cluster.registry.blobs.delete(broken)  # the catalog names it, the blob store lost it
+    r = chat(ray_cluster, "acme/broken/style")
+    assert r.status_code == 500 and r.json()["error"]["code"] == "generation_failed", r.text
+    assert f"adapter {broken[:12]} could not be loaded: MissingBlobError" in r.json()["error"]["message"]
+    assert text_of(chat(ray_cluster, ref)) == reference[ref]  # nobody else is affected
+
+    metrics = httpx.get(f"{ray_cluster.url}/metrics", timeout=30)
+    assert metrics.status_code == 200 and "lorafleet_adapter_lookups" in metrics.text
+    assert httpx.get(f"{ray_cluster.url}/health", timeout=30).json()["engine"] is True
+
 
 def test_repeated_requests_land_on_a_replica_that_has_the_adapter(ray_cluster, reference):
+    time.sleep(5 * ray_cluster.config.report_interval_s)  # the board has every earlier request
     before = fleet(ray_cluster)["totals"]
     hits = n = 0
     with httpx.Client() as client:

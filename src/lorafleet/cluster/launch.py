@@ -39,6 +39,23 @@ def connect(address: str | None = None, *, num_cpus: float | None = None, object
              log_to_driver=not quiet)
 
 
+def required_cpus(config: ClusterConfig) -> float:
+    return config.replicas * config.replica_cpus + config.ingress_replicas * config.ingress_cpus
+
+
+def check_fits(config: ClusterConfig) -> None:
+    """On a Ray instance we started ourselves, refuse a config whose CPUs it cannot place (Serve would wait
+    forever for the missing replicas); a real cluster may autoscale, so it is left to Serve there."""
+    import ray  # noqa: PLC0415
+
+    have, need = ray.cluster_resources().get("CPU", 0.0), required_cpus(config)
+    if need > have:
+        raise ClusterConfigError(
+            f"the application needs {need:g} CPUs ({config.replicas} engine replica(s) × {config.replica_cpus:g} + "
+            f"{config.ingress_replicas} ingress × {config.ingress_cpus:g}) but this Ray instance has {have:g}; "
+            "lower --replica-cpus (fractions are fine) or --replicas, or join a bigger cluster with --ray-address")
+
+
 def deploy(config: ClusterConfig, *, host: str = "127.0.0.1", port: int = 8000, blocking: bool = False):
     """Start Serve's proxy on ``host:port`` and run the application; returns the ingress handle."""
     from ray import serve  # noqa: PLC0415
@@ -78,7 +95,13 @@ def serve_ray(*, base: str | None, engine, replicas: int, replica_cpus: float, h
 
     with Registry(config.db_url, config.blob_url) as registry:  # keys live in the shared registry
         bootstrap_admin(KeyStore(registry))
+    local = not (address or os.environ.get("RAY_ADDRESS"))
     connect(address)
+    if local:
+        try:
+            check_fits(config)
+        except ClusterConfigError as exc:
+            raise typer.BadParameter(str(exc), param_hint="--replica-cpus") from None
     console.print(f"deploying {config.replicas} engine replica(s) of {config.base or 'the default base'} on Ray "
                   f"Serve; serving on http://{host}:{port} (docs: /docs, fleet: /v1/fleet/residency)")
     deploy(config, host=host, port=port, blocking=True)
