@@ -58,9 +58,23 @@ def zipf_sampler(n: int, s: float, seed: int):
     return draw
 
 
+def prime(url: str, key: str, refs: list[str], clients: int, max_tokens: int) -> None:
+    """One request per adapter (not counted), so the measured window sees routing, not first loads."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    def one(ref: str) -> None:
+        body = {"model": ref, "messages": PROMPT, "max_tokens": max_tokens, "temperature": 0}
+        httpx.post(f"{url}/v1/chat/completions", json=body, headers={"authorization": f"Bearer {key}"}, timeout=600)
+
+    with ThreadPoolExecutor(clients) as pool:
+        list(pool.map(one, refs))
+
+
 def run_load(url: str, key: str, refs: list[str], *, clients: int, seconds: float, warmup: float,
              max_tokens: int, zipf: float) -> dict:
-    """C closed-loop clients for warmup + seconds; only requests started after the warm-up are counted."""
+    """Prime every adapter, then C closed-loop clients for warmup + seconds; only requests started after the
+    warm-up are counted."""
+    prime(url, key, refs, clients, max_tokens)
     draw = zipf_sampler(len(refs), zipf, seed=7)
     t_start = time.monotonic()
     t_measure, t_end = t_start + warmup, t_start + warmup + seconds
@@ -88,6 +102,8 @@ def run_load(url: str, key: str, refs: list[str], *, clients: int, seconds: floa
     threads = [threading.Thread(target=client, args=(i,)) for i in range(clients)]
     for th in threads:
         th.start()
+    time.sleep(max(0.0, t_measure - time.monotonic()))
+    load_before = os.getloadavg()[0]
     for th in threads:
         th.join()
     wall = time.monotonic() - t_measure
@@ -106,6 +122,7 @@ def run_load(url: str, key: str, refs: list[str], *, clients: int, seconds: floa
         "p99_s": lat[min(len(lat) - 1, int(0.99 * len(lat)))] if lat else float("nan"),
         "affinity": (sum(a == "hit" for a in affinity) / len(affinity)) if affinity else None,
         "split": sorted(by_replica.values(), reverse=True),
+        "load": f"{load_before:.1f} → {os.getloadavg()[0]:.1f}",
     }
 
 
@@ -260,6 +277,8 @@ def capacity_model(args, per_replica_tok_s: float, load_p50_ms: float | None, in
         "(serving.md) |",
         f"| host RAM per resident adapter | {ram_mb} MB | serving.md (deserialized entry) |",
         f"| compute slot per active adapter | {slot_mb} MB | serving.md (slot table at max_rank 8) |",
+        f"| compute slots per replica (max_active {args.max_active}) | {args.max_active * slot_mb / 1024:.2f} GB | "
+        "slot × max_active |",
         f"| cold load p50 (fetch + verify + parse + validate) | {load_ms:.0f} ms | "
         f"{'this run, ray x2 replicas (fleet load_latency)' if load_p50_ms else 'serving.md'} |",
         f"| cold loads per replica per s (1 parse worker) | {1000 / load_ms:.0f} | 1 / p50 |",
@@ -268,9 +287,10 @@ def capacity_model(args, per_replica_tok_s: float, load_p50_ms: float | None, in
     ])
     p10, p08, p12 = zipf_probs(n, 1.0), zipf_probs(n, 0.8), zipf_probs(n, 1.2)
     rows = ["| replicas R | cache C per replica (RAM) | s=1.0 affine: ideal / LRU | s=1.0 random routing: "
-            "ideal / LRU | s=0.8 affine ideal | s=1.2 affine ideal | misses/s per replica (s=1.0, affine, LRU) | "
-            "cold-load headroom |", "|---|---|---|---|---|---|---|---|"]
-    for replicas, cached in [(1, 256), (4, 256), (16, 256), (16, 4096), (64, 4096), (256, 4096), (256, 16384)]:
+            "ideal / LRU | s=0.8 affine ideal | s=1.2 affine ideal | misses/s per replica at the measured req/s "
+            "(s=1.0, affine, LRU) | cold-load headroom | req/s per replica the cold loads sustain |",
+            "|---|---|---|---|---|---|---|---|---|"]
+    for replicas, cached in [(1, 256), (4, 256), (16, 256), (16, 4096), (64, 4096), (128, 4096), (32, 16384)]:
         fleet = replicas * cached  # affine routing: the replicas cache disjoint sets
         aff_lru = lru_hit(p10, fleet)
         miss_s = req_s * (1 - aff_lru)
@@ -278,7 +298,8 @@ def capacity_model(args, per_replica_tok_s: float, load_p50_ms: float | None, in
         rows.append(f"| {replicas} | {cached:,} ({ram}) | {ideal_hit(p10, fleet):.1%} / {aff_lru:.1%} | "
                     f"{ideal_hit(p10, cached):.1%} / {lru_hit(p10, cached):.1%} | {ideal_hit(p08, fleet):.1%} | "
                     f"{ideal_hit(p12, fleet):.1%} | {miss_s:.2f} | "
-                    f"{'∞' if miss_s == 0 else f'{(1000 / load_ms) / miss_s:.0f}×'} |")
+                    f"{'∞' if miss_s == 0 else f'{(1000 / load_ms) / miss_s:.0f}×'} | "
+                    f"{'∞' if aff_lru >= 1 else f'{(1000 / load_ms) / (1 - aff_lru):.0f}'} |")
     model_md = "\n".join(rows)
 
     print(f"capacity model: checking the approximations against the engine's policies ({args.sim_requests:,} "
@@ -309,16 +330,17 @@ def main() -> None:
     parser.add_argument("--base", default="smollm2-135m-instruct")
     parser.add_argument("--clients", type=int, default=16)
     parser.add_argument("--seconds", type=float, default=45.0)
-    parser.add_argument("--warmup", type=float, default=10.0)
+    parser.add_argument("--warmup", type=float, default=5.0, help="seconds after priming, not counted")
     parser.add_argument("--adapters", type=int, default=32)
     parser.add_argument("--max-tokens", type=int, default=16)
     parser.add_argument("--zipf", type=float, default=1.0)
-    parser.add_argument("--sim-requests", type=int, default=1_000_000, help="Zipf trace length of the simulation")
+    parser.add_argument("--sim-requests", type=int, default=400_000, help="Zipf trace length of the simulation")
     parser.add_argument("--skip-local", action="store_true")
+    parser.add_argument("--max-active", type=int, default=32, help="compute slots per replica")
     args = parser.parse_args()
     if args.quick:
-        args.base, args.clients, args.seconds, args.warmup, args.adapters = "tiny", 8, 10.0, 3.0, 16
-        args.sim_requests = min(args.sim_requests, 200_000)
+        args.base, args.clients, args.seconds, args.warmup, args.adapters = "tiny", 8, 10.0, 2.0, 16
+        args.sim_requests = min(args.sim_requests, 100_000)
     args.ray_port = None
     os.environ.setdefault("OMP_NUM_THREADS", "1")
 
@@ -349,7 +371,7 @@ def main() -> None:
         _, admin = keys.create(admin=True, name="bench-admin")
         _, key = keys.create(tenant="bench", name="bench")
         print(f"{len(refs)} adapters committed; base {base.name}", flush=True)
-        engine_cfg = EngineConfig(max_batch=32, max_active=32, max_cached=128, max_rank=8)
+        engine_cfg = EngineConfig(max_batch=32, max_active=args.max_active, max_cached=128, max_rank=8)
 
         results: dict[str, dict] = {}
         if not args.skip_local:
@@ -365,18 +387,21 @@ def main() -> None:
         import ray
 
         ray.shutdown()
+        if not args.skip_local:  # the baseline again, after: how much did the machine's load move?
+            print("local (again) ...", flush=True)
+            results["local (again)"] = run_local(args, db_url, blob_url, admin, key, refs, engine_cfg)
         registry.close()
 
     one = results["ray x1"]["tok_s"]
     headers = ["configuration", "requests", "errors", "req/s", "completion tok/s", "vs ray x1", "p50 s", "p99 s",
-               "affinity", "requests per replica", "startup s"]
+               "affinity", "requests per replica", "startup s", "load avg (1 min)"]
     rows = []
     for name, r in results.items():
         rows.append([name, r["requests"], r["errors"], f"{r['req_s']:.2f}", f"{r['tok_s']:.1f}",
                      f"{r['tok_s'] / one:.2f}", f"{r['p50_s']:.2f}", f"{r['p99_s']:.2f}",
                      "—" if r["affinity"] is None else f"{r['affinity']:.0%}",
                      "—" if not r["split"] else " / ".join(map(str, r["split"])),
-                     f"{r['startup_s']:.0f}" if "startup_s" in r else "—"])
+                     f"{r['startup_s']:.0f}" if "startup_s" in r else "—", r["load"]])
     show("throughput: 1 vs 2 engine replicas", headers, rows)
 
     view2 = views[2]
@@ -393,7 +418,8 @@ def main() -> None:
                    sum(1 for s in rep["slots"] if s["digest"])] for rep in view2["replicas"]]
     fleet_md = markdown_table(["replica", "requests", "with adapter", "affinity hits", "leases loaded",
                                "multiplexed now", "slots used"], fleet_rows)
-    setup = (f"{args.clients} closed-loop HTTP clients, {args.warmup:.0f} s warm-up then {args.seconds:.0f} s measured "
+    setup = (f"{args.clients} closed-loop HTTP clients; every adapter requested once first (priming, not counted), "
+             f"then {args.warmup:.0f} s warm-up and {args.seconds:.0f} s measured "
              f"per configuration; {args.adapters} rank-8 attention adapters, Zipf s={args.zipf}; greedy, "
              f"max_tokens={args.max_tokens}; base {args.base}; engine batch 32, 32 slots, 128 cached; one torch thread "
              f"per process; each Ray engine replica reserves 1 CPU, max_ongoing_requests = ceil(clients / replicas). "

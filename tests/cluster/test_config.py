@@ -44,6 +44,12 @@ def test_from_args_reads_engine_keys_flat_or_nested_and_refuses_unknown_ones(mon
     cfg = ClusterConfig.from_args({"replicas": 3, "max_batch": 8, "engine": {"max_active": 4, "max_cached": 12}})
     assert (cfg.replicas, cfg.engine.max_batch, cfg.engine.max_active, cfg.adapters_per_replica) == (3, 8, 4, 8)
     assert (cfg.db_url, cfg.blob_url) == (PG, "s3://bucket/blobs")
+    # `serve run lorafleet.cluster.ray_app:app_builder replicas=3 replica_cpus=0.5 max_batch=8` passes strings
+    cfg = ClusterConfig.from_args({"replicas": "3", "replica_cpus": "0.5", "max_batch": "8",
+                                   "adapters_per_replica": "None"})
+    assert (cfg.replicas, cfg.replica_cpus, cfg.engine.max_batch, cfg.adapters_per_replica) == (3, 0.5, 8, 224)
+    with pytest.raises(ClusterConfigError, match=r"ClusterConfig.replicas must be an int, got 'two'"):
+        ClusterConfig.from_args({"replicas": "two"})
     with pytest.raises(ClusterConfigError, match=r"unknown cluster setting\(s\) \['replicaz'\]"):
         ClusterConfig.from_args({"replicaz": 2})
     with pytest.raises(ClusterConfigError, match="EngineConfig.max_batch must be an integer >= 1"):

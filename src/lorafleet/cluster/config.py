@@ -8,6 +8,8 @@ the ``args:`` of a ``serve run`` config file are parsed into (:meth:`ClusterConf
 from __future__ import annotations
 
 import os
+import types
+import typing
 from dataclasses import dataclass, field, fields
 from typing import Any
 
@@ -16,6 +18,33 @@ from lorafleet.serving.params import EngineConfig
 
 class ClusterConfigError(ValueError):
     """A cluster setting is invalid; the message names it and the fix."""
+
+
+def _coerce(cls, args: dict[str, Any]) -> dict[str, Any]:
+    """``serve run module:app_builder key=value`` passes strings: turn them into the fields' types."""
+    hints = typing.get_type_hints(cls)
+    out = {}
+    for key, value in args.items():
+        hint = hints.get(key)
+        if not isinstance(value, str) or hint is None or hint is str:
+            out[key] = value
+            continue
+        options = typing.get_args(hint) if isinstance(hint, types.UnionType) else (hint,)
+        if type(None) in options and value.lower() in ("none", "null", ""):
+            out[key] = None
+            continue
+        for kind in (bool, int, float):
+            if kind in options:
+                try:
+                    out[key] = {"true": True, "false": False}[value.lower()] if kind is bool else kind(value)
+                except (KeyError, ValueError):
+                    article = "an" if kind is int else "a"
+                    raise ClusterConfigError(f"{cls.__name__}.{key} must be {article} {kind.__name__}, got {value!r}"
+                                             ) from None
+                break
+        else:
+            out[key] = value
+    return out
 
 
 def _help(name: str) -> str:
@@ -105,6 +134,7 @@ class ClusterConfig:
             raise ClusterConfigError(f"unknown engine setting(s) {bad}; known: {sorted(engine_names)}")
         args.setdefault("db_url", os.environ.get("LORAFLEET_DB_URL", ""))
         args.setdefault("blob_url", os.environ.get("LORAFLEET_BLOB_URL", ""))
+        args, engine_args = _coerce(cls, args), _coerce(EngineConfig, engine_args)
         try:
             engine = EngineConfig(**engine_args)
         except (TypeError, ValueError) as exc:
