@@ -416,7 +416,8 @@ def main() -> None:
     fleet_rows = [[rep["replica"].split("#")[-1], rep["routing"]["requests"], rep["routing"]["adapter_requests"],
                    rep["routing"]["affinity_hits"], rep["routing"]["lease_loads"], len(rep["multiplexed"]),
                    sum(1 for s in rep["slots"] if s["digest"])] for rep in view2["replicas"]]
-    fleet_md = markdown_table(["replica", "requests", "with adapter", "affinity hits", "leases loaded",
+    fleet_md = markdown_table(["replica", "requests (whole run, priming included)", "with adapter", "affinity hits",
+                               "leases loaded",
                                "multiplexed now", "slots used"], fleet_rows)
     setup = (f"{args.clients} closed-loop HTTP clients; every adapter requested once first (priming, not counted), "
              f"then {args.warmup:.0f} s warm-up and {args.seconds:.0f} s measured "
