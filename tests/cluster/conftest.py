@@ -1,5 +1,6 @@
 """A local Ray instance running the lorafleet Serve application: 2 engine replicas over the tiny base, the
-registry on a throwaway PostgreSQL, blobs in a shared temp directory. One per test module (startup ~30 s)."""
+registry on a throwaway PostgreSQL, blobs in a shared temp directory. One per test module (startup 30–90 s,
+depending on how busy the machine is)."""
 
 from __future__ import annotations
 
@@ -7,9 +8,11 @@ import os
 import time
 
 import pytest
-from _cluster import TENANT, adapter_refs, commit_live  # noqa: E402
+from _cluster import TENANT, adapter_refs, commit_live
 
 from lorafleet.registry.pgtest import free_port
+
+MATCHING_TIMEOUT_ENV = "RAY_SERVE_MULTIPLEXED_MODEL_ID_MATCHING_TIMEOUT_S"
 
 
 @pytest.fixture(scope="module")
@@ -41,6 +44,10 @@ def ray_cluster(pg_server, tmp_path_factory):
                            ingress_cpus=0.25, max_ongoing_requests=2, health_check_period_s=1.0,
                            report_interval_s=0.2, engine=engine)
     os.environ.setdefault("OMP_NUM_THREADS", "1")
+    # Serve's router waits 1-2 s for a busy replica that has the adapter before trying the others; 0.1 s lets a
+    # short burst for one adapter reach both replicas (the rollback test needs that). Read by the workers.
+    saved = os.environ.get(MATCHING_TIMEOUT_ENV)
+    os.environ[MATCHING_TIMEOUT_ENV] = "0.1"
     connect(num_cpus=4, object_store_mb=80)
     port = free_port()
     t0 = time.monotonic()
@@ -57,5 +64,9 @@ def ray_cluster(pg_server, tmp_path_factory):
     try:
         yield c
     finally:
-        ray.shutdown()  # stops the whole local instance, Serve with it (serve.shutdown() drains: ~10 s more)
+        ray.shutdown()
+        if saved is None:
+            os.environ.pop(MATCHING_TIMEOUT_ENV, None)
+        else:
+            os.environ[MATCHING_TIMEOUT_ENV] = saved  # stops the whole local instance, Serve with it (serve.shutdown() drains: ~10 s more)
         registry.close()
