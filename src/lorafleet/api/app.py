@@ -63,4 +63,7 @@ def create_app(service: Service, *, manage_lifecycle: bool = True) -> FastAPI:
 
         return PlainTextResponse(render(service), media_type="text/plain; version=0.0.4")
 
+    from lorafleet.api import ui  # noqa: PLC0415
+
+    ui.mount(app)  # the dashboard at /ui, after every API route (its file route takes the rest of /ui/)
     return app
