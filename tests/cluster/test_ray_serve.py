@@ -138,6 +138,16 @@ def test_streaming_errors_and_metrics_go_through_the_cluster(ray_cluster, refere
     assert metrics.status_code == 200 and "lorafleet_adapter_lookups" in metrics.text
     assert httpx.get(f"{ray_cluster.url}/health", timeout=30).json()["engine"] is True
 
+    # the dashboard's API reads the fleet as one engine; pinning by hand is refused with the reason
+    admin = {"authorization": f"Bearer {ray_cluster.keys['admin']}"}
+    live = httpx.get(f"{ray_cluster.url}/ui/api/live", headers=admin, timeout=30)
+    assert live.status_code == 200, live.text
+    assert live.json()["tiers"]["slots_max"] == 2 * ray_cluster.config.engine.max_active
+    where = httpx.get(f"{ray_cluster.url}/ui/api/adapters/{ref}/residency", headers=admin, timeout=30).json()
+    assert where["digest"] == ray_cluster.digests[ref] and where["tier"] in ("slot", "ram")
+    r = httpx.post(f"{ray_cluster.url}/ui/api/adapters/{ref}/pin", json={"pinned": True}, headers=admin, timeout=30)
+    assert r.status_code == 409 and "not available with --cluster ray" in r.json()["error"]["message"], r.text
+
 
 def test_repeated_requests_land_on_a_replica_that_has_the_adapter(ray_cluster, reference):
     time.sleep(5 * ray_cluster.config.report_interval_s)  # the board has every earlier request
@@ -191,11 +201,12 @@ def test_a_rollback_takes_effect_on_every_replica(ray_cluster, local_engine):
     assert len({r.headers[REPLICA_HEADER] for r in after}) == 2
 
 
-def test_a_killed_replica_is_replaced_and_retries_complete_every_request(ray_cluster, reference):
+def test_a_killed_replica_is_replaced_and_retries_complete_every_request(ray_cluster, local_engine):
     import ray
     from ray import serve
 
-    refs = adapter_refs()
+    refs = adapter_refs()  # longer answers than elsewhere, so the kill finds requests in flight
+    reference = dict(zip(refs, expected(local_engine, [ray_cluster.digests[r] for r in refs], LONG), strict=True))
     clients, per_client = 4, 10
     done, kill_after = threading.Event(), 8
     finished: list[httpx.Response] = []
@@ -206,7 +217,7 @@ def test_a_killed_replica_is_replaced_and_retries_complete_every_request(ray_clu
         with httpx.Client() as client:
             for j in range(per_client):
                 ref = refs[(i * per_client + j) % len(refs)]
-                r = chat(ray_cluster, ref, client=client, retries=1, attempts=attempts[i])
+                r = chat(ray_cluster, ref, max_tokens=LONG, client=client, retries=1, attempts=attempts[i])
                 with lock:
                     finished.append((ref, r))
                     if len(finished) >= kill_after:

@@ -91,4 +91,14 @@ def fleet_view(reports: list[dict]) -> dict:
     adapter_requests = totals["adapter_requests"]
     totals["affinity_rate"] = totals["affinity_hits"] / adapter_requests if adapter_requests else None
     totals["replicas"] = len(replicas)
-    return {"cluster": "ray", "replicas": replicas, "totals": totals}
+    # The single-process keys too (engine.residency_snapshot's shape), over the whole fleet, each entry tagged
+    # with its replica: what the dashboard and other single-engine readers expect.
+    tagged = lambda key: [{**e, "replica": r["replica"]} for r in replicas for e in r[key]]  # noqa: E731
+    return {"cluster": "ray", "replicas": replicas, "totals": totals,
+            "slots": tagged("slots"), "ram": tagged("ram"),
+            "loading": [d for r in replicas for d in r["loading"]],
+            "queued": sum(rep["residency"].get("queued", 0) for rep in reports),
+            "ram_bytes": sum(r["ram_bytes"] for r in replicas),
+            "slot_table_bytes": sum(r["slot_table_bytes"] for r in replicas),
+            "max_active": sum(r["max_active"] for r in replicas), "max_cached": sum(r["max_cached"] for r in replicas),
+            "policy": replicas[0]["policy"] if replicas else None}

@@ -180,6 +180,14 @@ class RemoteEngine:
         handles = [self.submit(p, a, sampling).start() for p, a in zip(prompts, adapters, strict=True)]
         return [h.result() for h in handles]
 
+    def pin(self, digest: str) -> None:
+        """Residency is Serve's multiplexing here, per replica; there is no one engine to pin in."""
+        raise ValueError("pinning by hand is not available with --cluster ray: each replica pins the adapters "
+                         "routed to it (multiplexed leases, adapters_per_replica of them), see docs/cluster.md")
+
+    def unpin(self, digest: str) -> None:
+        """Nothing is pinned by hand in cluster mode, so there is nothing to release."""
+
     # -- the fleet view --------------------------------------------------------------------------------------
 
     def reports(self) -> list[dict]:
