@@ -37,11 +37,11 @@ def ray_cluster(pg_server, tmp_path_factory):
     _, tenant = keys.create(tenant=TENANT, name="acme")
     digests = {ref: commit_live(registry, base, ref, seed=100 + i) for i, ref in enumerate(adapter_refs())}
 
-    # 2 cores shared with other work: fractional CPUs, one torch thread, small caches; max_ongoing_requests=2 so
+    # 2 cores shared with other work: fractional CPUs, one torch thread, small caches; max_ongoing_requests=1 so
     # a burst for one adapter spills over to the other replica (the rollback test relies on that).
     engine = EngineConfig(max_batch=8, max_active=4, max_cached=28, max_rank=8)
     config = ClusterConfig(db_url=db_url, blob_url=blob_url, base="tiny", replicas=2, replica_cpus=0.5,
-                           ingress_cpus=0.25, max_ongoing_requests=2, health_check_period_s=1.0,
+                           ingress_cpus=0.25, max_ongoing_requests=1, health_check_period_s=1.0,
                            report_interval_s=0.2, engine=engine)
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     # Serve's router waits 1-2 s for a busy replica that has the adapter before trying the others; 0.1 s lets a
