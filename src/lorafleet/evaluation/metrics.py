@@ -310,18 +310,36 @@ def evaluate_adapters(base, adapters: list, eval_sets: list[EvalSet], *, max_new
     return results
 
 
+def load_for_eval(registry, address: str, base) -> tuple[object, object, list[dict]]:
+    """``(revision, adapter, stack)`` for evaluating ``address`` as it is served: a stacked adapter comes with its
+    parents' live revisions (an ``AdapterStack``); ``stack`` lists every level (address, digest), root first."""
+    from lorafleet.adapters import from_bytes  # noqa: PLC0415
+    from lorafleet.adapters.stack import AdapterStack  # noqa: PLC0415
+    from lorafleet.registry.stacks import stack_record  # noqa: PLC0415
+
+    levels = registry.load_stack(address, base_fingerprint=base.fingerprint)  # refuses another base's level
+    adapters = tuple(from_bytes(blob, base) for _, blob in levels)
+    revs = [rev for rev, _ in levels]
+    return revs[-1], adapters[0] if len(adapters) == 1 else AdapterStack(adapters), stack_record(revs)
+
+
 def evaluate_revisions(registry, addresses: list[str], base, eval_sets: list[EvalSet], *, store: bool = True,
                        **kwargs) -> list[tuple[object, dict]]:
     """Load each revision (refused if made for another base), evaluate them together, and (``store``) merge the
-    metrics into each revision. Returns ``(RevisionInfo, metrics)`` pairs (the info after the update)."""
-    from lorafleet.adapters import from_bytes  # noqa: PLC0415
+    metrics into each revision. Returns ``(RevisionInfo, metrics)`` pairs (the info after the update).
 
-    revs, adapters = [], []
+    A stacked adapter is evaluated on top of its parents' live revisions, as it is served; the levels used are
+    recorded in ``metrics["stack"]``."""
+    revs, adapters, stacks = [], [], []
     for address in addresses:
-        rev, blob = registry.load(address, base_fingerprint=base.fingerprint)
+        rev, adapter, stack = load_for_eval(registry, address, base)
         revs.append(rev)
-        adapters.append(from_bytes(blob, base))
+        adapters.append(adapter)
+        stacks.append(stack)
     metrics = evaluate_adapters(base, adapters, eval_sets, **kwargs)
+    for m, stack in zip(metrics, stacks, strict=True):
+        if len(stack) > 1:
+            m["stack"] = stack
     out = []
     for rev, m in zip(revs, metrics, strict=True):
         out.append((registry.update_metrics(rev.address, m) if store else rev, m))
