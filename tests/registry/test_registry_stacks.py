@@ -19,8 +19,8 @@ def _commit(reg, ref: str, payload: bytes, live: bool = True):
 
 
 @pytest.fixture
-def stacked(sqlite_registry):
-    reg = sqlite_registry
+def stacked(registry):
+    reg = registry  # SQLite and PostgreSQL
     reg.create_adapter("acme/_org/support")
     reg.create_adapter("acme/team/triage", parent="acme/_org/support")
     reg.create_adapter("acme/alice/assistant", parent="acme/team/triage")

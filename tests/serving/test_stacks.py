@@ -166,3 +166,21 @@ def test_a_stack_wider_than_the_slot_table_is_refused(make_engine):
     engine = make_engine(DictBlobs(), max_active=2, max_cached=2)
     with pytest.raises(ValueError, match="max_active=2"):
         engine.submit("hi", ("a" * 64, "b" * 64, "c" * 64))
+
+
+def test_shared_level_survives_churn_of_personal_levels(base, make_engine):
+    """Three RAM entries, ten users one after another, each on top of the same org level: the org level is
+    loaded once (each row's use keeps it hot) while the personal levels churn through the rest."""
+    from lorafleet.adapters import LoraAdapter, LoraSpec  # noqa: PLC0415
+
+    blobs = DictBlobs()
+    spec = LoraSpec(rank=2, alpha=4, target_modules="attention")
+    org = blobs.put(LoraAdapter.create(base, spec, seed=200, init="random"))
+    users = [blobs.put(LoraAdapter.create(base, spec, seed=201 + i, init="random")) for i in range(10)]
+    engine = make_engine(blobs, max_active=2, max_cached=3)
+    for user in users:
+        assert engine.generate(["a b"], [(org, user)], SamplingParams(max_tokens=2))[0].ok
+    counters = engine.metrics_snapshot()["counters"]
+    assert counters["loads_ok"] == 1 + len(users)  # the org level once, every personal level once
+    assert counters["evictions_ram"] >= len(users) - 2
+    assert org in {e["digest"] for e in engine.residency_snapshot()["ram"]}
