@@ -7,9 +7,10 @@ The organisation's habit: every answer opens with the company greeting. Each use
 sign-off. Everything goes through the registry, the job queue and the worker:
 
 1. ``acme/_org/support`` is trained on the organisation's pooled examples (greeting only) and made live;
-2. per user, two adapters are trained on the *same* personal examples (greeting + answer + sign-off), packed
+2. per user, adapters are trained on the *same* personal examples (greeting + answer + sign-off), all packed
    into the same optimizer steps: ``acme/<u>/stacked`` (created with ``--parent acme/_org/support``: trained
-   on top of the frozen org adapter, smaller rank) and ``acme/<u>/full`` (no parent: must learn both habits);
+   on top of the frozen org adapter, smaller rank), ``acme/<u>/lite`` (the same, with half the steps: half the
+   personal training tokens) and ``acme/<u>/full`` (no parent: must learn both habits);
 3. both are evaluated on held-out prompts as they are served (the stacked one with its org level), each
    response checked for both habits by the persona checkers;
 4. serving throughput: the same requests through the engine, as stacks (org + user, two levels per row)
@@ -35,23 +36,25 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="tiny model, 2 users, a few steps; writes nothing")
     parser.add_argument("--users", type=int, default=3, help=f"users (at most {len(USERS)})")
-    parser.add_argument("--org-steps", type=int, default=24)
+    parser.add_argument("--org-steps", type=int, default=20)
     parser.add_argument("--org-examples", type=int, default=32, help="the organisation's pooled examples")
     parser.add_argument("--user-steps", type=int, default=16)
+    parser.add_argument("--lite-steps", type=int, default=8, help="steps of the 'lite' stacked personal level")
     parser.add_argument("--user-examples", type=int, default=16, help="personal examples per user")
     parser.add_argument("--batch", type=int, default=2, help="rows per user per step")
     parser.add_argument("--org-rank", type=int, default=4)
     parser.add_argument("--stacked-rank", type=int, default=2, help="rank of the personal level of a stack")
     parser.add_argument("--full-rank", type=int, default=4, help="rank of a per-user full adapter")
     parser.add_argument("--lr", type=float, default=3e-3)
-    parser.add_argument("--eval-examples", type=int, default=8, help="held-out prompts per user")
+    parser.add_argument("--eval-examples", type=int, default=6, help="held-out prompts per user")
     parser.add_argument("--max-new-tokens", type=int, default=40)
     parser.add_argument("--serve-requests", type=int, default=12)
-    parser.add_argument("--serve-tokens", type=int, default=24)
+    parser.add_argument("--serve-tokens", type=int, default=16)
     parser.add_argument("--base", default="smollm2-135m-instruct")
     args = parser.parse_args()
     if args.quick:
         args.base, args.users, args.org_steps, args.user_steps, args.max_new_tokens = "tiny", 2, 3, 3, 8
+        args.lite_steps = 2
         args.eval_examples, args.serve_requests, args.serve_tokens = 3, 4, 6
 
     import torch
@@ -72,6 +75,7 @@ def main() -> int:
 
     quiet_libraries()
     t_start = time.perf_counter()
+    load_start = os.getloadavg()[0]
     users = list(USERS)[: args.users]
     tmp = Path(tempfile.mkdtemp(prefix="stacks-bench-"))
     reg = Registry(f"sqlite:///{tmp / 'registry.db'}", str(tmp / "blobs"))
@@ -138,14 +142,18 @@ def main() -> int:
     jobs = []
     for u in users:
         reg.create_adapter(f"acme/{u}/stacked", parent="acme/_org/support", creator="benchmark")
+        reg.create_adapter(f"acme/{u}/lite", parent="acme/_org/support", creator="benchmark")
         reg.create_adapter(f"acme/{u}/full", creator="benchmark")
         jobs += [(f"acme/{u}/stacked", user_train[u], args.stacked_rank, args.user_steps),
+                 (f"acme/{u}/lite", user_train[u], args.stacked_rank, args.lite_steps),
                  (f"acme/{u}/full", user_train[u], args.full_rank, args.user_steps)]
     users_s = train(jobs, "users")
 
     # 3. held-out adherence of both habits, each adapter as it is served
     console.rule("3. held-out adherence (greedy), both habits checked on every response")
-    kinds = ("stacked", "full")
+    kinds = ("stacked", "lite", "full")
+    steps_of = {"stacked": args.user_steps, "lite": args.lite_steps, "full": args.user_steps}
+    label = {"stacked": "stacked", "lite": "stacked, ½ steps", "full": "full", "base": "base (no adapter)"}
     rows_adapters, rows_prompts, rows_key = [], [], []
     loaded = {}
     for u in users:
@@ -182,7 +190,7 @@ def main() -> int:
 
     org_bytes = reg.resolve("acme/_org/support").size
     org_tokens = tokens(org_train) / len(org_train) * args.org_steps * 4  # rows seen in the org's steps
-    user_tokens = tokens(user_train[users[0]]) / len(user_train[users[0]]) * args.user_steps * args.batch
+    per_example = {u: tokens(user_train[u]) / len(user_train[u]) for u in users}
     headers = ["user", "approach", "org habit (greeting)", "own habit (sign-off)", "both", "rank",
                "bytes / user", "training tokens / user"]
     rows = []
@@ -194,20 +202,22 @@ def main() -> int:
             for i, v in enumerate((g, s, b)):
                 agg[kind][i] += v / len(users)
             if kind == "base":
-                rows.append([u, "base (no adapter)", f"{g:.0%}", f"{s:.0%}", f"{b:.0%}", "-", "-", "-"])
+                rows.append([u, label[kind], f"{g:.0%}", f"{s:.0%}", f"{b:.0%}", "-", "-", "-"])
                 continue
             rev, _ = loaded[(u, kind)]
-            per_user_bytes = rev.size + (org_bytes / len(users) if kind == "stacked" else 0)
-            tok = user_tokens + (org_tokens / len(users) if kind == "stacked" else 0)
-            note = f" (+ org {org_bytes / 1024:.0f} KiB / {len(users)})" if kind == "stacked" else ""
-            tnote = f" (+ org {org_tokens:,.0f} / {len(users)})" if kind == "stacked" else ""
-            rank = args.stacked_rank if kind == "stacked" else args.full_rank
-            rows.append([u, kind, f"{g:.0%}", f"{s:.0%}", f"{b:.0%}", rank,
+            stacked = kind != "full"
+            user_tokens = per_example[u] * steps_of[kind] * args.batch
+            per_user_bytes = rev.size + (org_bytes / len(users) if stacked else 0)
+            tok = user_tokens + (org_tokens / len(users) if stacked else 0)
+            note = f" + org {org_bytes / 1024:.0f} KiB / {len(users)}" if stacked else ""
+            tnote = f" + org {org_tokens:,.0f} / {len(users)}" if stacked else ""
+            rank = args.stacked_rank if stacked else args.full_rank
+            rows.append([u, label[kind], f"{g:.0%}", f"{s:.0%}", f"{b:.0%}", rank,
                          f"{rev.size / 1024:.0f} KiB{note} = {per_user_bytes / 1024:.0f} KiB",
                          f"{user_tokens:,.0f}{tnote} = {tok:,.0f}"])
     title = f"org + personal habits on held-out prompts ({base.name}, {len(users)} users × {args.eval_examples})"
     show(title, headers, rows)
-    summary_rows = [[kind, f"{agg[kind][0]:.0%}", f"{agg[kind][1]:.0%}", f"{agg[kind][2]:.0%}"]
+    summary_rows = [[label[kind], f"{agg[kind][0]:.0%}", f"{agg[kind][1]:.0%}", f"{agg[kind][2]:.0%}"]
                     for kind in (*kinds, "base")]
     show("mean over users", ["approach", "org habit", "own habit", "both"], summary_rows)
 
@@ -241,24 +251,29 @@ def main() -> int:
     distinct = len({lvl for s in stacked_req for lvl in s})
     total_s = time.perf_counter() - t_start
     summary = (f"{len(users)} users; org adapter trained in {org_s:.0f} s ({args.org_steps} steps), the "
-               f"{2 * len(users)} personal adapters packed into {args.user_steps} steps in {users_s:.0f} s; "
+               f"{len(kinds) * len(users)} personal adapters packed into {args.user_steps} steps in {users_s:.0f} s; "
                f"evaluation {eval_s:.0f} s; total {total_s:.0f} s")
     console.print(summary)
     if args.quick:
         return 0
     import platform  # noqa: PLC0415
 
-    sample_rows = [[f"acme/{users[0]}/{kind}", samples[(users[0], kind)][:160].replace("\n", " ").replace("|", "/")]
+    sample_rows = [[f"acme/{users[0]}/{kind}" if kind != "base" else "base",
+                    samples[(users[0], kind)][:160].replace("\n", " ").replace("|", "/")]
                    for kind in (*kinds, "base")]
     notes = "\n".join([
         f"- {summary}.",
-        f"- `uname -a`: `{' '.join(platform.uname())}`; `OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', '')}`.",
+        f"- `uname -a`: `{' '.join(platform.uname())}`; `OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', '')}`; "
+        f"1-minute load average {load_start:.1f} at the start and {os.getloadavg()[0]:.1f} at the end (the 2 cores "
+        "are shared with other jobs: absolute times and tokens/s are slow and noisy, the ratios are measured side "
+        "by side in one process).",
         f"- org level `acme/_org/support`: rank {args.org_rank}, all projections, {args.org_examples} pooled "
         f"greeting examples, {args.org_steps} steps × 4 rows; made live, then frozen under every stacked user.",
         f"- per user: the same {args.user_examples} personal examples (greeting + answer + sign-off) for both "
-        f"approaches, {args.user_steps} steps × {args.batch} rows, lr {args.lr:g}, alpha = 4 × rank; stacked "
-        f"personal level rank {args.stacked_rank}, full adapter rank {args.full_rank}. Both kinds of job ran in "
-        "the same packed steps of one worker (the stacked rows routed through two levels).",
+        f"approaches, {args.user_steps} steps × {args.batch} rows ({args.lite_steps} steps for `lite`), lr "
+        f"{args.lr:g}, alpha = 4 × rank; stacked personal level rank {args.stacked_rank}, full adapter rank "
+        f"{args.full_rank}. Every kind of job ran in the same packed steps of one worker (the stacked rows routed "
+        "through two levels, the org level frozen and shared by all of them).",
         f"- adherence: {args.eval_examples} held-out prompts per user (never in training), greedy, at most "
         f"{args.max_new_tokens} new tokens; the greeting and the sign-off checked separately by the persona "
         "checkers on the same response; a stacked adapter is evaluated as served (org live + its level).",
