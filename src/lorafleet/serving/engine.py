@@ -733,7 +733,7 @@ class Engine:
             running=len(self._rows),
             prefilling=0 if self._group is None else len(self._group.reqs),
             queue_ready=len(self._ready),
-            queue_loading=sum(len(v) for v in self._waiting.values()),
+            queue_loading=len({id(r) for v in self._waiting.values() for r in v if not r.done}),  # a stack waits on several
             inbox=len(self._inbox),
             adapters_in_ram=counts["ram"],
             adapters_loading=counts["loading"],
