@@ -108,7 +108,7 @@ def test_shared_level_is_one_entry_with_a_reference_per_row(levels, make_engine)
     org, team, alice, bob = (blobs.put(levels[k]) for k in ("org", "team", "alice", "bob"))
     engine = make_engine(blobs, max_batch=8, max_active=4, max_cached=4, join_batch=1)
     stacks = [(org, alice), (org, bob), (org, team, alice), (org,)]
-    handles = [engine.submit([5, 6, 7, 8], s, SamplingParams(max_tokens=40, ignore_eos=True)) for s in stacks]
+    handles = [engine.submit([5, 6, 7, 8], s, SamplingParams(max_tokens=150, ignore_eos=True)) for s in stacks]
     _step_until(engine, lambda: len(engine._rows) == len(stacks))
     snap = engine.residency_snapshot()
     by_digest = {e["digest"]: e for e in snap["ram"]}
@@ -117,7 +117,9 @@ def test_shared_level_is_one_entry_with_a_reference_per_row(levels, make_engine)
     assert sum(s["digest"] is not None for s in snap["slots"]) == 4  # 4 distinct adapters, 4 slots
     assert engine.metrics_snapshot()["counters"]["loads_ok"] == 4
     for h in handles:
-        assert h.result(timeout=120).ok
+        h.cancel()
+    assert all(h.result(timeout=120).finish_reason == "cancelled" for h in handles)
+    assert all(e["refs"] == 0 and e["active"] == 0 for e in engine.residency_snapshot()["ram"])
 
 
 def test_a_stack_takes_all_its_slots_or_waits(levels, make_engine):
@@ -125,7 +127,7 @@ def test_a_stack_takes_all_its_slots_or_waits(levels, make_engine):
     blobs = DictBlobs()
     org, alice, bob = (blobs.put(levels[k]) for k in ("org", "alice", "bob"))
     engine = make_engine(blobs, max_batch=4, max_active=2, max_cached=3, join_batch=1, join_wait_steps=0)
-    first = engine.submit([5, 6, 7], bob, SamplingParams(max_tokens=12, ignore_eos=True))
+    first = engine.submit([5, 6, 7], bob, SamplingParams(max_tokens=100, ignore_eos=True))  # outlives the loads
     _step_until(engine, lambda: bool(engine._rows))
     second = engine.submit([5, 6, 7], (org, alice), SamplingParams(max_tokens=3, ignore_eos=True))
     _step_until(engine, lambda: engine.residency.counts()["ram"] == 3)  # both levels loaded, one slot free
@@ -135,7 +137,8 @@ def test_a_stack_takes_all_its_slots_or_waits(levels, make_engine):
     snap = engine.residency_snapshot()
     assert [s["digest"] for s in snap["slots"]].count(bob) == 1
     assert not any(s["digest"] in (org, alice) and s["active"] for s in snap["slots"])  # nothing half-held
-    assert first.result(timeout=120).ok and second.result(timeout=120).ok
+    first.cancel()  # its slot frees: the stack gets both
+    assert first.result(timeout=120).finish_reason == "cancelled" and second.result(timeout=120).ok
 
 
 def test_a_failing_level_fails_its_rows_only_and_releases_the_others(levels, make_engine):
