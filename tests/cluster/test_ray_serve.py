@@ -110,7 +110,7 @@ def test_twenty_adapters_are_answered_correctly_by_both_replicas(ray_cluster, re
     assert all(rep["routing"]["requests"] > 0 for rep in view["replicas"]), view["totals"]
 
 
-def test_streaming_errors_and_metrics_go_through_the_cluster(ray_cluster, reference):
+def test_streaming_errors_and_metrics_go_through_the_cluster(ray_cluster, reference, local_engine):
     ref = adapter_refs()[3]
     body = {"model": ref, "messages": PROMPT, "max_tokens": SHORT, "temperature": 0, "stream": True}
     headers = {"authorization": f"Bearer {ray_cluster.keys['tenant']}"}
@@ -140,6 +140,13 @@ def test_streaming_errors_and_metrics_go_through_the_cluster(ray_cluster, refere
     metrics = httpx.get(f"{ray_cluster.url}/metrics", timeout=30)
     assert metrics.status_code == 200 and "lorafleet_adapter_lookups" in metrics.text
     assert httpx.get(f"{ray_cluster.url}/health", timeout=30).json()["engine"] is True
+
+    # a stacked adapter (a child over its parent): the replica leases both levels, the answer is the stack's
+    ray_cluster.registry.create_adapter("acme/u03/kid", parent=ref)
+    kid = commit_live(ray_cluster.registry, ray_cluster.base, "acme/u03/kid", seed=77)
+    r = chat(ray_cluster, "acme/u03/kid")
+    assert [lvl["digest"] for lvl in r.json()["lorafleet"]["stack"]] == [ray_cluster.digests[ref], kid]
+    assert text_of(r) == expected(local_engine, [(ray_cluster.digests[ref], kid)], SHORT)[0]
 
     # the dashboard's API reads the fleet as one engine; pinning by hand is refused with the reason
     admin = {"authorization": f"Bearer {ray_cluster.keys['admin']}"}
@@ -199,7 +206,8 @@ def test_a_rollback_takes_effect_on_every_replica(ray_cluster, local_engine):
     assert r.status_code == 200, r.text
     after = burst_until_both_replicas(ray_cluster, ref)
     for r in after:
-        assert r.json()["lorafleet"] == {"revision": f"{ref}#1", "digest": rev1}
+        meta = r.json()["lorafleet"]
+        assert (meta["revision"], meta["digest"]) == (f"{ref}#1", rev1)
         assert text_of(r) == text1
     assert len({r.headers[REPLICA_HEADER] for r in after}) == 2
 

@@ -26,6 +26,7 @@ import asyncio
 import logging
 import threading
 import time
+from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict
 
@@ -45,26 +46,24 @@ class AdapterLoadFailed(RuntimeError):
 
 
 class AdapterLease:
-    """One multiplexed "model" of a replica: an adapter pinned in the replica's engine RAM.
+    """One multiplexed "model" of a replica: an adapter (or a stack's levels) pinned in the replica's engine RAM.
 
     Serve's multiplexer calls ``__del__`` when it evicts the lease (LRU beyond ``adapters_per_replica``); the
     garbage collector may call it again later, hence the flag: a second call must not unpin a newer lease of
-    the same digest.
+    the same digest. Stacks share levels, so pins are counted per digest by the replica.
     """
 
-    def __init__(self, replica: EngineReplica, digest: str) -> None:
-        self._replica, self.digest = replica, digest
+    def __init__(self, replica: EngineReplica, key: str, digests: tuple[str, ...]) -> None:
+        self._replica, self.key, self.digests = replica, key, digests
         self._released = False
 
     def release(self) -> None:
         if self._released:
             return
         self._released = True
-        self._replica._leased.discard(self.digest)
-        try:
-            self._replica.engine.unpin(self.digest)
-        except Exception as exc:  # noqa: BLE001 - an engine being closed has nothing left to unpin
-            log.debug("unpin %s: %s", self.digest[:12], exc)
+        self._replica._leased.discard(self.key)
+        for digest in self.digests:
+            self._replica._unpin(digest)
 
     def __del__(self) -> None:
         self.release()
@@ -102,7 +101,8 @@ class EngineReplica:
         self.engine = Engine(self.base, registry_fetch(self.registry), config.engine).start()
         # Waiting for a result blocks a thread; one per request a replica accepts, so none waits for a thread.
         self._pool = ThreadPoolExecutor(max_workers=config.max_ongoing_requests + 2, thread_name_prefix="lf-wait")
-        self._leased: set[str] = set()
+        self._leased: set[str] = set()  # multiplexed model ids (digest, or a stack's digests joined by "+")
+        self._pins: Counter[str] = Counter()  # leases pinning each digest (stacks share levels)
         self.routing = dict.fromkeys(ROUTING_COUNTERS, 0)
         self._counts_lock = threading.Lock()
         self._board = board
@@ -122,43 +122,79 @@ class EngineReplica:
         with self._counts_lock:
             self.routing[name] += 1
 
-    async def _make_lease(self, digest: str) -> AdapterLease:
-        """Pin ``digest`` in the engine and wait until it is in RAM (fetched, verified, parsed, validated)."""
+    def _pin(self, digest: str) -> None:
+        with self._counts_lock:
+            first = self._pins[digest] == 0
+            self._pins[digest] += 1
+        if first:
+            try:
+                self.engine.pin(digest)
+            except Exception:
+                self._unpin(digest, engine=False)
+                raise
+
+    def _unpin(self, digest: str, *, engine: bool = True) -> None:
+        with self._counts_lock:
+            self._pins[digest] -= 1
+            last = self._pins[digest] <= 0
+            if last:
+                del self._pins[digest]
+        if last and engine:
+            try:
+                self.engine.unpin(digest)
+            except Exception as exc:  # noqa: BLE001 - an engine being closed has nothing left to unpin
+                log.debug("unpin %s: %s", digest[:12], exc)
+
+    async def _make_lease(self, key: str) -> AdapterLease:
+        """Pin the digest(s) of ``key`` in the engine and wait until they are in RAM (fetched, verified, parsed,
+        validated). ``key`` is a digest, or a stack's digests joined by ``+``."""
         from lorafleet.serving.residency import READY  # noqa: PLC0415
         from lorafleet.serving.sources import check_digest  # noqa: PLC0415
 
-        check_digest(digest)
-        self.engine.pin(digest)
-        deadline = time.monotonic() + self.config.load_timeout_s
-        while (state := self.engine.residency.state(digest)) != READY:
-            if state is None:  # the load failed and the engine dropped the entry (its pin with it)
-                self._count("lease_failures")
-                raise AdapterLoadFailed(f"adapter {digest[:12]} could not be made resident on {self.replica}")
-            if time.monotonic() > deadline:
-                self.engine.unpin(digest)
-                self._count("lease_failures")
-                raise AdapterLoadFailed(f"adapter {digest[:12]} not resident after {self.config.load_timeout_s} s")
-            await asyncio.sleep(0.005)
+        digests = tuple(dict.fromkeys(check_digest(d) for d in key.split("+")))
+        pinned: list[str] = []
+        try:
+            for digest in digests:
+                self._pin(digest)
+                pinned.append(digest)
+            deadline = time.monotonic() + self.config.load_timeout_s
+            for digest in digests:
+                while (state := self.engine.residency.state(digest)) != READY:
+                    if state is None:  # the load failed and the engine dropped the entry (its pin with it)
+                        raise AdapterLoadFailed(f"adapter {digest[:12]} could not be made resident on {self.replica}")
+                    if time.monotonic() > deadline:
+                        raise AdapterLoadFailed(f"adapter {digest[:12]} not resident after "
+                                                f"{self.config.load_timeout_s} s")
+                    await asyncio.sleep(0.005)
+        except Exception:
+            self._count("lease_failures")
+            for digest in pinned:
+                self._unpin(digest)
+            raise
         self._count("lease_loads")
-        self._leased.add(digest)
-        return AdapterLease(self, digest)
+        self._leased.add(key)
+        return AdapterLease(self, key, digests)
 
-    async def _acquire(self, digest: str | None) -> bool | None:
-        """Count the request; make its adapter a resident multiplexed model. Returns whether it already was."""
+    async def _acquire(self, adapter) -> bool | None:
+        """Count the request; make its adapter (or stack) a resident multiplexed model. Returns whether it
+        already was."""
+        from lorafleet.cluster.remote import model_id  # noqa: PLC0415
+
         self._count("requests")
-        if digest is None:
+        if adapter is None:
             return None
-        if serve.get_multiplexed_model_id() != digest:
-            raise ValueError(f"request for adapter {digest[:12]} arrived with multiplexed model id "
+        key = model_id(adapter)
+        if serve.get_multiplexed_model_id() != key:
+            raise ValueError(f"request for adapter {key[:12]} arrived with multiplexed model id "
                              f"{serve.get_multiplexed_model_id()!r}: the router could not place it by adapter")
         self._count("adapter_requests")
-        hit = digest in self._leased
+        hit = key in self._leased
         if hit:
             self._count("affinity_hits")
         try:
-            await self._lease(digest)
+            await self._lease(key)
         except Exception as exc:  # noqa: BLE001 - the engine retries the load and reports the exact cause
-            log.warning("lease for %s failed: %s", digest[:12], exc)
+            log.warning("lease for %s failed: %s", key[:12], exc)
         return hit
 
     def _submit(self, payload: dict):

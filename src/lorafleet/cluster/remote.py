@@ -53,6 +53,14 @@ def install_replica_headers(app) -> None:
         return response
 
 
+def model_id(adapter) -> str:
+    """Serve's multiplexed model id of what a request runs on: its digest, a stack's digests joined by ``+``
+    (root first), or ``""`` for the base."""
+    if adapter is None:
+        return ""
+    return adapter if isinstance(adapter, str) else "+".join(adapter)
+
+
 def result_from_wire(d: dict) -> Result:
     return Result(**{k: v for k, v in d.items() if k in _RESULT_FIELDS})
 
@@ -84,7 +92,7 @@ class RemoteHandle:
         self._box = _served_by.get()  # submit() runs in the route's context
 
     def _options(self, stream: bool):
-        return self._engine_handle.options(multiplexed_model_id=self._payload["adapter"] or "", stream=stream)
+        return self._engine_handle.options(multiplexed_model_id=model_id(self._payload["adapter"]), stream=stream)
 
     def _take(self, out: dict) -> None:
         if "invalid" in out:  # the engine refused the prompt (too long, empty): the caller's fault
@@ -166,8 +174,12 @@ class RemoteEngine:
         from lorafleet.serving.params import SamplingParams  # noqa: PLC0415
         from lorafleet.serving.sources import check_digest  # noqa: PLC0415
 
-        if adapter is not None:
+        if isinstance(adapter, str):
             check_digest(adapter)
+        elif adapter is not None:  # a stack, root first (the engine checks the depth)
+            if not isinstance(adapter, (tuple, list)) or not adapter:
+                raise ValueError(f"adapter must be a digest, a tuple of digests (a stack) or None, got {adapter!r}")
+            adapter = tuple(check_digest(d) for d in adapter)
         with self._lock:
             self._seq += 1
             rid = request_id or f"remote-{self._seq}"
