@@ -329,6 +329,10 @@ class MemoryStore:
             mine = {t: (t.c.tenant == tenant, t.c.username == user) for t in (interactions, feedback, schedules)}
             for table, cond in mine.items():
                 counts[table.name] = conn.execute(table.delete().where(*cond)).rowcount
+            # Another user's adapter stacked on one of these (rare: a person is usually a leaf) loses that parent:
+            # its parent_ref would name the forgotten user and point at nothing.
+            others = sa.and_(adapters.c.parent_ref.in_(refs), adapters.c.id.not_in(ids))
+            counts["children_unlinked"] = conn.execute(adapters.update().where(others).values(parent_ref=None)).rowcount
             conn.execute(jobs.delete().where(jobs.c.ref.in_(refs)))
             conn.execute(aliases.delete().where(aliases.c.adapter_id.in_(ids)))
             conn.execute(revisions.delete().where(revisions.c.adapter_id.in_(ids)))
