@@ -13,7 +13,8 @@ size-bounded per user: past ``max_interactions`` / ``max_feedback`` rows the old
 
 Forgetting (:meth:`MemoryStore.forget_user`) deletes, in one write transaction that holds the same lock as
 commits and gc, every row of the user (interactions, feedback, settings, adapters, revisions, aliases, audit
-rows, training jobs) and every blob only they referenced (revision blobs, job datasets and checkpoints; a blob
+rows, training jobs; another user's adapter stacked on one of theirs loses that parent) and every blob only they
+referenced (revision blobs, job datasets and checkpoints; a blob
 another user's revision or job references by digest stays, referenced by them only). The audit log keeps one
 tombstone: who ran it, when, and a hash of the forgotten user's name (not the name). The caller passes
 ``purge(digest)`` to drop deleted blobs from a serving engine's residency tiers (RAM and compute slots).

@@ -297,7 +297,7 @@ class Engine:
             self._purging.add(digest)
         try:
             with self._step_lock:
-                using = [r.handle for r in self._live.values() if r.adapter == digest and not r.done]
+                using = [r.handle for r in self._live.values() if digest in r.levels and not r.done]
             for handle in using:
                 handle.cancel()
             deadline = time.monotonic() + timeout
@@ -305,7 +305,7 @@ class Engine:
                 with self._step_lock:
                     if not self.running:
                         self.step()
-                    if not any(r.adapter == digest and not r.done for r in self._live.values()) \
+                    if not any(digest in r.levels and not r.done for r in self._live.values()) \
                             and self.residency.purge(digest):
                         return
                 if time.monotonic() >= deadline:
@@ -492,8 +492,9 @@ class Engine:
                 self._finish(req, "cancelled")
             elif not req.levels:
                 self._make_ready(req)
-            elif req.adapter in self._purging:
-                self._finish(req, "error", error=f"adapter {req.adapter[:12]} was deleted")
+            elif self._purging.intersection(req.levels):
+                gone = next(d for d in req.levels if d in self._purging)
+                self._finish(req, "error", error=f"adapter {gone[:12]} was deleted")
             else:
                 for digest in req.levels:
                     state, uid = self.residency.acquire(digest)
