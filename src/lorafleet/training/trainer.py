@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 from torch import Tensor
 
-from lorafleet.adapters import LoraAdapter, LoraHost, StackedWeights
+from lorafleet.adapters import LoraAdapter, LoraHost, StackedWeights, as_lora
 from lorafleet.training.data import IGNORE, Dataset, TokenizeReport, tokenize_pair, tokenize_sft
 from lorafleet.training.losses import dpo_loss, labelled_logprobs
 
@@ -64,7 +64,7 @@ class UserTrack:
     """One user's state inside the trainer."""
 
     key: str
-    adapter: LoraAdapter
+    adapter: LoraAdapter  # or a VeraAdapter: ``weights`` holds its trainable (d, b) vectors instead of (A, B)
     config: TrainConfig
     items: list  # tokenized examples or pairs
     optimizer: torch.optim.Optimizer
@@ -188,7 +188,7 @@ class MultiTenantTrainer:
                 slots.append(slot)
         ids, lab, mask = _pad(rows, labels, self.base.tokenizer.pad_token_id)
         device = self.base.device
-        table = StackedWeights([t.adapter for t in group], train=True)
+        table = StackedWeights([as_lora(t.adapter) for t in group], train=True)  # tiny formats expand
         with self.host.route(table, slots):
             logp, count = labelled_logprobs(self.base.model, ids.to(device), mask.to(device), lab.to(device))
         nll = -logp
@@ -210,7 +210,7 @@ class MultiTenantTrainer:
         ids, lab, mask = _pad(rows, labels, self.base.tokenizer.pad_token_id)
         device = self.base.device
         ids, lab, mask = ids.to(device), lab.to(device), mask.to(device)
-        table = StackedWeights([t.adapter for t in group], train=True)
+        table = StackedWeights([as_lora(t.adapter) for t in group], train=True)  # tiny formats expand
         with self.host.route(table, slots):
             policy, _ = labelled_logprobs(self.base.model, ids, mask, lab)
         with torch.no_grad():  # reference = the base, adapter off: no second copy of the model
@@ -255,7 +255,7 @@ def sft_eval_loss(base, adapter: LoraAdapter | None, dataset: Dataset, max_len: 
     host = LoraHost.attach(base.model)
     items = [tokenize_sft(base.tokenizer, r, max_len) for r in dataset.records]
     total, count = 0.0, 0
-    table = StackedWeights([adapter]) if adapter is not None else None
+    table = StackedWeights([as_lora(adapter)]) if adapter is not None else None
     for i in range(0, len(items), batch):
         chunk = items[i : i + batch]
         ids, lab, mask = _pad([c.input_ids for c in chunk], [c.labels for c in chunk], base.tokenizer.pad_token_id)
