@@ -2,8 +2,9 @@ r"""Storage codecs for adapter weights: how an adapter's tensors are written int
 
 An adapter blob is one safetensors file. Without a codec (the format of every blob written before codecs
 existed) each tensor is stored under its PEFT name. With a codec, all tensors are *packed*: concatenated in
-name order into one stream (plus one stream of scales), and the ``lorafleet.codec`` metadata records the codec
-and the layout (names and shapes, zlib-compressed JSON, base64). Packing matters for tiny adapters: 240 named
+name order into one stream (plus one stream of scales), and a ``"storage"`` entry of the blob's adapter-config
+metadata records the codec and the layout (names and shapes, zlib-compressed JSON, base64). One metadata key,
+not two: safetensors writes its metadata map in hash order, and the same adapter must give the same bytes. Packing matters for tiny adapters: 240 named
 tensors cost ~25 KB of safetensors header, more than a 4-bit VeRA adapter's numbers.
 
 Codecs only change *storage*: on load every tensor is dequantized to float32 and validated (finite, shapes)
@@ -36,7 +37,7 @@ from torch import Tensor
 
 from lorafleet.adapters.errors import AdapterError
 
-CODEC_KEY = "lorafleet.codec"
+STORAGE_KEY = "storage"  # inside the blob's adapter-config JSON
 CODECS = ("fp32", "fp16", "int8", "q4")
 Q4_GROUPS = (32, 64)
 DEFAULT_Q4_GROUP = 64
@@ -83,7 +84,7 @@ def _q4(stream: Tensor, group: int) -> tuple[Tensor, Tensor]:
 
 
 def encode(tensors: dict[str, Tensor], codec: str, group: int = DEFAULT_Q4_GROUP) -> tuple[dict[str, Tensor], dict]:
-    """``name -> float tensor`` into the packed streams of ``codec`` and the blob's ``lorafleet.codec`` metadata."""
+    """``name -> float tensor`` into the packed streams of ``codec`` and the blob's ``storage`` metadata."""
     check_codec(codec, group)
     names = sorted(tensors)
     flat = [tensors[n].detach().float().contiguous().cpu() for n in names]
@@ -101,10 +102,6 @@ def encode(tensors: dict[str, Tensor], codec: str, group: int = DEFAULT_Q4_GROUP
     q, scale = _q4(stream, group)
     meta["group"] = group
     return {"q": q, "scale": scale}, meta
-
-
-def codec_metadata(meta: dict) -> str:
-    return json.dumps(meta, sort_keys=True, separators=(",", ":"))
 
 
 # ----------------------------------------------------------------------------------------------- decode
@@ -131,21 +128,16 @@ def _layout(packed) -> list[tuple[str, tuple[int, ...]]]:
     return out
 
 
-def parse_metadata(raw: str | None) -> dict:
-    """The blob's codec metadata (absent = per-tensor layout, no codec); refused when malformed or unknown."""
-    if raw is None:
+def parse_metadata(meta: object) -> dict:
+    """The blob's ``storage`` metadata (absent = per-tensor layout, no codec); refused when malformed or unknown."""
+    if meta is None:
         return {"codec": None}
-    try:
-        meta = json.loads(raw)
-    except json.JSONDecodeError as exc:
-        raise AdapterError(f"adapter blob codec metadata is not valid JSON: {exc}") from exc
     if not isinstance(meta, dict) or meta.get("codec") not in CODECS:
         shown = meta.get("codec") if isinstance(meta, dict) else meta
         raise AdapterError(f"adapter blob codec {shown!r} is unknown; known: {', '.join(CODECS)}")
     if meta["codec"] == "q4" and meta.get("group") not in Q4_GROUPS:
         raise AdapterError(f"q4 adapter blob: group must be one of {Q4_GROUPS}, got {meta.get('group')!r}")
-    meta["layout"] = _layout(meta.get("layout"))
-    return meta
+    return {**meta, "layout": _layout(meta.get("layout"))}
 
 
 def decode(stored: dict[str, Tensor], meta: dict) -> dict[str, Tensor]:

@@ -239,14 +239,13 @@ def to_bytes(adapter: LoraAdapter | VeraAdapter, codec: str | None = None, *, gr
         adapter.check_shapes()
         tensors = _vera_tensors(adapter)
         config = {**adapter.spec.to_dict(), "dims": {k: list(v) for k, v in sorted(adapter.dims.items())}}
-        meta = {META_KEY: json.dumps(config, sort_keys=True, separators=(",", ":"))}
     else:
         tensors = _weights_to_tensors(adapter)
-        meta = {META_KEY: canonical_config(adapter.spec)}
+        config = adapter.spec.to_dict()
     if codec is not None:
-        tensors, codec_meta = codecs.encode(tensors, codec, group)
-        meta[codecs.CODEC_KEY] = codecs.codec_metadata(codec_meta)
-    return st_save(tensors, metadata=meta)
+        tensors, config[codecs.STORAGE_KEY] = codecs.encode(tensors, codec, group)
+    # One metadata key: safetensors writes the metadata map in hash order (two keys = two possible byte strings).
+    return st_save(tensors, metadata={META_KEY: json.dumps(config, sort_keys=True, separators=(",", ":"))})
 
 
 def _vera_from(tensors: dict[str, torch.Tensor], cfg: dict) -> VeraAdapter:
@@ -289,20 +288,23 @@ def decode_blob(data: bytes, base=None, *, max_bytes: int = MAX_ADAPTER_BYTES) -
     raw = metadata.get(META_KEY)
     if raw is None:
         raise AdapterError(f"adapter blob has no {META_KEY!r} metadata; it was not written by lorafleet")
-    codec_meta = codecs.parse_metadata(metadata.get(codecs.CODEC_KEY))
+    try:
+        cfg = json.loads(raw)
+    except json.JSONDecodeError as exc:
+        raise AdapterError(f"adapter blob metadata is malformed: {exc}") from exc
+    if not isinstance(cfg, dict):
+        raise AdapterError("adapter blob metadata is malformed: the adapter config is not a JSON object")
+    codec_meta = codecs.parse_metadata(cfg.pop(codecs.STORAGE_KEY, None))
     if codec_meta["codec"] is not None:
         tensors = codecs.decode(tensors, codec_meta)
     try:
-        cfg = json.loads(raw)
-        if not isinstance(cfg, dict):
-            raise TypeError("adapter config is not an object")
         if cfg.get("format", "lora") == VERA_FORMAT:
             adapter = _vera_from(tensors, cfg)
         else:
             spec = LoraSpec(rank=cfg["rank"], alpha=cfg["alpha"], dropout=cfg["dropout"],
                             target_modules=tuple(cfg["target_modules"]))
             adapter = LoraAdapter(spec=spec, weights=_tensors_to_weights(tensors, spec))
-    except (json.JSONDecodeError, KeyError, TypeError) as exc:
+    except (KeyError, TypeError) as exc:
         raise AdapterError(f"adapter blob metadata is malformed: {exc}") from exc
     adapter.meta = {"codec": codec_meta["codec"] or "none", "stored_bytes": len(data)}
     if base is not None:
