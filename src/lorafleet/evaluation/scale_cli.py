@@ -14,7 +14,7 @@ bench_app = typer.Typer(help="Benchmarks that answer a question with a table and
 
 OutOpt = typer.Option(None, "--out", help="directory for the .md and .png (default: $LORAFLEET_HOME/reports/scale-…)")
 QuickOpt = typer.Option(False, "--quick", help="the tiny model, a few steps: a smoke run in seconds")
-PersonasOpt = typer.Option(None, "--personas", help="comma list of shipped personas (default: ahab,lister)")
+PersonasOpt = typer.Option(None, "--personas", help="comma list of shipped personas (default: ahab)")
 SeedsOpt = typer.Option(None, "--seeds", help="seeds per persona and format (reliability = spread over them)")
 StepsOpt = typer.Option(None, "--steps", help="optimizer steps per user")
 BatchOpt = typer.Option(None, "--batch", help="rows per user per step")
@@ -94,10 +94,10 @@ def scale_up(
     base: str | None = typer.Option(None, "--base", help="the shape random-init copies (default smollm2-135m-instruct)"),
     personas: str | None = PersonasOpt,
     fmt: str = typer.Option("lora-r8-all", "--format", help="the format trained on every base"),
-    seeds: int | None = typer.Option(None, "--seeds", help="seeds per persona (default 2)"),
-    steps: int | None = typer.Option(None, "--steps", help="optimizer steps per user (default 24)"),
+    seeds: int | None = typer.Option(None, "--seeds", help="seeds per persona (default 1)"),
+    steps: int | None = typer.Option(None, "--steps", help="optimizer steps per user (default 8)"),
     checkpoints: str | None = typer.Option(None, "--checkpoints", help="steps at which adherence is measured "
-                                           "(default 5,10,20 and the last)"),
+                                           "(default 2,4,8; with --steps: 5,10,20,… and the last)"),
     batch: int | None = BatchOpt,
     n_eval: int | None = NEvalOpt,
     max_new_tokens: int | None = TokensOpt,
@@ -113,9 +113,11 @@ def scale_up(
             cps = tuple(int(c) for c in checkpoints.split(",") if c.strip())
         except ValueError as exc:
             raise EvaluationError(f"--checkpoints must be a comma list of step numbers, got {checkpoints!r}") from exc
-    defaults = {} if quick else {"seeds": 2, "steps": 24}
+    defaults = {} if quick else {"seeds": 1, "steps": 8, "checkpoints": (2, 4, 8)}
     given = {"seeds": seeds, "steps": steps, "checkpoints": cps}
     merged = {k: given[k] if given[k] is not None else defaults.get(k) for k in given}
+    if steps is not None and cps is None:
+        merged["checkpoints"] = None  # derived from --steps
     s = _settings(quick, base=base, personas=personas, batch=batch, n_eval=n_eval, max_new_tokens=max_new_tokens,
                   bases=tuple(b.strip() for b in bases.split(",") if b.strip()) if bases else None, **merged)
     result = run_scale_up(s, _out_dir(out, "scale-up"), _say, Format.parse(fmt))
