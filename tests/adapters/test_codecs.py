@@ -9,8 +9,7 @@ import torch
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
-from lorafleet.adapters import AdapterError, LoraAdapter, LoraSpec, decode_blob, from_bytes, to_bytes
-from lorafleet.adapters import codecs
+from lorafleet.adapters import AdapterError, LoraAdapter, LoraSpec, codecs, decode_blob, from_bytes, to_bytes
 from lorafleet.adapters.peft_io import META_KEY
 
 

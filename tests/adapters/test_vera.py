@@ -8,8 +8,19 @@ import pytest
 import torch
 from peft import PeftModel
 
-from lorafleet.adapters import (AdapterError, LoraAdapter, LoraHost, LoraSpec, StackedWeights, VeraAdapter, VeraSpec,
-                                decode_blob, from_bytes, save_peft, to_bytes)
+from lorafleet.adapters import (
+    AdapterError,
+    LoraAdapter,
+    LoraHost,
+    LoraSpec,
+    StackedWeights,
+    VeraAdapter,
+    VeraSpec,
+    decode_blob,
+    from_bytes,
+    save_peft,
+    to_bytes,
+)
 from lorafleet.adapters.vera import projections
 from lorafleet.evaluation.personas import get_persona
 from lorafleet.training.trainer import MultiTenantTrainer, TrainConfig, sft_eval_loss
@@ -61,8 +72,9 @@ def test_blob_round_trip_stores_only_the_vectors(tiny_base, codec):
     stored = decode_blob(blob, tiny_base)
     assert isinstance(stored, VeraAdapter) and stored.spec == v.spec and stored.dims == v.dims
     tol = {None: 0, "fp32": 0, "fp16": 2e-3, "int8": 2e-2, "q4": 0.2}[codec]
-    for name, (d, b) in v.weights.items():
-        assert (stored.weights[name][1] - b).abs().max() <= tol * b.abs().max() + 1e-7
+    for name, pair in v.weights.items():
+        for want, got in zip(pair, stored.weights[name], strict=True):  # d, then b
+            assert (got - want).abs().max() <= tol * want.abs().max() + 1e-7
     served = from_bytes(blob, tiny_base)  # what the engine loads: the equivalent LoRA
     assert isinstance(served, LoraAdapter) and set(served.weights) == set(v.weights)
     lora_blob = len(to_bytes(LoraAdapter.create(tiny_base, LoraSpec(rank=1, target_modules="attention"))))
