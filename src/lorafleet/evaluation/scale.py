@@ -133,8 +133,8 @@ class ScaleSettings:
 
     @classmethod
     def quick_settings(cls, **overrides) -> ScaleSettings:
-        """The CI smoke run: the tiny model, 2 personas, 2 seeds, 3 steps, 3 formats, short generations."""
-        base = dict(base="tiny", personas=("ahab", "lister"), seeds=2, steps=3, n_eval=2, max_new_tokens=4,
+        """The CI smoke run: the tiny model, 1 persona, 2 seeds, 3 steps, 3 formats, short generations."""
+        base = dict(base="tiny", personas=("ahab",), seeds=2, steps=3, n_eval=2, max_new_tokens=4,
                     formats=(Format("lora", 1, "all"), Format("lora", 8, "all"), Format("vera", 4, "attention")),
                     codec_formats=("lora-r8-all", "vera-r4-attention"),
                     checkpoints=(1, 3), bases=("random-init", "tiny"), quick=True)
@@ -200,6 +200,18 @@ def _write_markdown(path: Path, title: str, sections: list[tuple[str, str]], not
     body += ["## Notes", "", notes, ""]
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("\n".join(body))
+    return path
+
+
+def _write_json(path: Path, result: dict) -> Path:
+    """The raw numbers next to the table (settings included), so plots and tables can be redone without a rerun."""
+    import json  # noqa: PLC0415
+    from dataclasses import asdict  # noqa: PLC0415
+
+    data = {k: v for k, v in result.items() if k != "files"}
+    data["settings"] = asdict(result["settings"])
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(data, indent=1, default=str, allow_nan=True) + "\n")
     return path
 
 
@@ -396,10 +408,10 @@ def write_scale_down(result: dict, out_dir: Path) -> list[Path]:
             f"{s.batch} row(s) per user (lr {s.lr} LoRA alpha {s.alpha}, {s.vera_lr} VeRA); {s.n_eval} held-out "
             f"prompts per persona, greedy, {s.max_new_tokens} new tokens; codecs {', '.join(s.codecs)}; training "
             f"{result['train_seconds']:.0f} s, evaluation {result['eval_seconds']:.0f} s, total {result['seconds']:.0f} s")
-    files = [*_plot_scale_down(summary, out_dir)]
+    files = [*_plot_scale_down(summary, out_dir), _write_json(out_dir / "scale_down.json", result)]
     notes = NOTES_DOWN + ("\n\nQuick (smoke) settings: the tiny random model; the numbers mean nothing." if s.quick else "")
     sections = [("Result", headline), ("Grid", grid), ("Formats (sorted by bytes per user)", _markdown_table(headers, rows)),
-                ("Plots", "\n".join(f"![{p.stem}]({p.name})" for p in files))]
+                ("Plots", "\n".join(f"![{p.stem}]({p.name})" for p in files if p.suffix == ".png"))]
     files.insert(0, _write_markdown(out_dir / "scale_down.md", "Scale down: bytes per user vs habit adherence",
                                     sections, notes))
     return files
@@ -445,7 +457,7 @@ def _plot_scale_down(summary: list[dict], out_dir: Path) -> list[Path]:
                 ax.text(ax.get_xlim()[0], KEEP * ref["adherence"], f" {KEEP:.0%} of {REFERENCE}", va="bottom",
                         color="grey", fontsize=8)
             ax.set_ylim(-0.05, 1.05)
-        ax.set_title(f"{ylabel} vs bytes per user (marker = codec: o fp16, ■ int8, ▲ 4-bit; bars = seed sd)")
+        ax.set_title(f"{ylabel} vs bytes per user\nmarker = codec (● fp16, ■ int8, ▲ 4-bit); bars = seed sd", fontsize=10)
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=6, ncol=2, loc="center left", bbox_to_anchor=(1.01, 0.5))
         fig.tight_layout()
@@ -578,10 +590,10 @@ def write_scale_up(result: dict, out_dir: Path) -> list[Path]:
             f"{s.batch} row(s) per user (lr {s.lr}, alpha {s.alpha}); adherence measured at steps "
             f"{', '.join(map(str, s.eval_steps))} on {s.n_eval} held-out prompts per persona; total "
             f"{result['seconds']:.0f} s")
-    files = _plot_scale_up(result, out_dir)
+    files = [*_plot_scale_up(result, out_dir), _write_json(out_dir / "scale_up.json", result)]
     notes = NOTES_UP + ("\n\nQuick (smoke) settings: the tiny random model; the numbers mean nothing." if s.quick else "")
     sections = [("Grid", grid), ("Per base", _markdown_table(headers, rows)), ("Bases that could not be measured", blocked),
-                ("Plots", "\n".join(f"![{p.stem}]({p.name})" for p in files))]
+                ("Plots", "\n".join(f"![{p.stem}]({p.name})" for p in files if p.suffix == ".png"))]
     files.insert(0, _write_markdown(out_dir / "scale_up.md", "Scale up: the same personal models on stronger bases",
                                     sections, notes))
     return files
