@@ -113,6 +113,8 @@ class ScaleSettings:
     def __post_init__(self) -> None:
         if not self.personas:
             raise EvaluationError("at least one persona is needed")
+        if not (self.lr > 0 and self.vera_lr > 0):
+            raise EvaluationError(f"learning rates must be positive, got lr={self.lr}, vera_lr={self.vera_lr}")
         if not isinstance(self.seeds, int) or not 1 <= self.seeds <= 10:
             raise EvaluationError(f"seeds must be an integer in 1..10, got {self.seeds!r}")
         if not self.formats:

@@ -60,6 +60,8 @@ def scale_down(
     seeds: int | None = SeedsOpt,
     steps: int | None = StepsOpt,
     batch: int | None = BatchOpt,
+    lr: float | None = typer.Option(None, "--lr", help="LoRA learning rate (default 8e-3)"),
+    vera_lr: float | None = typer.Option(None, "--vera-lr", help="VeRA learning rate (default 5e-2)"),
     n_eval: int | None = NEvalOpt,
     max_new_tokens: int | None = TokensOpt,
 ) -> None:
@@ -71,7 +73,7 @@ def scale_down(
     if full_grid:
         fmts = full_formats()
     s = _settings(quick, base=base, personas=personas, formats=fmts, seeds=seeds, steps=steps, batch=batch,
-                  n_eval=n_eval, max_new_tokens=max_new_tokens,
+                  lr=lr, vera_lr=vera_lr, n_eval=n_eval, max_new_tokens=max_new_tokens,
                   codecs=tuple(c.strip() for c in codecs.split(",") if c.strip()) if codecs else None)
     result = run_scale_down(s, _out_dir(out, "scale-down"), _say)
     best = smallest_keeping(result["summary"])
@@ -99,6 +101,7 @@ def scale_up(
     checkpoints: str | None = typer.Option(None, "--checkpoints", help="steps at which adherence is measured "
                                            "(default 2,4,8; with --steps: 5,10,20,… and the last)"),
     batch: int | None = BatchOpt,
+    lr: float | None = typer.Option(None, "--lr", help="learning rate, the same on every base (default 8e-3)"),
     n_eval: int | None = NEvalOpt,
     max_new_tokens: int | None = TokensOpt,
 ) -> None:
@@ -118,7 +121,7 @@ def scale_up(
     merged = {k: given[k] if given[k] is not None else defaults.get(k) for k in given}
     if steps is not None and cps is None:
         merged["checkpoints"] = None  # derived from --steps
-    s = _settings(quick, base=base, personas=personas, batch=batch, n_eval=n_eval, max_new_tokens=max_new_tokens,
+    s = _settings(quick, base=base, personas=personas, batch=batch, lr=lr, n_eval=n_eval, max_new_tokens=max_new_tokens,
                   bases=tuple(b.strip() for b in bases.split(",") if b.strip()) if bases else None, **merged)
     result = run_scale_up(s, _out_dir(out, "scale-up"), _say, Format.parse(fmt))
     for b in result["bases"]:
