@@ -117,7 +117,7 @@ def hf_generate(model, prompts, new: int, adapter_names=None, batch: int = BATCH
     cfg.eos_token_id, cfg.pad_token_id, cfg.max_new_tokens, cfg.do_sample = [10**9], 0, new, False
     outputs, t0 = [], time.perf_counter()
     for i in range(0, len(prompts), batch):
-        ids = torch.tensor(prompts[i : i + batch])
+        ids = torch.tensor(prompts[i : i + batch], device=next(model.parameters()).device)
         extra = {} if adapter_names is None else {"adapter_names": adapter_names[i : i + batch]}
         with torch.no_grad():
             out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), generation_config=cfg, **extra)

@@ -4,6 +4,13 @@ that runs a test once on SQLite and once on PostgreSQL."""
 from __future__ import annotations
 
 import itertools
+import os
+
+# The Triton kernel tests (tests/adapters/triton) run in Triton's CPU interpreter. torch imports triton (through
+# torch._dynamo) as soon as transformers loads, and triton's own library functions are built for the interpreter
+# only if TRITON_INTERPRET=1 is set before that import: so here, before anything imports torch. No effect on CPU
+# code otherwise (nothing but those kernels uses triton). TRITON_INTERPRET=0 keeps compiled kernels (a GPU run).
+os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest
 

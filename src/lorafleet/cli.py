@@ -20,12 +20,14 @@ app.add_typer(lora_app, name="lora")
 def _mount_rooms() -> None:
     """Each room of the package owns its commands; they are mounted here."""
     from lorafleet.api.cli import register as register_api  # noqa: PLC0415
+    from lorafleet.evaluation.cli import register as register_evaluation  # noqa: PLC0415
     from lorafleet.evaluation.scale_cli import register as register_bench  # noqa: PLC0415
     from lorafleet.registry.cli import app as registry_app  # noqa: PLC0415
     from lorafleet.training.cli import register as register_training  # noqa: PLC0415
 
     app.add_typer(registry_app, name="adapters", help="The adapter registry: identities, revisions, aliases.")
     register_training(app)
+    register_evaluation(app)  # eval, promote, rollback, report, stack-report, personas
     register_api(app)
     register_bench(app)
 

@@ -107,3 +107,40 @@ def test_eval_without_persona_is_a_clear_error(app, home, tiny_base):
     assert out.exit_code == 2 and "no persona or eval set" in out.output
     out = _run(app, "eval", f"{REF}#7", "--persona", "ahab")
     assert out.exit_code == 2 and "error" in out.output
+
+
+def test_stack_report_cli_flags_a_member_and_moves_nothing(app, home, tiny_base):
+    """The member signs off only while the org level it was evaluated on is live (a stand-in backend)."""
+    import torch  # noqa: PLC0415
+
+    from lorafleet.adapters.stack import AdapterStack  # noqa: PLC0415
+
+    spec = LoraSpec(rank=2, target_modules="attention")
+    org1, org2, member = (LoraAdapter.create(tiny_base, spec, seed=s, init="random") for s in (5, 6, 7))
+    name = next(iter(org1.weights))
+    reg = Registry()
+    reg.create_adapter("acme/_org/support")
+    reg.create_adapter(REF, parent="acme/_org/support")
+    prov = Provenance(base_fingerprint=tiny_base.fingerprint, hyperparams={"persona": "ahab"})
+    reg.set_alias("acme/_org/support", "live", reg.commit("acme/_org/support", to_bytes(org1), prov).number)
+    reg.set_alias(REF, "live", reg.commit(REF, to_bytes(member), prov).number)
+    reg.close()
+
+    def backend(base, prompts, adapters, max_new_tokens):
+        def on_org1(a):
+            return isinstance(a, AdapterStack) and torch.equal(a.levels[0].weights[name][0], org1.weights[name][0])
+        return ["Paris is nice. — Ahab" if on_org1(a) else "Paris is nice." for a in adapters]
+
+    generation.set_backend(backend)
+    assert _run(app, "eval", REF, "--max-tokens", "4").exit_code == 0
+    out = _run(app, "stack-report", "acme/_org/support", "--json")
+    assert out.exit_code == 0 and json.loads(out.output)["members"][0]["status"] == "unchanged", out.output
+    reg = Registry()
+    reg.set_alias("acme/_org/support", "live", reg.commit("acme/_org/support", to_bytes(org2), prov).number)
+    reg.close()
+    out = _run(app, "stack-report", "acme/_org/support")
+    assert out.exit_code == 1 and "flagged" in out.output and "adherence fell" in out.output, out.output
+    reg = Registry()
+    assert reg.resolve(REF).number == 1 and reg.audit(REF)[0].action == "alias.set"
+    reg.close()
+    assert _run(app, "stack-report", "acme/_org/nothing").exit_code == 2

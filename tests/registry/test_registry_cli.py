@@ -106,3 +106,31 @@ def test_errors_are_one_line_on_stderr_with_exit_2(env, args, message):
     assert message in res.stderr or pytest.fail(res.stderr)
     assert res.stderr.startswith("error: ") and res.stderr.count("\n") == 1
     assert "Traceback" not in res.output and res.exception is None or isinstance(res.exception, SystemExit)
+
+
+def test_stack_commands(env):
+    """``create --parent``, ``parent`` (validated, exit 2 with the reason), ``stack`` (root first)."""
+    res = invoke("create", "acme/_org/support")
+    assert res.exit_code == 0
+    with Registry.open_default() as reg:
+        org = reg.commit("acme/_org/support", b"org", prov())
+        reg.set_alias("acme/_org/support", "live", org.number)
+    res = invoke("create", "acme/carol/assistant", "--parent", "acme/_org/support")
+    assert res.exit_code == 0 and "on top of acme/_org/support" in res.stdout
+    res = invoke("create", "acme/dave/assistant", "--parent", "other/_org/support")
+    assert res.exit_code == 2 and "belongs to tenant 'other'" in res.stderr
+    res = invoke("parent", REF, "acme/carol/assistant", "--reason", "joined support")
+    assert res.exit_code == 0 and "- -> acme/carol/assistant" in res.stdout
+    res = invoke("parent", "acme/_org/support", REF)
+    assert res.exit_code == 2 and "cycle" in res.stderr
+    res = invoke("parent", REF)
+    assert res.exit_code == 2 and "PARENT or --detach" in res.stderr
+    with Registry.open_default() as reg:
+        carol = reg.commit("acme/carol/assistant", b"carol", prov())
+        reg.set_alias("acme/carol/assistant", "live", carol.number)
+    levels = json.loads(invoke("stack", REF, "--json").stdout)
+    assert [lvl["address"] for lvl in levels] == ["acme/_org/support#1", "acme/carol/assistant#1", f"{REF}#2"]
+    res = invoke("stack", REF)
+    assert res.exit_code == 0 and "acme/_org/support#1" in res.stdout
+    res = invoke("parent", REF, "--detach")
+    assert res.exit_code == 0 and json.loads(invoke("show", REF, "--json").stdout)["adapter"]["parent"] is None

@@ -35,6 +35,8 @@ from typing import Protocol
 import torch
 from torch import Tensor, nn
 
+from lorafleet.adapters import triton_lora  # imports triton lazily, on first kernel use
+
 # From this many tokens per row on, the segmented path (one matmul pair per adapter over all its rows'
 # tokens) wins over per-row gathered weights; decode steps (T == 1) take the gather + bmm path.
 GROUPED_MIN_TOKENS = 2
@@ -109,6 +111,8 @@ def lora_delta(
     over all its rows' tokens; decode (``T == 1``) gathers per-row weights and runs two ``bmm``.
     ``dropout: (S,)`` per-slot probabilities (training only). Differentiable w.r.t. ``x``, ``A`` and ``B``.
     """
+    if triton_lora.wants_triton(x, A, B, dropout):  # CUDA inference: the Triton kernels (docs/operator.md)
+        return triton_lora.lora_delta_triton(x, A, B, scaling, slots)
     slots = _as_levels(slots)
     delta: Tensor | None = None
     for level in range(slots.shape[1]):
@@ -188,6 +192,10 @@ class MultiLoraLinear(nn.Module):
             return y
         shape = x.shape
         x3 = x.reshape(shape[0], -1, shape[-1])  # (Bsz, T, in)
+        if triton_lora.wants_triton(x3, ab[0], ab[1], table.dropout) and y.is_contiguous() and not y.requires_grad:
+            y3 = y.view(shape[0], x3.shape[1], -1)  # (Bsz, T, out): the kernels accumulate into the base output
+            triton_lora.lora_add_(y3, x3.contiguous(), ab[0], ab[1], table.scaling, slots, getattr(table, "ranks", None))
+            return y
         delta = lora_delta(x3, ab[0], ab[1], table.scaling, slots, table.dropout)
         return y + delta.reshape(*shape[:-1], -1).to(y.dtype)
 
@@ -233,7 +241,8 @@ class LoraHost:
         if slots is not None and not isinstance(slots, Tensor):
             slots = torch.tensor(slots, dtype=torch.long)
         device = next(self.model.parameters()).device
-        self.routing.slots = None if slots is None else _as_levels(slots.to(device=device, dtype=torch.long))
+        # a private copy: the kernels' per-forward segment plan may be reused while this routing is unchanged
+        self.routing.slots = None if slots is None else _as_levels(slots.to(device=device, dtype=torch.long)).clone()
         self.routing.table = table
         try:
             yield self

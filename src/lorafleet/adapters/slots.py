@@ -31,6 +31,7 @@ class SlotTable:
             self.A[name] = torch.zeros(num_slots, max_rank, layer.in_features, dtype=dtype, device=device)
             self.B[name] = torch.zeros(num_slots, layer.out_features, max_rank, dtype=dtype, device=device)
         self.scaling = torch.zeros(num_slots, dtype=dtype, device=device)
+        self.ranks = torch.zeros(num_slots, dtype=torch.int32, device=device)  # (S,) loaded rank, 0 = empty
         self.dropout = None
         self.used: set[str] = set()  # layers some loaded adapter touches
 
@@ -58,6 +59,7 @@ class SlotTable:
             self.B[name][slot, :, :r].copy_(B)
             self.used.add(name)
         self.scaling[slot] = adapter.spec.scaling
+        self.ranks[slot] = r
 
     @torch.no_grad()
     def clear(self, slot: int) -> None:
@@ -65,6 +67,7 @@ class SlotTable:
             self.A[name][slot].zero_()
             self.B[name][slot].zero_()
         self.scaling[slot] = 0.0
+        self.ranks[slot] = 0
 
 
 class StackedWeights:

@@ -153,6 +153,6 @@ class VeraAdapter:
                                    f"{self.spec.rank} and out_features {self.dims[proj][1]}")
 
 
-def as_lora(adapter) -> LoraAdapter:
-    """Any stored adapter format as the LoRA adapter the operator runs (LoRA itself is returned as is)."""
-    return adapter if isinstance(adapter, LoraAdapter) else adapter.to_lora()
+def as_lora(adapter):
+    """A tiny format (VeRA) as the LoRA adapter the operator runs; anything else (LoRA, a stack, None) as is."""
+    return adapter.to_lora() if isinstance(adapter, VeraAdapter) else adapter

@@ -8,7 +8,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse
 
 from lorafleet import __version__
-from lorafleet.api import errors, management
+from lorafleet.api import errors, management, tinker
 from lorafleet.api.service import Service
 
 
@@ -31,6 +31,7 @@ def create_app(service: Service, *, manage_lifecycle: bool = True) -> FastAPI:
     app.state.service = service
     errors.install(app)
     app.include_router(management.router)
+    app.include_router(tinker.router)
     try:
         from lorafleet.api import openai_routes  # noqa: PLC0415
 
@@ -63,4 +64,7 @@ def create_app(service: Service, *, manage_lifecycle: bool = True) -> FastAPI:
 
         return PlainTextResponse(render(service), media_type="text/plain; version=0.0.4")
 
+    from lorafleet.api import ui  # noqa: PLC0415
+
+    ui.mount(app)  # the dashboard at /ui, after every API route (its file route takes the rest of /ui/)
     return app

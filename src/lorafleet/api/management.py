@@ -27,6 +27,13 @@ MAX_INT = 2**31 - 1
 class AdapterCreate(BaseModel):
     ref: str = Field(..., min_length=5, max_length=191, description="tenant/user/adapter")
     description: str = Field("", max_length=2000)
+    parent: str | None = Field(None, min_length=5, max_length=191,
+                               description="stack it on this adapter of the same tenant (tenant/user/adapter)")
+
+
+class ParentSet(BaseModel):
+    parent: str | None = Field(..., min_length=5, max_length=191, description="new parent; null detaches")
+    reason: str = Field("", max_length=2000)
 
 
 class AliasSet(BaseModel):
@@ -64,7 +71,21 @@ def _ref(tenant: str, user: str, name: str) -> str:
 
 @router.post("/adapters", status_code=201, summary="Create an adapter identity")
 def create_adapter(body: AdapterCreate, request: Request, key: Admin) -> dict:
-    return _svc(request).registry.create_adapter(body.ref, creator=f"key:{key.id}", description=body.description).to_dict()
+    return _svc(request).registry.create_adapter(body.ref, creator=f"key:{key.id}", description=body.description,
+                                                 parent=body.parent).to_dict()
+
+
+@router.put("/adapters/{tenant}/{user}/{name}/parent", summary="Stack an adapter on a parent, or detach it (audited)")
+def set_parent(tenant: Name, user: Name, name: Name, body: ParentSet, request: Request, key: Admin) -> dict:
+    return _svc(request).registry.set_parent(_ref(tenant, user, name), body.parent, actor=f"key:{key.id}",
+                                             reason=body.reason).to_dict()
+
+
+@router.get("/adapters/{tenant}/{user}/{name}/stack", summary="The revisions a request applies, root first")
+def show_stack(tenant: Name, user: Name, name: Name, request: Request, _: Admin,
+               alias: str = Query("live", max_length=32)) -> dict:
+    revs = _svc(request).registry.resolve_stack(f"{_ref(tenant, user, name)}@{alias}")
+    return {"object": "list", "data": [r.to_dict() for r in revs]}
 
 
 @router.get("/adapters", summary="List adapters (keyset pagination)")

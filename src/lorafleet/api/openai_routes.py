@@ -3,6 +3,11 @@
 ``model`` names a personal adapter — ``tenant/user/adapter`` (its ``live`` revision), ``...@alias``,
 ``...#N`` — or the base model's name for no adapter. A key only reaches its own tenant's adapters: any
 other tenant's adapter answers 404 exactly like one that does not exist, resident or not.
+
+A stacked adapter (``lorafleet adapters create ... --parent``) is served with every level of its stack: the
+requested revision plus each parent's ``live`` revision. The response's ``lorafleet`` field names every
+revision used (``stack``: address + digest per level, root first); streams carry it in every chunk and in the
+``x-lorafleet-stack`` header.
 """
 
 from __future__ import annotations
@@ -67,6 +72,16 @@ class Target:
     model: str
     digest: str | None  # None = the base alone
     revision: str | None  # tenant/user/adapter#N
+    stack: tuple[tuple[str, str], ...] = ()  # (address, digest) of every level applied, root first
+
+    @property
+    def adapter(self) -> str | tuple[str, ...] | None:
+        """What the engine is given: a digest, a stack of digests, or None for the base."""
+        return tuple(d for _, d in self.stack) if len(self.stack) > 1 else self.digest
+
+    def metadata(self) -> dict:
+        return {"revision": self.revision, "digest": self.digest,
+                "stack": [{"address": a, "digest": d} for a, d in self.stack]}
 
 
 def resolve_model(request: Request, key: ApiKey, model: str) -> Target:
@@ -82,13 +97,15 @@ def resolve_model(request: Request, key: ApiKey, model: str) -> Target:
     if not can_use(key, addr.tenant):
         raise missing  # the same answer as a missing adapter: existence does not leak across tenants
     try:
-        rev = svc.registry.resolve(model)
+        revs = svc.registry.resolve_stack(model)
     except NotFoundError:
         raise missing from None
-    if rev.provenance.base_fingerprint != svc.base.fingerprint:
-        raise ApiError(422, f"revision {rev.address} was made for another base model and cannot be served here",
-                       code="base_mismatch", param="model")
-    return Target(model, rev.digest, rev.address)
+    for rev in revs:
+        if rev.provenance.base_fingerprint != svc.base.fingerprint:
+            raise ApiError(422, f"revision {rev.address} was made for another base model and cannot be served here",
+                           code="base_mismatch", param="model")
+    top = revs[-1]
+    return Target(model, top.digest, top.address, tuple((r.address, r.digest) for r in revs))
 
 
 def _sampling(svc, body: _Sampling):
@@ -110,7 +127,8 @@ def _submit(request: Request, target: Target, prompt, body: _Sampling):
     if svc.engine is None:
         raise ApiError(503, "this server has no inference engine attached", type_="server_error")
     try:
-        return svc.engine.submit(prompt, target.digest, _sampling(svc, body), request_id=f"req-{uuid.uuid4().hex[:24]}")
+        return svc.engine.submit(prompt, target.adapter, _sampling(svc, body),
+                                 request_id=f"req-{uuid.uuid4().hex[:24]}")
     except ValueError as exc:  # a prompt too long, empty, ...
         raise ApiError(400, str(exc), param="messages" if isinstance(prompt, list) else "prompt") from exc
 
@@ -135,7 +153,9 @@ def _stream(request: Request, handle, target: Target, kind: str, include_usage: 
         else:
             choice = {"index": 0, "text": delta or "", "finish_reason": finish, "logprobs": None}
         return _sse({"id": rid, "object": obj, "created": created, "model": target.model, "choices": [choice],
-                     "lorafleet": {"revision": target.revision}})
+                     "lorafleet": {"revision": target.revision, "stack": meta["stack"]}})
+
+    meta = target.metadata()
 
     async def events():
         if kind == "chat":
@@ -158,7 +178,8 @@ def _stream(request: Request, handle, target: Target, kind: str, include_usage: 
         yield "data: [DONE]\n\n"
 
     return StreamingResponse(events(), media_type="text/event-stream",
-                             headers={"cache-control": "no-cache", "x-lorafleet-revision": target.revision or "base"})
+                             headers={"cache-control": "no-cache", "x-lorafleet-revision": target.revision or "base",
+                                      "x-lorafleet-stack": ",".join(a for a, _ in target.stack) or "base"})
 
 
 def _sse(payload: dict) -> str:
@@ -178,7 +199,7 @@ async def chat_completions(body: ChatRequest, request: Request, key: Key):
     return {"id": result.request_id, "object": "chat.completion", "created": int(time.time()), "model": target.model,
             "choices": [{"index": 0, "message": {"role": "assistant", "content": result.text},
                          "finish_reason": result.finish_reason, "logprobs": None}],
-            "usage": _usage(result), "lorafleet": {"revision": target.revision, "digest": target.digest}}
+            "usage": _usage(result), "lorafleet": target.metadata()}
 
 
 @router.post("/completions", summary="Text completion through a personal model (OpenAI-compatible)")
@@ -193,7 +214,7 @@ async def completions(body: CompletionRequest, request: Request, key: Key):
         raise _failed(result)
     return {"id": result.request_id, "object": "text_completion", "created": int(time.time()), "model": target.model,
             "choices": [{"index": 0, "text": result.text, "finish_reason": result.finish_reason, "logprobs": None}],
-            "usage": _usage(result), "lorafleet": {"revision": target.revision, "digest": target.digest}}
+            "usage": _usage(result), "lorafleet": target.metadata()}
 
 
 @router.get("/models", summary="Models this key can use: the base and its tenant's adapters")

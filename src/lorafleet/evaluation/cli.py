@@ -1,4 +1,4 @@
-"""CLI: ``lorafleet eval | promote | rollback | report | personas ...``.
+"""CLI: ``lorafleet eval | promote | rollback | report | stack-report | personas ...``.
 
 The lead mounts these on the top-level app with :func:`register`. The registry comes from the environment
 (``LORAFLEET_DB_URL`` / ``LORAFLEET_BLOB_URL`` / ``LORAFLEET_HOME``), the base from ``--base`` or
@@ -32,6 +32,7 @@ def register(app: typer.Typer) -> None:
     app.command("promote")(promote_cmd)
     app.command("rollback")(rollback_cmd)
     app.command("report")(report_cmd)
+    app.command("stack-report")(stack_report_cmd)
     app.add_typer(personas_app, name="personas")
 
 
@@ -98,8 +99,7 @@ def _evaluate_live_on(base_name: str | None, registry, cand_rev, manifest):
     state = {}
 
     def evaluate(live_rev, digest: str) -> dict:
-        from lorafleet.adapters import from_bytes  # noqa: PLC0415
-        from lorafleet.evaluation.metrics import eval_set_for, evaluate_adapters  # noqa: PLC0415
+        from lorafleet.evaluation.metrics import eval_set_for, evaluate_adapters, load_for_eval  # noqa: PLC0415
 
         es = eval_set_for(cand_rev, manifest=manifest)
         if es.digest != digest:
@@ -108,10 +108,10 @@ def _evaluate_live_on(base_name: str | None, registry, cand_rev, manifest):
         if "base" not in state:
             state["base"] = _load_base(base_name)
         base = state["base"]
-        _, blob = registry.load(live_rev.address, base_fingerprint=base.fingerprint)
+        _, adapter, _ = load_for_eval(registry, live_rev.address, base)  # with its stack, as it is served
         m = cand_rev.provenance.metrics
         with console.status(f"evaluating {live_rev.address} on {es.name}…"):
-            return evaluate_adapters(base, [from_bytes(blob, base)], [es],
+            return evaluate_adapters(base, [adapter], [es],
                                      max_new_tokens=int(m.get("max_new_tokens") or 48))[0]
 
     return evaluate
@@ -253,6 +253,51 @@ def report_cmd(
         log.add_row(e.at.strftime("%Y-%m-%d %H:%M:%S"), e.action, e.alias or "-",
                     f"{e.from_number or '-'} → {e.to_number or '-'}", e.actor, e.reason)
     console.print(log)
+
+
+@_command
+def stack_report_cmd(
+    ref: str = typer.Argument(..., help="the parent t/u/a that moved (e.g. acme/_org/support)"),
+    everyone: bool = typer.Option(False, "--all", help="also re-evaluate members whose parents did not move"),
+    no_store: bool = typer.Option(False, "--no-store", help="do not record the checks on the member revisions"),
+    manifest: Path | None = ManifestOpt,
+    base: str | None = BaseOpt,
+    actor: str | None = ActorOpt,
+    as_json: bool = JsonOpt,
+) -> None:
+    """After a parent moved: re-evaluate its stack's members on the new parents; flag those below the gate.
+
+    A report only: no alias moves. Exits 1 when a member is flagged.
+    """
+    from lorafleet.evaluation.stacks import stack_report  # noqa: PLC0415
+
+    reg = _registry()
+    try:
+        reg.get_adapter(ref)  # a clear error before loading the base
+        b = _load_base(base)
+        with console.status(f"re-evaluating the members stacked on {ref}…"):
+            checks = stack_report(reg, b, ref, everyone=everyone, store=not no_store, manifest=manifest,
+                                  actor=_actor(actor))
+    finally:
+        reg.close()
+    if as_json:
+        print_json({"parent": ref, "members": [c.to_dict() for c in checks]})
+    else:
+        table = Table(title=f"members stacked on {ref}")
+        for col in ("member", "live", "parents (before → now)", "adherence", "loss", "probe ppl×", "status", "why"):
+            table.add_column(col)
+        for c in checks:
+            moved = " ".join(f"{p.get('address', '?')}→{q['address']}" for p, q in zip(c.parents_before, c.parents_now,
+                                                                                     strict=False)
+                             if p.get("digest") != q["digest"]) or "-"
+            table.add_row(c.ref, c.revision or "-", moved,
+                          f"{_fmt(c.before.get('adherence'), True)} → {_fmt(c.after.get('adherence'), True)}",
+                          f"{_fmt(c.before.get('eval_loss'))} → {_fmt(c.after.get('eval_loss'))}",
+                          _fmt(c.after.get("probe_ppl_ratio")),
+                          f"[bold red]{c.status}[/]" if c.flagged else c.status, c.reason)
+        console.print(table)
+    if any(c.flagged for c in checks):
+        raise typer.Exit(1)
 
 
 # --------------------------------------------------------------------------- personas

@@ -2,7 +2,8 @@
 
 The default backend is :func:`lorafleet.serving.hf_generate.generate` (transformers' ``generate`` with a
 different adapter per row). A faster engine plugs in with :func:`set_backend`; it must accept
-``(base, prompts, adapters, max_new_tokens)`` and return one greedy completion per row.
+``(base, prompts, adapters, max_new_tokens)`` and return one greedy completion per row. ``adapters[i]`` is a
+``LoraAdapter``, an ``AdapterStack`` (a stacked adapter evaluated as it is served) or None.
 """
 
 from __future__ import annotations

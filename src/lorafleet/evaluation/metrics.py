@@ -143,26 +143,18 @@ def _finite(x: float | None) -> float | None:
     return float(x) if x is not None and math.isfinite(x) else None
 
 
-def _unique(adapters: list) -> list:
-    out: list = []
-    for a in adapters:  # identity, not equality: tensors do not compare as booleans
-        if a is not None and all(a is not u for u in out):
-            out.append(a)
-    return out
-
-
 @torch.no_grad()
 def _mean_nll(base, adapters: list, rows: list[tuple[int, list[int], list[int]]], n_groups: int,
               batch: int = 16) -> list[float]:
-    """Mean token NLL per group over ``rows = (group, ids, labels)``; ``adapters[group]`` (None = base)."""
-    from lorafleet.adapters import LoraHost, StackedWeights  # noqa: PLC0415
+    """Mean token NLL per group over ``rows = (group, ids, labels)``; ``adapters[group]`` (an adapter, a stack
+    of adapters, or None = base)."""
+    from lorafleet.adapters import LoraHost  # noqa: PLC0415
+    from lorafleet.adapters.stack import route_rows  # noqa: PLC0415
     from lorafleet.training.data import IGNORE  # noqa: PLC0415
     from lorafleet.training.losses import sft_token_loss  # noqa: PLC0415
 
     host = LoraHost.attach(base.model)
-    unique = _unique(adapters)
-    table = StackedWeights(unique) if unique else None
-    slot_of = [next((i for i, u in enumerate(unique) if u is a), -1) if a is not None else -1 for a in adapters]
+    table, slot_of = route_rows(adapters)  # slot_of[group]: the group's slot per stack level
     total, count = [0.0] * n_groups, [0] * n_groups
     order = sorted(range(len(rows)), key=lambda i: len(rows[i][1]))  # similar lengths share a batch
     pad = base.tokenizer.pad_token_id
@@ -174,8 +166,8 @@ def _mean_nll(base, adapters: list, rows: list[tuple[int, list[int], list[int]]]
         mask = torch.zeros((len(chunk), width), dtype=torch.long)  # (B, T)
         for i, (_, r, lb) in enumerate(chunk):
             ids[i, : len(r)], lab[i, : len(lb)], mask[i, : len(r)] = torch.tensor(r), torch.tensor(lb), 1
-        slots = [slot_of[g] for g, _, _ in chunk]
-        routed = table if any(s >= 0 for s in slots) else None
+        slots = [slot_of[g] for g, _, _ in chunk] if table is not None else None
+        routed = table if slots is not None and any(s >= 0 for row in slots for s in row) else None
         with host.route(routed, slots if routed is not None else None):
             logits = base.model(input_ids=ids.to(base.device), attention_mask=mask.to(base.device)).logits
         nll, n = sft_token_loss(logits, lab.to(base.device))  # (B,), (B,)
@@ -318,18 +310,36 @@ def evaluate_adapters(base, adapters: list, eval_sets: list[EvalSet], *, max_new
     return results
 
 
+def load_for_eval(registry, address: str, base) -> tuple[object, object, list[dict]]:
+    """``(revision, adapter, stack)`` for evaluating ``address`` as it is served: a stacked adapter comes with its
+    parents' live revisions (an ``AdapterStack``); ``stack`` lists every level (address, digest), root first."""
+    from lorafleet.adapters import from_bytes  # noqa: PLC0415
+    from lorafleet.adapters.stack import AdapterStack  # noqa: PLC0415
+    from lorafleet.registry.stacks import stack_record  # noqa: PLC0415
+
+    levels = registry.load_stack(address, base_fingerprint=base.fingerprint)  # refuses another base's level
+    adapters = tuple(from_bytes(blob, base) for _, blob in levels)
+    revs = [rev for rev, _ in levels]
+    return revs[-1], adapters[0] if len(adapters) == 1 else AdapterStack(adapters), stack_record(revs)
+
+
 def evaluate_revisions(registry, addresses: list[str], base, eval_sets: list[EvalSet], *, store: bool = True,
                        **kwargs) -> list[tuple[object, dict]]:
     """Load each revision (refused if made for another base), evaluate them together, and (``store``) merge the
-    metrics into each revision. Returns ``(RevisionInfo, metrics)`` pairs (the info after the update)."""
-    from lorafleet.adapters import from_bytes  # noqa: PLC0415
+    metrics into each revision. Returns ``(RevisionInfo, metrics)`` pairs (the info after the update).
 
-    revs, adapters = [], []
+    A stacked adapter is evaluated on top of its parents' live revisions, as it is served; the levels used are
+    recorded in ``metrics["stack"]``."""
+    revs, adapters, stacks = [], [], []
     for address in addresses:
-        rev, blob = registry.load(address, base_fingerprint=base.fingerprint)
+        rev, adapter, stack = load_for_eval(registry, address, base)
         revs.append(rev)
-        adapters.append(from_bytes(blob, base))
+        adapters.append(adapter)
+        stacks.append(stack)
     metrics = evaluate_adapters(base, adapters, eval_sets, **kwargs)
+    for m, stack in zip(metrics, stacks, strict=True):
+        if len(stack) > 1:
+            m["stack"] = stack
     out = []
     for rev, m in zip(revs, metrics, strict=True):
         out.append((registry.update_metrics(rev.address, m) if store else rev, m))

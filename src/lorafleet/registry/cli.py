@@ -76,10 +76,11 @@ def _aliases(mapping: dict[str, int]) -> str:
 def _adapters_table(items: list[AdapterInfo], title: str | None = None) -> Table:
     table = Table(title=title)
     table.add_column("ref", no_wrap=True)
-    for col in ("latest", "aliases", "creator", "created"):
+    for col in ("latest", "aliases", "parent", "creator", "created"):
         table.add_column(col, overflow="fold")
     for a in items:
-        table.add_row(a.ref, f"#{a.latest}" if a.latest else "-", _aliases(a.aliases), a.creator, _when(a.created_at))
+        table.add_row(a.ref, f"#{a.latest}" if a.latest else "-", _aliases(a.aliases), a.parent or "-", a.creator,
+                      _when(a.created_at))
     return table
 
 
@@ -114,15 +115,61 @@ def create(
     ref: Annotated[str, typer.Argument(help="tenant/user/adapter")],
     description: Annotated[str, typer.Option("--description", "-d", help="Free text.")] = "",
     exist_ok: Annotated[bool, typer.Option("--exist-ok", help="Succeed if it already exists.")] = False,
+    parent: Annotated[str | None, typer.Option(
+        "--parent", help="Stack it on this adapter of the same tenant (e.g. acme/_org/support).")] = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """Create an adapter identity (no revisions yet)."""
+    """Create an adapter identity (no revisions yet), optionally stacked on a parent adapter."""
     with _open() as reg:
-        info = reg.create_adapter(ref, creator=_actor(None), description=description, exist_ok=exist_ok)
+        info = reg.create_adapter(ref, creator=_actor(None), description=description, exist_ok=exist_ok,
+                                  parent=parent)
     if as_json:
         _echo_json(info.to_dict())
     else:
-        Console().print(f"created [bold]{info.ref}[/bold]")
+        on = f" on top of [bold]{info.parent}[/bold]" if info.parent else ""
+        Console().print(f"created [bold]{info.ref}[/bold]{on}")
+
+
+@app.command("parent")
+@_command
+def parent_(
+    ref: Annotated[str, typer.Argument(help="tenant/user/adapter")],
+    parent: Annotated[str | None, typer.Argument(help="New parent tenant/user/adapter (omit with --detach).")] = None,
+    detach: Annotated[bool, typer.Option("--detach", help="Remove the parent: serve the adapter alone.")] = False,
+    reason: ReasonOpt = "",
+    actor: ActorOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Stack REF on PARENT (validated: same tenant, no cycle, at most 3 levels), or --detach it (audited)."""
+    if detach == (parent is not None):
+        typer.echo("error: give either a PARENT or --detach", err=True)
+        raise typer.Exit(2)
+    with _open() as reg:
+        entry = reg.set_parent(ref, parent, actor=_actor(actor), reason=reason)
+    if as_json:
+        _echo_json(entry.to_dict())
+    else:
+        Console().print(f"{entry.ref}: {entry.reason}  [dim](audit #{entry.id})[/dim]")
+
+
+@app.command("stack")
+@_command
+def stack_(
+    address: Annotated[str, typer.Argument(help="t/u/a, t/u/a@alias or t/u/a#N")],
+    as_json: JsonOpt = False,
+) -> None:
+    """Show the revisions a request for ADDRESS applies, root first (each parent at its own live)."""
+    with _open() as reg:
+        revs = reg.resolve_stack(address)
+    if as_json:
+        _echo_json([r.to_dict() for r in revs])
+        return
+    table = Table(title=f"stack of {address}")
+    for col in ("level", "revision", "digest", "aliases", "size"):
+        table.add_column(col, no_wrap=True)
+    for i, r in enumerate(revs):
+        table.add_row(str(i), r.address, r.digest[:12], ", ".join(r.aliases) or "-", f"{r.size:,}")
+    Console().print(table)
 
 
 @app.command("ls")

@@ -153,6 +153,8 @@ class AdapterInfo:
     description: str
     aliases: dict[str, int]
     latest: int | None
+    parent: str | None = None
+    """The adapter's parent in a stack (``tenant/user/adapter``), if it has one."""
 
     def to_dict(self) -> dict[str, Any]:
         out = asdict(self)

@@ -28,7 +28,7 @@ import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection, Row
 
-from . import db, faults
+from . import db, faults, stacks
 from .blobstore import BlobStore, open_blob_store, sha256_hex
 from .errors import (
     AlreadyExistsError,
@@ -62,12 +62,12 @@ _TAGS = aliases.alias("tags")
 _WITH_TAGS = sa.and_(_TAGS.c.adapter_id == revisions.c.adapter_id, _TAGS.c.number == revisions.c.number)
 _POINTER = aliases.alias("pointer")
 _BY_NUMBER = (
-    sa.select(revisions, _TAGS.c.name.label("alias_name"))
+    sa.select(revisions, _TAGS.c.name.label("alias_name"), adapters.c.parent_ref)
     .select_from(adapters.join(revisions, revisions.c.adapter_id == adapters.c.id).outerjoin(_TAGS, _WITH_TAGS))
     .where(*_ADAPTER_IS, revisions.c.number == sa.bindparam("n"))
 )
 _BY_ALIAS = (
-    sa.select(revisions, _TAGS.c.name.label("alias_name"))
+    sa.select(revisions, _TAGS.c.name.label("alias_name"), adapters.c.parent_ref)
     .select_from(
         adapters.join(_POINTER, _POINTER.c.adapter_id == adapters.c.id)
         .join(revisions, sa.and_(revisions.c.adapter_id == _POINTER.c.adapter_id,
@@ -245,9 +245,14 @@ class Registry:
             description=row.description,
             aliases=dict(alias_map),
             latest=row.latest or None,
+            parent=row.parent_ref,
         )
 
     def _find_revision(self, conn: Connection, addr: Address) -> RevisionInfo:
+        return self._find_revision_and_parent(conn, addr)[0]
+
+    def _find_revision_and_parent(self, conn: Connection, addr: Address) -> tuple[RevisionInfo, str | None]:
+        """The revision ``addr`` names and its adapter's stack parent (one index-backed query)."""
         params = {"t": addr.tenant, "u": addr.user, "a": addr.name}
         if addr.number is not None:
             rows = conn.execute(_BY_NUMBER, {**params, "n": addr.number}).all()
@@ -255,7 +260,8 @@ class Registry:
             rows = conn.execute(_BY_ALIAS, {**params, "alias": addr.alias}).all()
         if not rows:
             self._explain_missing(conn, addr)
-        return _revision(rows[0], addr.ref, [r.alias_name for r in rows if r.alias_name is not None])
+        rev = _revision(rows[0], addr.ref, [r.alias_name for r in rows if r.alias_name is not None])
+        return rev, rows[0].parent_ref
 
     def _explain_missing(self, conn: Connection, addr: Address) -> None:
         """Raise a NotFoundError that says which part of ``addr`` is missing and what to do."""
@@ -318,15 +324,21 @@ class Registry:
     # ------------------------------------------------------------------ adapters
 
     def create_adapter(self, ref: str, *, creator: str = "cli", description: str = "",
-                       exist_ok: bool = False) -> AdapterInfo:
-        """Create the identity ``tenant/user/adapter`` (no revisions yet)."""
+                       exist_ok: bool = False, parent: str | None = None) -> AdapterInfo:
+        """Create the identity ``tenant/user/adapter`` (no revisions yet).
+
+        ``parent`` (``tenant/user/adapter`` of the same tenant) makes it the top level of a stack: it is served
+        and trained on top of its parent's (and grandparent's) live revisions. See ``registry/stacks.py``.
+        """
         tenant, user, name = parse_ref(ref)
         _check_text(creator, "creator")
         _check_text(description, "description", 10_000)
         with db.write_tx(self._engine) as conn:
+            if parent is not None:
+                parent = stacks.check_parent(self, conn, ref, parent, new=True)
             stmt = self._insert(adapters).values(
                 tenant=tenant, username=user, name=name, latest=0, creator=creator, description=description,
-                created_at=utcnow(),
+                created_at=utcnow(), parent_ref=parent,
             ).on_conflict_do_nothing(index_elements=["tenant", "username", "name"]).returning(adapters.c.id)
             created = conn.execute(stmt).first() is not None
             if not created and not exist_ok:
@@ -334,6 +346,11 @@ class Registry:
                     f"adapter {ref!r} already exists; pick another name or pass exist_ok=True to reuse it"
                 )
             row = self._adapter_row(conn, tenant, user, name)
+            if not created and parent is not None and row.parent_ref != parent:
+                raise AlreadyExistsError(
+                    f"adapter {ref!r} already exists with parent {row.parent_ref!r}, not {parent!r}; change it with "
+                    f"`lorafleet adapters parent {ref} {parent}`"
+                )
             return self._adapter_info(row, self._aliases_of_adapter(conn, [row.id])[row.id])
 
     def get_adapter(self, ref: str) -> AdapterInfo:
@@ -508,6 +525,24 @@ class Registry:
         addr = parse_address(address)
         with db.read_once(self._engine) as conn:
             return self._find_revision(conn, addr)
+
+    # ------------------------------------------------------------------ stacks (see stacks.py)
+
+    def resolve_stack(self, address: str) -> list[RevisionInfo]:
+        """The revisions a request for ``address`` applies, root first: each parent at its own ``live``."""
+        return stacks.resolve_stack(self, address)
+
+    def load_stack(self, address: str, *, base_fingerprint: str) -> list[tuple[RevisionInfo, bytes]]:
+        """:meth:`resolve_stack` plus each level's verified bytes; every level must be for this base."""
+        return stacks.load_stack(self, address, base_fingerprint=base_fingerprint)
+
+    def set_parent(self, ref: str, parent: str | None, *, actor: str = "cli", reason: str = "") -> AuditEntry:
+        """Put ``ref`` on top of ``parent`` (None: detach it), validated and audited."""
+        return stacks.set_parent(self, ref, parent, actor=actor, reason=reason)
+
+    def stack_members(self, ref: str) -> list[AdapterInfo]:
+        """Every adapter stacked on ``ref`` (children, then grandchildren), ordered by ref."""
+        return stacks.members(self, ref)
 
     def read_blob(self, digest: str) -> bytes:
         """The bytes of ``digest``, verified against it (Corrupt/MissingBlobError otherwise)."""

@@ -3,8 +3,9 @@
 
 ::
 
-    adapters (id, tenant, username, name, latest, creator, description, created_at)
+    adapters (id, tenant, username, name, latest, creator, description, created_at, parent_ref)
         unique (tenant, username, name)                 -- resolve: O(log n)
+        index (parent_ref)                              -- a stack's members (registry/stacks.py)
     revisions (adapter_id, number, digest, size, <provenance columns>, metrics, created_at)
         primary key (adapter_id, number); index (digest) -- gc reference checks
     aliases (adapter_id, name, number, updated_at)
@@ -73,7 +74,10 @@ adapters = sa.Table(
     sa.Column("creator", sa.String(255), nullable=False, server_default=""),
     sa.Column("description", sa.Text, nullable=False, server_default=""),
     sa.Column("created_at", UTCDateTime, nullable=False),
+    # Migration 0004: the adapter's parent in a stack (``tenant/user/name``, same tenant), or NULL.
+    sa.Column("parent_ref", sa.String(191), nullable=True),
     sa.UniqueConstraint("tenant", "username", "name"),
+    sa.Index("ix_adapters_parent_ref", "parent_ref"),
 )
 
 revisions = sa.Table(

@@ -16,6 +16,11 @@ the batch, then one decode step for every running row. Requests join and leave a
 whose adapter is cold waits for its load while everyone else keeps decoding; nothing on the decode path does
 I/O. The LoRA math is the adapters' operator: rows route to ``SlotTable`` slots via ``LoraHost.route``.
 
+Stacks: a request's adapter may be a tuple of digests (root first, e.g. organisation, team, person; at most
+``MAX_LEVELS``). Each level is resident on its own (one RAM entry and one slot per digest, however many rows use
+it, with a reference per row); a row routes to one slot per level (``slots: (B, L)``) and the operator sums the
+levels' deltas. Rows with different stacks, single adapters and the base share the same batch.
+
 Use it synchronously (``generate``), or start the background loop (``start``) and ``submit`` from any thread.
 """
 
@@ -35,6 +40,7 @@ import torch
 from torch import Tensor
 
 from lorafleet.adapters import AdapterError, LoraAdapter, LoraHost, SlotTable, from_bytes
+from lorafleet.adapters.stack import MAX_LEVELS
 from lorafleet.serving.chat import chat_prompt_ids
 from lorafleet.serving.detok import TextStream
 from lorafleet.serving.kv import KVSlab
@@ -66,7 +72,8 @@ class Result:
     prompt_tokens: int
     completion_tokens: int
     finish_reason: str
-    adapter: str | None = None
+    adapter: str | None = None  # the top level's digest (the requested adapter), None = base
+    stack: tuple[str, ...] = ()  # every level's digest, root first (one level for a plain adapter)
     error: str | None = None
     seed: int | None = None
     timings: dict = field(default_factory=dict)  # queued_s, ttft_s, total_s
@@ -149,7 +156,7 @@ class RequestHandle:
 class _Request:
     id: str
     prompt: list[int]
-    adapter: str | None
+    levels: tuple[str, ...]  # adapter digests, root first; () = the base
     sampling: SamplingParams
     handle: RequestHandle
     seed: int
@@ -158,10 +165,10 @@ class _Request:
     generator: torch.Generator | None = None
     tokens: list[int] = field(default_factory=list)
     out: list[str] = field(default_factory=list)  # text deltas streamed so far
-    acquired: bool = False
-    entry: int = 0  # residency entry id of its adapter
+    held: list[str] = field(default_factory=list)  # digests acquired (one reference per level) and not released
+    pending: set[int] = field(default_factory=set)  # residency entry ids of levels still loading
     activated: bool = False
-    slot: int = -1
+    slots: list[int] = field(default_factory=list)  # compute slot per level
     ready_step: int = 0  # decode step count when the request became admissible
     admitted: float | None = None
     first_token: float | None = None
@@ -175,7 +182,8 @@ class _Prefill:
     reqs: list[_Request]
     ids: Tensor  # (g, P) left-padded prompt ids
     pads: Tensor  # (g,) padding columns per row
-    slots: Tensor  # (g,) compute slot per row, -1 = base
+    slots: Tensor  # (g, MAX_LEVELS) compute slot per row and stack level, -1 = none
+    depth: int  # most levels of any row in the group (0 = every row is base)
     slab: KVSlab
     chunk: int
     done: int = 0
@@ -241,8 +249,8 @@ class Engine:
         self._group: _Prefill | None = None
         self._rows: list[_Request] = []  # row i of the slab
         self._last_tok = torch.zeros(config.max_batch, dtype=torch.long, device=self.device)  # (B,) next input
-        self._slot_t = torch.full((config.max_batch,), -1, dtype=torch.long, device=self.device)  # (B,)
-        self._n_lora = 0  # running rows with an adapter
+        self._slot_t = torch.full((config.max_batch, MAX_LEVELS), -1, dtype=torch.long, device=self.device)  # (B, L)
+        self._at_depth = [0] * (MAX_LEVELS + 1)  # running rows by their number of adapter levels (0 = base)
         self._steps = 0  # decode steps so far
         self._join_batch = config.join_batch or max(1, config.max_batch // 4)
         self._live: dict[str, _Request] = {}
@@ -308,12 +316,28 @@ class Engine:
             raise ValueError(f"prompt has {len(ids)} tokens; at most {self.max_seq_len - 1} fit (max_seq_len)")
         return ids
 
-    def submit(self, prompt, adapter: str | None = None, sampling: SamplingParams | None = None, *,
+    def _levels(self, adapter) -> tuple[str, ...]:
+        if adapter is None:
+            return ()
+        if isinstance(adapter, str):
+            return (check_digest(adapter),)
+        if not isinstance(adapter, (tuple, list)):
+            raise ValueError(f"adapter must be a digest, a tuple of digests (a stack) or None, got {adapter!r}")
+        levels = tuple(check_digest(d) for d in adapter)
+        if not 1 <= len(levels) <= MAX_LEVELS:
+            raise ValueError(f"an adapter stack has 1..{MAX_LEVELS} levels, got {len(levels)}")
+        if len(set(levels)) > self.table.num_slots:
+            raise ValueError(f"a stack of {len(set(levels))} adapters needs as many compute slots; this engine has "
+                             f"EngineConfig.max_active={self.table.num_slots}")
+        return levels
+
+    def submit(self, prompt, adapter: str | Sequence[str] | None = None, sampling: SamplingParams | None = None, *,
                request_id: str | None = None) -> RequestHandle:
         """Queue one request; returns its handle at once. Thread-safe.
 
         ``prompt``: text (tokenized as is), token ids, or chat messages (``[{"role", "content"}]``, templated).
-        ``adapter``: the adapter's digest (sha256 hex of its canonical bytes), or None for the base.
+        ``adapter``: the adapter's digest (sha256 hex of its canonical bytes), a stack of digests (root first; the
+        deltas of every level are summed), or None for the base.
         Bad arguments raise ``ValueError`` here; adapter problems surface in the result (``finish_reason="error"``).
         """
         if self._closed:
@@ -321,13 +345,12 @@ class Engine:
         sampling = sampling or SamplingParams()
         if not isinstance(sampling, SamplingParams):
             raise ValueError(f"sampling must be SamplingParams, got {type(sampling).__name__}")
-        if adapter is not None:
-            check_digest(adapter)
+        levels = self._levels(adapter)
         ids = self._prompt_ids(prompt)
         rid = request_id or f"req-{next(self._ids)}"
         seed = sampling.seed if sampling.seed is not None else random.SystemRandom().randrange(2**63)
         handle = RequestHandle(self, rid)
-        req = _Request(rid, ids, adapter, sampling, handle, seed, time.perf_counter(),
+        req = _Request(rid, ids, levels, sampling, handle, seed, time.perf_counter(),
                        TextStream(self.tokenizer, sampling.stop))
         if not sampling.greedy:
             req.generator = request_generator(seed)
@@ -337,9 +360,10 @@ class Engine:
         self._wake.set()
         return handle
 
-    def generate(self, prompts: Sequence, adapters: Sequence[str | None] | str | None = None,
+    def generate(self, prompts: Sequence, adapters: Sequence[str | Sequence[str] | None] | str | None = None,
                  sampling: SamplingParams | Sequence[SamplingParams] | None = None) -> list[Result]:
-        """Submit every prompt and wait for all; ``adapters[i]`` (digest or None) and ``sampling[i]`` per prompt."""
+        """Submit every prompt and wait for all; ``adapters[i]`` (digest, stack of digests or None) and
+        ``sampling[i]`` per prompt."""
         n = len(prompts)
         if adapters is None or isinstance(adapters, str):
             adapters = [adapters] * n
@@ -436,15 +460,17 @@ class Engine:
             self._live[req.id] = req
             if req.handle.cancelled:
                 self._finish(req, "cancelled")
-            elif req.adapter is None:
+            elif not req.levels:
                 self._make_ready(req)
             else:
-                req.acquired = True
-                state, req.entry = self.residency.acquire(req.adapter)
-                if state == READY:
+                for digest in req.levels:
+                    state, uid = self.residency.acquire(digest)
+                    req.held.append(digest)
+                    if state != READY and uid not in req.pending:
+                        req.pending.add(uid)
+                        self._waiting.setdefault(uid, []).append(req)
+                if not req.pending:
                     self._make_ready(req)
-                else:
-                    self._waiting.setdefault(req.entry, []).append(req)
         if new:
             self._ready_dirty = True
         for handle in cancels:
@@ -454,21 +480,24 @@ class Engine:
             if req in self._rows or (self._group is not None and req in self._group.reqs):
                 continue  # finished at its next token (checked where tokens are produced)
             self._finish(req, "cancelled")
-            waiting = self._waiting.get(req.entry)
-            if waiting and req in waiting:
-                waiting.remove(req)
+            for uid in req.pending:
+                waiting = self._waiting.get(uid)
+                if waiting and req in waiting:
+                    waiting.remove(req)
             if req in self._ready:
                 self._ready.remove(req)
 
     def _collect_loads(self) -> None:
-        for _digest, entry, error in self.residency.poll():
-            reqs = self._waiting.pop(entry, [])
-            if error is None:
-                for req in reqs:
-                    self._make_ready(req)
-            else:
-                for req in reqs:
-                    req.acquired = False  # the failed entry is gone; nothing to release
+        for digest, entry, error in self.residency.poll():
+            for req in self._waiting.pop(entry, []):
+                if req.done or entry not in req.pending:
+                    continue
+                req.pending.discard(entry)
+                if error is None:
+                    if not req.pending:
+                        self._make_ready(req)
+                else:
+                    req.held = [d for d in req.held if d != digest]  # the failed entry is gone; nothing to release
                     self._finish(req, "error", error=error)
 
     def _make_ready(self, req: _Request) -> None:
@@ -510,16 +539,16 @@ class Engine:
                 keep.append(req)
                 blocked = True  # first come, first served: later requests wait for the next group
                 continue
-            if req.adapter is not None:
+            if req.levels:
                 try:
-                    slot = self.residency.activate(req.adapter)
+                    slots = self.residency.activate_stack(req.levels)
                 except AdapterError as exc:
-                    self._finish(req, "error", error=f"adapter {req.adapter[:12]} does not fit the slot table: {exc}")
+                    self._finish(req, "error", error=f"adapter {req.levels[-1][:12]} does not fit the slot table: {exc}")
                     continue
-                if slot is None:  # every slot is in use by running rows: wait for one to finish
+                if slots is None:  # every slot is in use by running rows: wait for one to finish
                     keep.append(req)
                     continue
-                req.activated, req.slot = True, slot
+                req.activated, req.slots = True, slots
             chosen.append(req)
             width = w
         self._ready = keep
@@ -539,14 +568,21 @@ class Engine:
         layers, kv_heads, head_dim = self._kv_shape
         slab = KVSlab(layers, g, kv_heads, head_dim, capacity=width, dtype=self.slab.dtype, device=self.device)
         slab.count, slab.lens = g, lens
+        slots = torch.full((g, MAX_LEVELS), -1, dtype=torch.long)  # (g, L)
+        for i, r in enumerate(chosen):
+            slots[i, : len(r.slots)] = torch.tensor(r.slots, dtype=torch.long)
         self._group = _Prefill(
-            reqs=chosen, ids=ids.to(self.device), slots=torch.tensor([r.slot for r in chosen], device=self.device),
+            reqs=chosen, ids=ids.to(self.device), slots=slots.to(self.device),
             pads=torch.tensor([width - n for n in lens], device=self.device), slab=slab,
-            chunk=max(1, budget // g),
+            chunk=max(1, budget // g), depth=max(len(r.levels) for r in chosen),
         )
 
-    def _route(self, slots: Tensor, n_lora: int):
-        return self.host.route(self.table if n_lora else None, slots if n_lora else None)
+    def _route(self, slots: Tensor, depth: int):
+        """Route rows to ``slots[:, :depth]`` (``(B, depth)``); no table at all when no row has an adapter."""
+        return self.host.route(self.table if depth else None, slots[:, :depth] if depth else None)
+
+    def _depth(self) -> int:
+        return max((d for d, n in enumerate(self._at_depth) if n), default=0)
 
     def _prefill_chunk(self) -> None:
         grp = self._group
@@ -554,8 +590,7 @@ class Engine:
         width = grp.ids.shape[1]
         c0, c1 = grp.done, min(width, grp.done + grp.chunk)
         mask, positions = grp.slab.prefill_chunk(c0, c1, grp.pads)
-        n_lora = sum(r.slot >= 0 for r in grp.reqs)
-        with self._route(grp.slots, n_lora):
+        with self._route(grp.slots, grp.depth):
             out = self.model(input_ids=grp.ids[:, c0:c1], position_ids=positions, attention_mask=mask,
                              cache=grp.slab.cache, use_cache=True, logits_to_keep=1)
         grp.slab.pos = grp.done = c1
@@ -582,13 +617,13 @@ class Engine:
         self._slot_t[r0:r0 + m] = grp.slots.index_select(0, idx)
         for i in survivors:
             self._rows.append(grp.reqs[i])
-            self._n_lora += grp.reqs[i].slot >= 0
+            self._at_depth[len(grp.reqs[i].levels)] += 1
 
     def _decode(self) -> None:
         t0 = time.perf_counter()
         n = len(self._rows)
         mask, positions = self.slab.begin_decode()
-        with self._route(self._slot_t[:n], self._n_lora):
+        with self._route(self._slot_t[:n], self._depth()):
             out = self.model(input_ids=self._last_tok[:n, None], position_ids=positions, attention_mask=mask,
                              cache=self.slab.cache, use_cache=True)
         self.slab.end_decode()
@@ -638,7 +673,7 @@ class Engine:
 
     def _remove_rows(self, rows: list[int]) -> None:
         for i in rows:
-            self._n_lora -= self._rows[i].slot >= 0
+            self._at_depth[len(self._rows[i].levels)] -= 1
         moves = self.slab.remove(rows)
         if moves:
             src = torch.tensor([s for s, _ in moves], device=self.device)
@@ -657,16 +692,18 @@ class Engine:
         if reason not in ("error", "cancelled") or req.tokens:
             self._emit(req, req.text.flush())
         if req.activated:
-            self.residency.deactivate(req.adapter)
+            for digest in req.levels:
+                self.residency.deactivate(digest)
             req.activated = False
-        if req.acquired:
-            self.residency.release(req.adapter)
-            req.acquired = False
+        for digest in req.held:
+            self.residency.release(digest)
+        req.held = []
         now = time.perf_counter()
         text = "".join(req.out)
         result = Result(
             request_id=req.id, text=text, token_ids=list(req.tokens), prompt_tokens=len(req.prompt),
-            completion_tokens=len(req.tokens), finish_reason=reason, adapter=req.adapter, error=error, seed=req.seed,
+            completion_tokens=len(req.tokens), finish_reason=reason, adapter=req.levels[-1] if req.levels else None,
+            stack=req.levels, error=error, seed=req.seed,
             timings={
                 "queued_s": None if req.admitted is None else req.admitted - req.submitted,
                 "ttft_s": None if req.first_token is None else req.first_token - req.submitted,
@@ -687,7 +724,7 @@ class Engine:
         for req in stranded:
             self._finish(req, "error", error=message)
         self._rows, self._group, self._ready, self._waiting = [], None, deque(), {}
-        self._n_lora = 0
+        self._at_depth = [0] * (MAX_LEVELS + 1)
         self.slab.reset()
 
     def _update_gauges(self) -> None:
@@ -696,7 +733,7 @@ class Engine:
             running=len(self._rows),
             prefilling=0 if self._group is None else len(self._group.reqs),
             queue_ready=len(self._ready),
-            queue_loading=sum(len(v) for v in self._waiting.values()),
+            queue_loading=len({id(r) for v in self._waiting.values() for r in v if not r.done}),  # a stack waits on several
             inbox=len(self._inbox),
             adapters_in_ram=counts["ram"],
             adapters_loading=counts["loading"],

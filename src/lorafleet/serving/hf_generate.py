@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import torch
 
-from lorafleet.adapters import LoraAdapter, LoraHost, StackedWeights
+from lorafleet.adapters import LoraAdapter, LoraHost
+from lorafleet.adapters.stack import AdapterStack, route_rows
 from lorafleet.serving.chat import chat_prompt_ids
 
 
@@ -16,14 +17,15 @@ from lorafleet.serving.chat import chat_prompt_ids
 def generate(
     base,
     prompts: list,
-    adapters: list[LoraAdapter | None] | None = None,
+    adapters: list[LoraAdapter | AdapterStack | None] | None = None,
     *,
     max_new_tokens: int = 64,
     temperature: float = 0.0,
     seed: int = 0,
     chat: bool = True,
 ) -> list[str]:
-    """Generate one completion per prompt; ``adapters[i]`` (or None = base) applies to row ``i``."""
+    """Generate one completion per prompt; ``adapters[i]`` (an adapter, a stack, or None = base) applies to row
+    ``i``."""
     tok = base.tokenizer
     adapters = adapters or [None] * len(prompts)
     if len(adapters) != len(prompts):
@@ -33,16 +35,11 @@ def generate(
     pad = tok.pad_token_id
     ids = torch.tensor([[pad] * (width - len(r)) + r for r in rows])  # left padding
     mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows])
-    unique: list[LoraAdapter] = []
-    for a in adapters:  # identity, not equality: tensors do not compare as booleans
-        if a is not None and all(a is not u for u in unique):
-            unique.append(a)
-    slots = [next(i for i, u in enumerate(unique) if u is a) if a is not None else -1 for a in adapters]
-    table = StackedWeights(unique) if unique else None
+    table, slots = route_rows(adapters)
     host = LoraHost.attach(base.model)
     sampling = {"do_sample": True, "temperature": temperature, "top_p": 1.0} if temperature > 0 else {"do_sample": False}
     torch.manual_seed(seed)
-    with host.route(table, slots if table is not None else None):
+    with host.route(table, slots):
         out = base.model.generate(
             input_ids=ids.to(base.device),
             attention_mask=mask.to(base.device),

@@ -10,6 +10,11 @@ r"""Where each adapter lives, keyed by digest: compute slot, host RAM, or cold (
 * **References.** A request holds its adapter's entry from submit to finish (``acquire`` / ``release``); an
   in-flight row also holds its slot (``activate`` / ``deactivate``). Referenced entries are never evicted,
   from RAM or from their slot.
+* **Stacks.** A request for a stack holds one reference per level (``activate_stack`` takes every level's slot
+  or none). A level shared by many rows (an organisation's adapter) is one entry and one slot, counted once in
+  RAM and slot bytes, with ``refs`` / ``active`` = the rows using it: it is not evictable while any row uses it,
+  and each row's use is a touch, so a shared level sits in SLRU's protected segment while the personal levels
+  around it churn through probation.
 * **RAM policy.** Segmented LRU (Karedla et al. 1994): new entries enter a *probation* segment; a second use
   promotes to *protected* (``protected_fraction`` of the capacity; its overflow drops back to probation).
   Eviction takes probation's LRU end first, so a scan of one-off adapters only churns probation and the
@@ -258,6 +263,26 @@ class Residency:
             self._slot_owner[slot] = digest
             self._slot_lru[digest] = None
             return slot
+
+    def activate_stack(self, digests) -> list[int] | None:
+        """Slots for every level of one row's stack (root first), all or none: ``None`` (and nothing held) when
+        they cannot all be had now. Levels already in a slot are claimed first, so filling a free slot for
+        one level never evicts another level of the same row. Raises ``AdapterError`` like :meth:`activate`."""
+        with self._lock:
+            order = sorted(digests, key=lambda d: self._entries[d].slot is None)
+            claimed: list[str] = []
+            try:
+                for d in order:
+                    if self.activate(d) is None:
+                        break
+                    claimed.append(d)
+            finally:
+                if len(claimed) < len(order):
+                    for d in claimed:
+                        self.deactivate(d)
+            if len(claimed) < len(order):
+                return None
+            return [self._entries[d].slot for d in digests]
 
     def deactivate(self, digest: str) -> None:
         with self._lock:

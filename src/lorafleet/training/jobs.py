@@ -23,6 +23,7 @@ from lorafleet.registry import NotFoundError, Registry, RegistryError
 from lorafleet.registry import db as regdb
 from lorafleet.registry.names import parse_ref
 from lorafleet.registry.schema import jobs
+from lorafleet.registry.stacks import stack_record
 from lorafleet.training.data import Dataset
 from lorafleet.training.trainer import TrainConfig
 
@@ -78,6 +79,11 @@ class Job:
                         target_modules=tuple(self.spec["target_modules"]))
 
     @property
+    def stack_parents(self) -> list[dict]:
+        """The frozen parent revisions this job trains on top of (root first; empty for a plain adapter)."""
+        return list(self.spec.get("stack") or [])
+
+    @property
     def train_config(self) -> TrainConfig:
         cfg = dict(self.config)
         cfg["betas"] = tuple(cfg.get("betas", (0.9, 0.999)))
@@ -118,19 +124,23 @@ class JobQueue:
     def submit(self, ref: str, dataset: Dataset, spec: LoraSpec, config: TrainConfig, *, creator: str = "cli",
                warm_start: str = "live", auto_promote: bool = False) -> Job:
         """Queue a training job for adapter ``ref`` (which must exist). The dataset blob is written first,
-        then the job row in one transaction: a crash leaves at most an unreferenced blob, never half a job."""
+        then the job row in one transaction: a crash leaves at most an unreferenced blob, never half a job.
+
+        A stacked adapter trains on top of its parents: their live revisions, resolved now, are recorded in
+        ``spec["stack"]`` (root first) and applied frozen by the worker, so a resumed job uses the same ones."""
         tenant, user, name = parse_ref(ref)
         ref = f"{tenant}/{user}/{name}"
         if warm_start not in WARM_STARTS:
             raise JobError(f"warm_start must be one of {WARM_STARTS}, got {warm_start!r}")
         if dataset.kind != config.method:
             raise JobError(f"the dataset holds {dataset.kind!r} records but the method is {config.method!r}")
-        self.registry.get_adapter(ref)  # NotFoundError names the adapter and how to create it
+        info = self.registry.get_adapter(ref)  # NotFoundError names the adapter and how to create it
+        parents = [] if info.parent is None else stack_record(self.registry.resolve_stack(info.parent))
         blob = dataset_to_blob(dataset)
         self.registry.blobs.put(dataset.digest, blob)
         now = utcnow()
         values = {
-            "ref": ref, "state": "queued", "method": config.method, "spec": spec.to_dict(),
+            "ref": ref, "state": "queued", "method": config.method, "spec": {**spec.to_dict(), "stack": parents},
             "config": config.to_dict(), "dataset_digest": dataset.digest, "example_count": len(dataset),
             "warm_start": warm_start, "creator": creator, "auto_promote": auto_promote, "created_at": now,
             "updated_at": now, "attempts": 0, "step": 0, "total_steps": config.steps, "losses": [],

@@ -63,3 +63,25 @@ def dpo_loss(policy_chosen: Tensor, policy_rejected: Tensor, ref_chosen: Tensor,
     """Per-pair DPO loss ``-log sigmoid(beta * ((pi_c - ref_c) - (pi_r - ref_r)))``: ``(N,)``."""
     margin = (policy_chosen - ref_chosen) - (policy_rejected - ref_rejected)
     return -F.logsigmoid(beta * margin)
+
+
+def next_token_logprobs(model, input_ids: Tensor, attention_mask: Tensor, targets: Tensor) -> Tensor:
+    """Log-prob of ``targets[b, t]`` as the token after position ``t`` (no shift: the caller aligned them).
+
+    ``input_ids, attention_mask, targets: (B, T)`` -> ``(B, T)``; positions outside the mask are 0. This is
+    the Tinker convention (``model_input`` = tokens[:-1], ``target_tokens`` = tokens[1:]); the vocabulary
+    projection runs only on unmasked positions, as in :func:`labelled_logprobs`.
+    """
+    decoder, head = model.get_decoder(), model.get_output_embeddings()
+    rows, cols = attention_mask.nonzero(as_tuple=True)  # (N,), (N,)
+    if decoder is None or head is None:  # an architecture without the split: the plain path
+        logits = model(input_ids=input_ids, attention_mask=attention_mask).logits[rows, cols].float()  # (N, V)
+    else:
+        hidden = decoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state  # (B, T, H)
+        logits = head(hidden[rows, cols]).float()  # (N, V)
+        cap = getattr(model.config, "final_logit_softcapping", None)
+        if cap:
+            logits = torch.tanh(logits / cap) * cap
+    logp = torch.gather(F.log_softmax(logits, dim=-1), 1, targets[rows, cols].unsqueeze(1)).squeeze(1)  # (N,)
+    out = logp.new_zeros(input_ids.shape)  # (B, T)
+    return out.index_put((rows, cols), logp)

@@ -4,17 +4,24 @@ Each row goes through its own user's adapter via the shared operator (a step's :
 The step's loss is the sum over users of each user's mean token loss; a user's parameters only touch that
 user's rows, so each adapter receives exactly the gradient of its own loss — the same update as a step
 taken alone. Each user has its own optimizer (AdamW or SGD), learning rate and step count.
+
+Training on top of a stack: a user added with frozen ``parents`` (e.g. the organisation's and the team's
+adapters, root first) has every row routed through the parents' levels as well (the operator sums the levels'
+deltas, as in serving), but only the user's own adapter is a leaf of the optimizer: it learns what the person
+adds on top of the stack. Parents shared by several users in a step are one slot of the step's table.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field, replace
 
 import torch
 from torch import Tensor
 
-from lorafleet.adapters import LoraAdapter, LoraHost, StackedWeights, as_lora
+from lorafleet.adapters import LoraAdapter, LoraHost, as_lora
+from lorafleet.adapters.stack import MAX_LEVELS, AdapterStack, route_rows
 from lorafleet.training.data import IGNORE, Dataset, TokenizeReport, tokenize_pair, tokenize_sft
 from lorafleet.training.losses import dpo_loss, labelled_logprobs
 
@@ -69,6 +76,7 @@ class UserTrack:
     items: list  # tokenized examples or pairs
     optimizer: torch.optim.Optimizer
     report: TokenizeReport
+    parents: tuple[LoraAdapter, ...] = ()  # frozen levels under this user's adapter, root first
     step: int = 0
     cursor: int = 0
     order: list[int] = field(default_factory=list)
@@ -78,6 +86,13 @@ class UserTrack:
     @property
     def done(self) -> bool:
         return self.step >= self.config.steps
+
+    @property
+    def stack(self) -> LoraAdapter | AdapterStack:
+        """What this user's rows are routed through: the frozen parents, then the trained adapter (a tiny format
+        such as VeRA expanded to its LoRA, differentiably: call once per step, each call is a new expansion)."""
+        top = as_lora(self.adapter)
+        return AdapterStack((*self.parents, top)) if self.parents else top
 
     def params(self) -> list[Tensor]:
         return [t for ab in self.adapter.weights.values() for t in ab]
@@ -120,14 +135,24 @@ class MultiTenantTrainer:
         self.base = base
         self.host = LoraHost.attach(base.model)
         self.users: dict[str, UserTrack] = {}
+        self._frozen_of: dict[int, tuple[LoraAdapter, LoraAdapter]] = {}  # id(parent) -> (parent, frozen copy)
 
-    def add(self, key: str, adapter: LoraAdapter, dataset: Dataset, config: TrainConfig) -> UserTrack:
-        """Register a user's adapter (its tensors become trainable leaves) and tokenized data."""
+    def add(self, key: str, adapter: LoraAdapter, dataset: Dataset, config: TrainConfig,
+            parents: Sequence[LoraAdapter] = ()) -> UserTrack:
+        """Register a user's adapter (its tensors become trainable leaves) and tokenized data.
+
+        ``parents``: frozen adapters applied under it (root first; a stack of at most ``MAX_LEVELS`` levels with
+        the adapter). Pass the same objects for users sharing a parent: they then share one slot per step.
+        """
         if key in self.users:
             raise ValueError(f"user {key!r} is already in this trainer")
         if dataset.kind != config.method:
             raise ValueError(f"dataset is {dataset.kind!r} but the method is {config.method!r}")
+        if len(parents) + 1 > MAX_LEVELS:
+            raise ValueError(f"user {key!r}: {len(parents)} frozen parents + its adapter exceed {MAX_LEVELS} levels")
         adapter.check_fits(self.base)
+        for parent in parents:
+            parent.check_fits(self.base)
         for name, (A, B) in list(adapter.weights.items()):
             adapter.weights[name] = (A.detach().float().clone().requires_grad_(True),
                                      B.detach().float().clone().requires_grad_(True))
@@ -143,9 +168,23 @@ class MultiTenantTrainer:
         if not items:
             raise ValueError(f"user {key!r}: no usable example after tokenization (all too long for max_len={config.max_len})")
         track = UserTrack(key=key, adapter=adapter, config=config, items=items, report=report,
-                          optimizer=_make_optimizer([t for ab in adapter.weights.values() for t in ab], config))
+                          optimizer=_make_optimizer([t for ab in adapter.weights.values() for t in ab], config),
+                          parents=tuple(self._frozen(p) for p in parents))
         self.users[key] = track
         return track
+
+    def _frozen(self, parent: LoraAdapter) -> LoraAdapter:
+        """A parent as a frozen level: no gradient, no dropout (it is applied as it is served). One frozen copy per
+        parent object, so users sharing a parent share its slot."""
+        hit = self._frozen_of.get(id(parent))
+        if hit is not None and hit[0] is parent:
+            return hit[1]
+        frozen = LoraAdapter(spec=replace(parent.spec, dropout=0.0), base_name=parent.base_name,
+                             weights={n: (A.detach().float(), B.detach().float()) for n, (A, B) in parent.weights.items()})
+        in_use = {id(p) for t in self.users.values() for p in t.parents}  # forget parents of departed users
+        self._frozen_of = {k: v for k, v in self._frozen_of.items() if id(v[1]) in in_use}
+        self._frozen_of[id(parent)] = (parent, frozen)
+        return frozen
 
     def remove(self, key: str) -> UserTrack:
         return self.users.pop(key)
@@ -180,46 +219,51 @@ class MultiTenantTrainer:
         return out
 
     def _sft_losses(self, group: list[UserTrack]) -> dict[str, Tensor]:
-        rows, labels, slots = [], [], []
-        for slot, t in enumerate(group):
+        rows, labels, owners = [], [], []
+        for k, t in enumerate(group):
             for item in t.next_items():
                 rows.append(item.input_ids)
                 labels.append(item.labels)
-                slots.append(slot)
+                owners.append(k)
         ids, lab, mask = _pad(rows, labels, self.base.tokenizer.pad_token_id)
         device = self.base.device
-        table = StackedWeights([as_lora(t.adapter) for t in group], train=True)  # tiny formats expand
+        stacks = [t.stack for t in group]  # one expansion per user per step (tiny formats)
+        table, slots = route_rows([stacks[k] for k in owners], train=True)  # slots: (rows, levels)
         with self.host.route(table, slots):
             logp, count = labelled_logprobs(self.base.model, ids.to(device), mask.to(device), lab.to(device))
         nll = -logp
-        slot_t = torch.tensor(slots, device=device)
+        owner_t = torch.tensor(owners, device=device)
         out = {}
-        for slot, t in enumerate(group):
-            sel = slot_t == slot
+        for k, t in enumerate(group):
+            sel = owner_t == k
             out[t.key] = nll[sel].sum() / count[sel].sum().clamp(min=1)
         return out
 
     def _dpo_losses(self, group: list[UserTrack]) -> dict[str, Tensor]:
-        rows, labels, slots = [], [], []
-        for slot, t in enumerate(group):
+        rows, labels, owners = [], [], []
+        for k, t in enumerate(group):
             for pair in t.next_items():
                 for seq in (pair.chosen, pair.rejected):
                     rows.append(seq)
                     labels.append([IGNORE] * pair.prompt_len + seq[pair.prompt_len:])
-                    slots.append(slot)
+                    owners.append(k)
         ids, lab, mask = _pad(rows, labels, self.base.tokenizer.pad_token_id)
         device = self.base.device
         ids, lab, mask = ids.to(device), lab.to(device), mask.to(device)
-        table = StackedWeights([as_lora(t.adapter) for t in group], train=True)  # tiny formats expand
+        stacks = [t.stack for t in group]  # one expansion per user per step (tiny formats)
+        table, slots = route_rows([stacks[k] for k in owners], train=True)
         with self.host.route(table, slots):
             policy, _ = labelled_logprobs(self.base.model, ids, mask, lab)
-        with torch.no_grad():  # reference = the base, adapter off: no second copy of the model
+        # reference = what the adapter sits on: the base, plus the frozen parents of a stack (no model copy)
+        ref_table, ref_slots = route_rows([AdapterStack(group[k].parents) if group[k].parents else None
+                                          for k in owners])
+        with torch.no_grad(), self.host.route(ref_table, ref_slots):
             ref, _ = labelled_logprobs(self.base.model, ids, mask, lab)
-        slot_t = torch.tensor(slots[::2], device=device)  # one entry per pair
+        owner_t = torch.tensor(owners[::2], device=device)  # one entry per pair
         pc, pr, rc, rr = policy[0::2], policy[1::2], ref[0::2], ref[1::2]
         out = {}
-        for slot, t in enumerate(group):
-            sel = slot_t == slot
+        for k, t in enumerate(group):
+            sel = owner_t == k
             out[t.key] = dpo_loss(pc[sel], pr[sel], rc[sel], rr[sel], beta=t.config.beta).mean()
         return out
 
@@ -227,7 +271,7 @@ class MultiTenantTrainer:
     def eval_loss(self, key: str, dataset: Dataset, max_len: int | None = None) -> float:
         """Mean token loss of ``dataset`` (SFT) under user ``key``'s adapter; ``math.nan`` if nothing to score."""
         t = self.users[key]
-        return sft_eval_loss(self.base, t.adapter, dataset, max_len or t.config.max_len)
+        return sft_eval_loss(self.base, t.stack, dataset, max_len or t.config.max_len)
 
     def state_dict(self, key: str) -> dict:
         """Everything needed to resume user ``key`` exactly: weights, optimizer, step, sampler position."""
@@ -250,16 +294,18 @@ class MultiTenantTrainer:
 
 
 @torch.no_grad()
-def sft_eval_loss(base, adapter: LoraAdapter | None, dataset: Dataset, max_len: int = 256, batch: int = 8) -> float:
-    """Mean token NLL of an SFT dataset under ``adapter`` (None = the base alone)."""
+def sft_eval_loss(base, adapter: LoraAdapter | AdapterStack | None, dataset: Dataset, max_len: int = 256,
+                  batch: int = 8) -> float:
+    """Mean token NLL of an SFT dataset under ``adapter`` (a stack applies every level; None = the base alone)."""
     host = LoraHost.attach(base.model)
     items = [tokenize_sft(base.tokenizer, r, max_len) for r in dataset.records]
     total, count = 0.0, 0
-    table = StackedWeights([as_lora(adapter)]) if adapter is not None else None
+    adapter = as_lora(adapter)  # a tiny format (VeRA) is evaluated as its expanded LoRA
     for i in range(0, len(items), batch):
         chunk = items[i : i + batch]
         ids, lab, mask = _pad([c.input_ids for c in chunk], [c.labels for c in chunk], base.tokenizer.pad_token_id)
-        with host.route(table, [0] * len(chunk) if table is not None else None):
+        table, slots = route_rows([adapter] * len(chunk))
+        with host.route(table, slots):
             logp, n = labelled_logprobs(base.model, ids.to(base.device), mask.to(base.device), lab.to(base.device))
         total -= float(logp.sum())
         count += int(n.sum())

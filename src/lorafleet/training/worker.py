@@ -3,7 +3,9 @@
 Several users' jobs run in the same optimizer steps over the one resident base (the multi-tenant
 trainer). Between steps the worker renews its leases, honours cancellations, writes checkpoints, and
 takes newly queued jobs into the pack. A finished job becomes a registry revision with full provenance
-and the ``candidate`` alias.
+and the ``candidate`` alias. A job for a stacked adapter trains on top of its frozen parents (the revisions
+recorded in the job, loaded once per digest and shared by every job on them); the revision records them in
+``provenance.hyperparams["stack_parents"]``.
 """
 
 from __future__ import annotations
@@ -67,6 +69,7 @@ class Worker:
         self.running: dict[int, _Running] = {}
         self.global_steps = 0
         self.finished: list[Job] = []
+        self._parents: dict[str, LoraAdapter] = {}  # digest -> frozen parent adapter
         fault = os.environ.get(FAULT_ENV, "")
         self._kill_after = int(fault.split(":")[1]) if fault.startswith("kill_after_step:") else None
 
@@ -81,7 +84,8 @@ class Worker:
             records = _jsonl_records(self.registry.read_blob(job.dataset_digest))
             dataset = dataset_from_records(records, job.method, source=f"job {job.id} dataset")
             parent, parent_digest, adapter = self._initial_adapter(job)
-            track = self.trainer.add(self._key(job.id), adapter, dataset, job.train_config)
+            track = self.trainer.add(self._key(job.id), adapter, dataset, job.train_config,
+                                     parents=self._stack_parents(job))
             if job.checkpoint_digest:
                 self.trainer.load_state_dict(self._key(job.id), checkpoint_from_bytes(
                     self.registry.read_blob(job.checkpoint_digest)))
@@ -109,6 +113,21 @@ class Worker:
         seed = job.train_config.seed
         return None, None, LoraAdapter.create(self.base, spec, seed=seed)
 
+    def _stack_parents(self, job: Job) -> list[LoraAdapter]:
+        """The job's frozen parents, one object per digest across running jobs (so they share a slot)."""
+        in_use = {p["digest"] for run in self.running.values() for p in run.job.stack_parents}
+        self._parents = {d: a for d, a in self._parents.items() if d in in_use}
+        out = []
+        for level in job.stack_parents:
+            digest = level["digest"]
+            if digest not in self._parents:
+                info, blob = self.registry.load(level["address"], base_fingerprint=self.base.fingerprint)
+                if info.digest != digest:  # pragma: no cover - a numbered revision is immutable
+                    raise RuntimeError(f"{level['address']} is {info.digest[:12]}, not the recorded {digest[:12]}")
+                self._parents[digest] = from_bytes(blob, self.base)
+            out.append(self._parents[digest])
+        return out
+
     def _checkpoint(self, job_id: int) -> str:
         data = checkpoint_to_bytes(self.trainer.state_dict(self._key(job_id)))
         digest = sha256_hex(data)
@@ -129,7 +148,8 @@ class Worker:
                 base_fingerprint=self.base.fingerprint, parent=run.parent, parent_digest=run.parent_digest,
                 method=job.method,
                 hyperparams={**job.lora_spec.to_dict(), **job.train_config.to_dict(), "job_id": job.id,
-                             "final_loss": track.losses[-1] if track.losses else None},
+                             "final_loss": track.losses[-1] if track.losses else None,
+                             **({"stack_parents": job.stack_parents} if job.stack_parents else {})},
                 dataset_digest=run.dataset_digest, example_count=job.example_count, creator=job.creator,
             )
             existing = self.registry.commit(job.ref, blob, provenance, creator=job.creator, aliases=("candidate",),

@@ -1,0 +1,616 @@
+"""The Tinker service's logic, independent of HTTP: runs, training ops, checkpoints, sampling.
+
+Training runs through :mod:`.scheduler` on the resident base (packed across clients); sampling goes through
+the serving :class:`~lorafleet.serving.engine.Engine`; every sampler checkpoint is committed to the registry
+as a revision of the run's adapter (provenance ``method="tinker"``), so it can be evaluated, promoted and
+served through the OpenAI API like any other revision.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import json
+import re
+import secrets
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from lorafleet import __version__
+from lorafleet.adapters import LoraAdapter, LoraHost, LoraSpec, StackedWeights, from_bytes, to_bytes
+from lorafleet.adapters.spec import ATTENTION_TARGETS, MAX_RANK, MLP_TARGETS
+from lorafleet.api.keys import ApiKey
+from lorafleet.api.tinker import losses, wire
+from lorafleet.api.tinker.scheduler import Op, Scheduler
+from lorafleet.api.tinker.state import (
+    Checkpoint,
+    FutureStore,
+    Run,
+    SamplerSession,
+    TinkerNotFoundError,
+    TinkerUserError,
+    new_id,
+    utcnow,
+)
+from lorafleet.registry import Provenance
+from lorafleet.registry.names import check_segment, parse_address
+from lorafleet.serving.sources import digest_of
+from lorafleet.training.checkpoint import checkpoint_from_bytes, checkpoint_to_bytes
+from lorafleet.training.losses import next_token_logprobs
+
+
+@dataclass(frozen=True)
+class TinkerConfig:
+    """Limits and defaults of the Tinker-compatible service."""
+
+    lora_alpha: float = 32.0  # LoRA scaling numerator for every run (scaling = alpha / rank)
+    max_batch_tokens: int = 4096  # padded tokens per packed forward/backward micro-batch (memory bound)
+    max_request_tokens: int = 262_144  # tokens in one forward_backward request
+    max_num_samples: int = 16
+    long_poll_s: float = 25.0  # retrieve_future holds a pending request this long before "try_again"
+    gap_wait_s: float = 5.0  # a missing seq_id is skipped after this long
+    pack_wait_s: float = 0.2  # before a pass, wait this long for just-served clients' next forward_backward
+
+
+RUN_ID_RE = re.compile(r"^[A-Za-z0-9_.-]+(:train:[0-9]+)?$")
+
+
+def _user(message: str) -> TinkerUserError:
+    return TinkerUserError(message)
+
+
+class TinkerService:
+    """State and operations behind the routes; one per app (``app.state.tinker``)."""
+
+    def __init__(self, service, config: TinkerConfig | None = None, home: Path | None = None) -> None:
+        from lorafleet.config import data_dir  # noqa: PLC0415
+
+        self.service, self.config = service, config or TinkerConfig()
+        self.base, self.registry = service.base, service.registry
+        self.home = home or data_dir() / "tinker"
+        self.sessions: dict[str, str | None] = {}  # session_id -> tenant
+        self.runs: dict[str, Run] = {}
+        self.samplers: dict[str, SamplerSession] = {}
+        self.futures = FutureStore()
+        self.host = LoraHost.attach(self.base.model)
+        self.scheduler = Scheduler(self._forward_backward, {
+            "optim_step": self._optim_step, "save_state": self._save_state, "load_state": self._load_state,
+            "save_sampler": self._save_sampler}, gap_wait_s=self.config.gap_wait_s,
+            pack_wait_s=self.config.pack_wait_s)
+        self._lock = threading.Lock()
+        self._adapters: dict[str, LoraAdapter] = {}  # digest -> parsed adapter, for sampled log-probs
+        self.vocab = self.base.model.get_input_embeddings().num_embeddings
+        self.max_seq_len = int(getattr(self.base.config, "max_position_embeddings", 2048))
+
+    @property
+    def max_rank(self) -> int:
+        engine = self.service.engine
+        return min(MAX_RANK, engine.config.max_rank) if engine is not None and hasattr(engine, "config") else MAX_RANK
+
+    def start(self) -> None:
+        self.scheduler.start()
+
+    def stop(self) -> None:
+        self.scheduler.stop()
+
+    # ------------------------------------------------------------------ sessions and runs
+
+    def capabilities(self) -> dict:
+        return {"supported_models": [{"model_name": self.base.name, "max_context_length": self.max_seq_len,
+                                      "trainable": True, "sampleable": self.service.engine is not None}]}
+
+    def create_session(self, key: ApiKey) -> str:
+        session_id = new_id("session")
+        with self._lock:
+            self.sessions[session_id] = key.tenant
+        return session_id
+
+    def check_session(self, key: ApiKey, session_id: str) -> None:
+        with self._lock:
+            known = session_id in self.sessions and (key.is_admin or self.sessions[session_id] == key.tenant)
+        if not known:
+            raise TinkerNotFoundError(f"session {session_id!r} does not exist (create one with create_session)")
+
+    def check_base(self, base_model: str | None) -> None:
+        if base_model is not None and base_model != self.base.name:
+            raise _user(f"base_model {base_model!r} is not served here: this lorafleet server trains and samples "
+                        f"{self.base.name!r} only (see get_server_capabilities)")
+
+    def run_of(self, key: ApiKey, run_id: str) -> Run:
+        run = self.runs.get(run_id)
+        if run is None or not (key.is_admin or run.tenant == key.tenant):  # another tenant's run looks absent
+            raise TinkerNotFoundError(f"training run {run_id!r} does not exist")
+        return run
+
+    def _adapter_ref(self, key: ApiKey, run_id: str, metadata: dict) -> str:
+        wanted = str(metadata.get("lorafleet_adapter") or "")
+        parts = wanted.split("/") if wanted else []
+        if len(parts) == 3:
+            tenant, user, name = parts
+        elif len(parts) == 2:
+            tenant, (user, name) = key.tenant, parts
+        elif not parts:
+            tenant, user, name = key.tenant, "tinker", run_id
+        else:
+            raise _user(f"user_metadata.lorafleet_adapter must be 'user/name' or 'tenant/user/name', got {wanted!r}")
+        if tenant is None:
+            raise _user("an admin key has no tenant: set user_metadata.lorafleet_adapter to 'tenant/user/name'")
+        if not key.is_admin and tenant != key.tenant:
+            raise _user(f"user_metadata.lorafleet_adapter names tenant {tenant!r}, but this key belongs to "
+                        f"tenant {key.tenant!r}")
+        for value, what in ((tenant, "tenant"), (user, "user"), (name, "adapter")):
+            check_segment(value, what)
+        return f"{tenant}/{user}/{name}"
+
+    def create_model(self, key: ApiKey, body: dict) -> Run:
+        self.check_session(key, str(body.get("session_id", "")))
+        self.check_base(body.get("base_model"))
+        lora = body.get("lora_config")
+        if not isinstance(lora, dict):
+            raise _user("create_model: lora_config is required (full fine-tuning is not offered: lorafleet trains "
+                        "LoRA adapters over the shared base)")
+        rank = lora.get("rank")
+        if isinstance(rank, bool) or not isinstance(rank, int) or not 1 <= rank <= self.max_rank:
+            raise _user(f"lora_config.rank must be an integer in 1..{self.max_rank} (the largest rank this server's "
+                        f"engine serves), got {rank!r}")
+        targets = (ATTENTION_TARGETS if lora.get("train_attn", True) else ()) + (
+            MLP_TARGETS if lora.get("train_mlp", True) else ())
+        if not targets:
+            raise _user("lora_config: set train_attn and/or train_mlp; lorafleet adapters adapt the attention and MLP "
+                        "projections (train_unembed alone is not supported)")
+        spec = LoraSpec(rank=rank, alpha=self.config.lora_alpha, target_modules=targets)
+        seed = lora.get("seed")
+        return self._new_run(key, body, spec, secrets.randbelow(2**31) if seed is None else int(seed),
+                             unembed=bool(lora.get("train_unembed", True)))
+
+    def create_from_state(self, key: ApiKey, body: dict) -> tuple[Run, Checkpoint]:
+        """``create_training_client_from_state[_with_optimizer]``: a new run shaped like the checkpoint."""
+        self.check_session(key, str(body.get("session_id", "")))
+        self.check_base(body.get("base_model"))
+        ckpt = self.find_checkpoint(key, str(body.get("path", "")), "training")
+        meta = json.loads(Path(ckpt.file).with_suffix(".json").read_text())
+        spec = LoraSpec(**{k: (tuple(v) if k == "target_modules" else v) for k, v in meta["spec"].items()})
+        if spec.rank > self.max_rank:
+            raise _user(f"checkpoint {ckpt.tinker_path} has rank {spec.rank}, above this server's {self.max_rank}")
+        return self._new_run(key, body, spec, 0, unembed=False), ckpt
+
+    def _new_run(self, key: ApiKey, body: dict, spec: LoraSpec, seed: int, *, unembed: bool) -> Run:
+        optimizer = body.get("optimizer_config") or {"type": "adamw"}
+        if optimizer.get("type", "adamw") != "adamw":
+            raise _user(f"optimizer_config.type {optimizer.get('type')!r} is not supported; use AdamW ('adamw')")
+        seq = body.get("model_seq_id")
+        if isinstance(seq, bool) or not isinstance(seq, int) or seq < 0:
+            raise _user(f"model_seq_id must be a non-negative integer, got {seq!r}")
+        run_id = f"{body['session_id']}:train:{seq}"  # the SDK derives this id itself (create from state)
+        if run_id in self.runs:
+            raise _user(f"model_seq_id {seq} was already used in session {body['session_id']}")
+        metadata = body.get("user_metadata") or {}
+        ref = self._adapter_ref(key, run_id.replace(":", "-"), metadata)
+        adapter = LoraAdapter.create(self.base, spec, seed=seed)
+        for name, (A, B) in list(adapter.weights.items()):
+            adapter.weights[name] = (A.requires_grad_(True), B.requires_grad_(True))
+        params = [t for ab in adapter.weights.values() for t in ab]
+        run = Run(run_id=run_id, session_id=body["session_id"], tenant=ref.split("/")[0], ref=ref,
+                  creator=f"tinker:{key.prefix}", adapter=adapter, user_metadata=dict(metadata),
+                  optimizer=torch.optim.AdamW(params, lr=1e-4, betas=(0.9, 0.95), eps=1e-12, weight_decay=0.0),
+                  unembed_requested=unembed)
+        self.registry.create_adapter(ref, creator=run.creator, exist_ok=True,
+                                     description=f"trained through the Tinker API (run {run_id})")
+        with self._lock:
+            if run_id in self.runs:
+                raise _user(f"model_seq_id {seq} was already used in session {body['session_id']}")
+            self.runs[run_id] = run
+        return run
+
+    def info(self, run: Run) -> dict:
+        return {"type": "get_info", "model_id": run.run_id, "is_lora": True, "lora_rank": run.adapter.spec.rank,
+                "model_name": self.base.name,
+                "model_data": {"arch": self.base.config.model_type, "model_name": self.base.name,
+                               "tokenizer_id": None}}
+
+    # ------------------------------------------------------------------ training requests (validated here)
+
+    def _check_tokens(self, tokens: list[int], where: str) -> None:
+        if not tokens:
+            raise _user(f"{where}: model_input is empty")
+        if min(tokens) < 0 or max(tokens) >= self.vocab:
+            raise _user(f"{where}: token ids must be in [0, {self.vocab}), got min {min(tokens)} max {max(tokens)}")
+        if len(tokens) > self.max_seq_len:
+            raise _user(f"{where}: {len(tokens)} tokens exceed the base's context of {self.max_seq_len}")
+
+    def forward_backward(self, key: ApiKey, request: dict) -> concurrent.futures.Future:
+        run = self.run_of(key, request["model_id"])
+        loss_fn = request["loss_fn"]
+        if loss_fn not in losses.LOSS_INPUTS:
+            raise _user(f"loss_fn {loss_fn!r} is not supported by lorafleet; supported: {sorted(losses.LOSS_INPUTS)}")
+        if not request["data"]:
+            raise _user("forward_backward: data is empty")
+        needed, data, total = losses.LOSS_INPUTS[loss_fn], [], 0
+        for i, datum in enumerate(request["data"]):
+            tokens, inputs = datum["tokens"], datum["inputs"]
+            self._check_tokens(tokens, f"data[{i}]")
+            total += len(tokens)
+            missing = [n for n in needed if n not in inputs]
+            if missing:
+                raise _user(f"data[{i}].loss_fn_inputs is missing {missing} (loss_fn {loss_fn!r} needs {list(needed)})")
+            clean = {}
+            for name in needed:
+                arr = np.asarray(inputs[name]).reshape(-1)
+                if arr.shape[0] != len(tokens):
+                    raise _user(f"data[{i}].loss_fn_inputs[{name!r}] has {arr.shape[0]} entries but model_input has "
+                                f"{len(tokens)} tokens; they must have the same length")
+                if name == "target_tokens":
+                    if arr.min() < 0 or arr.max() >= self.vocab:
+                        raise _user(f"data[{i}].target_tokens must be in [0, {self.vocab})")
+                    clean[name] = torch.as_tensor(arr.astype(np.int64))
+                else:
+                    if not np.isfinite(arr).all():
+                        raise _user(f"data[{i}].loss_fn_inputs[{name!r}] has NaN or infinite values")
+                    clean[name] = torch.as_tensor(arr.astype(np.float32))
+            data.append((tokens, clean))
+        if total > self.config.max_request_tokens:
+            raise _user(f"forward_backward: {total} tokens in one request; at most {self.config.max_request_tokens}")
+        payload = {"loss_fn": loss_fn, "data": data, "forward_only": bool(request["forward_only"])}
+        return self._submit(run, request.get("seq_id") or None, "forward_backward", payload)
+
+    def optim_step(self, key: ApiKey, body: dict) -> concurrent.futures.Future:
+        run = self.run_of(key, str(body.get("model_id", "")))
+        adam = body.get("adam_params")
+        if not isinstance(adam, dict):
+            raise _user("optim_step: adam_params are required (lorafleet trains with AdamW)")
+        p = {"learning_rate": 1e-4, "beta1": 0.9, "beta2": 0.95, "eps": 1e-12, "weight_decay": 0.0,
+             "grad_clip_norm": 0.0} | adam
+        checks = {"learning_rate": p["learning_rate"] >= 0, "beta1": 0 <= p["beta1"] < 1,
+                  "beta2": 0 <= p["beta2"] < 1, "eps": p["eps"] > 0, "weight_decay": p["weight_decay"] >= 0,
+                  "grad_clip_norm": p["grad_clip_norm"] >= 0}
+        bad = [k for k, ok in checks.items() if not ok]
+        if bad:
+            raise _user(f"adam_params field(s) {bad} out of range: got {[p[k] for k in bad]}")
+        return self._submit(run, body.get("seq_id"), "optim_step", p)
+
+    def save(self, key: ApiKey, body: dict, *, sampler: bool) -> concurrent.futures.Future:
+        run = self.run_of(key, str(body.get("model_id", "")))
+        name = body.get("path")
+        if name is not None:
+            check_segment(str(name), "checkpoint name")
+        elif not sampler or body.get("sampling_session_seq_id") is None:
+            name = f"step-{run.steps:06d}"  # the SDK always names durable saves; a default keeps curl usable
+        payload = {"name": name, "session_id": run.session_id}
+        return self._submit(run, body.get("seq_id"), "save_sampler" if sampler else "save_state", payload)
+
+    def load(self, key: ApiKey, body: dict) -> tuple[concurrent.futures.Future, str]:
+        if body.get("model_id") is None:
+            run, ckpt = self.create_from_state(key, body)
+        else:
+            run = self.run_of(key, str(body.get("model_id", "")))
+            ckpt = self.find_checkpoint(key, str(body.get("path", "")), "training")
+        fut = self._submit(run, body.get("seq_id"), "load_state",
+                           {"checkpoint": ckpt, "optimizer": bool(body.get("optimizer", False))})
+        return fut, run.run_id
+
+    def _submit(self, run: Run, seq_id, kind: str, payload: dict) -> concurrent.futures.Future:
+        run.last_request = utcnow()
+        seq = int(seq_id) if isinstance(seq_id, int) and not isinstance(seq_id, bool) and seq_id > 0 else None
+        return self.scheduler.submit(Op(run=run, seq_id=seq, kind=kind, payload=payload))
+
+    # ------------------------------------------------------------------ training ops (scheduler thread)
+
+    def _forward_backward(self, ops: list[Op]) -> list[bytes]:
+        """One packed pass over every op's datums (micro-batched by padded tokens); one result per op."""
+        runs = list(dict.fromkeys(op.run.run_id for op in ops))
+        slot_of = {rid: i for i, rid in enumerate(runs)}
+        adapters = [next(op.run for op in ops if op.run.run_id == rid).adapter for rid in runs]
+        rows = [(k, j) for k, op in enumerate(ops) for j in range(len(op.payload["data"]))]
+        logps: dict[tuple[int, int], torch.Tensor] = {}
+        self.base.model.train(False)  # the base stays in eval mode; only adapter tensors learn
+        for batch in self._micro_batches(ops, rows):
+            width = max(len(ops[k].payload["data"][j][0]) for k, j in batch)
+            ids = torch.zeros((len(batch), width), dtype=torch.long)  # (b, T)
+            tgt = torch.zeros((len(batch), width), dtype=torch.long)  # (b, T)
+            mask = torch.zeros((len(batch), width), dtype=torch.long)  # (b, T)
+            for r, (k, j) in enumerate(batch):
+                tokens, inputs = ops[k].payload["data"][j]
+                ids[r, : len(tokens)] = torch.tensor(tokens)
+                tgt[r, : len(tokens)] = inputs["target_tokens"]
+                mask[r, : len(tokens)] = 1
+            slots = [slot_of[ops[k].run.run_id] for k, _ in batch]
+            grad = any(not ops[k].payload["forward_only"] for k, _ in batch)
+            dev = self.base.device
+            with torch.set_grad_enabled(grad), self.host.route(StackedWeights(adapters, train=True), slots):
+                logp = next_token_logprobs(self.base.model, ids.to(dev), mask.to(dev), tgt.to(dev))  # (b, T)
+            total = None
+            for r, (k, j) in enumerate(batch):
+                op = ops[k]
+                tokens, inputs = op.payload["data"][j]
+                row = logp[r, : len(tokens)].cpu()  # (T_j,)
+                loss = losses.elementwise_loss(op.payload["loss_fn"], row, inputs)
+                logps[(k, j)] = torch.stack([row.detach(), loss.detach()])
+                if not op.payload["forward_only"]:
+                    total = loss.sum() if total is None else total + loss.sum()
+            if total is not None:
+                total.backward()  # gradients accumulate in each run's adapter until its optim_step
+        out = []
+        for k, op in enumerate(ops):
+            outputs, loss_sum, weight = [], 0.0, 0.0
+            for j, (_, inputs) in enumerate(op.payload["data"]):
+                row_logp, row_loss = logps[(k, j)]
+                outputs.append({"logprobs": row_logp.numpy(), "elementwise_loss": row_loss.numpy()})
+                loss_sum += float(row_loss.sum())
+                weight += losses.token_weight(op.payload["loss_fn"], inputs)
+            run = op.run
+            if not op.payload["forward_only"]:
+                run.pending_grad = True
+                run.datums += len(outputs)
+                run.tokens += int(weight)
+                run.loss_fns.add(op.payload["loss_fn"])
+                run.losses.append(loss_sum / weight if weight else 0.0)
+            out.append(wire.encode_forward_backward_output(outputs, {"loss:sum": loss_sum}))
+        return out
+
+    def _micro_batches(self, ops: list[Op], rows: list[tuple[int, int]]):
+        """Rows grouped so that rows x longest row stays within ``max_batch_tokens`` (one row at least)."""
+        batch, width = [], 0
+        for k, j in rows:
+            n = len(ops[k].payload["data"][j][0])
+            if batch and max(width, n) * (len(batch) + 1) > self.config.max_batch_tokens:
+                yield batch
+                batch, width = [], 0
+            batch.append((k, j))
+            width = max(width, n)
+        if batch:
+            yield batch
+
+    def _optim_step(self, op: Op) -> dict:
+        run, p = op.run, op.payload
+        params = run.params()
+        grads = [t.grad for t in params if t.grad is not None]
+        norm = float(torch.linalg.vector_norm(torch.stack([g.norm() for g in grads]))) if grads else 0.0
+        if p["grad_clip_norm"] > 0 and grads:
+            torch.nn.utils.clip_grad_norm_(params, p["grad_clip_norm"])
+        for group in run.optimizer.param_groups:
+            group.update(lr=p["learning_rate"], betas=(p["beta1"], p["beta2"]), eps=p["eps"],
+                         weight_decay=p["weight_decay"])
+        run.optimizer.step()
+        run.optimizer.zero_grad(set_to_none=True)
+        run.steps += 1
+        run.pending_grad = False
+        run.last_adam = dict(p)
+        return {"metrics": {"grad_norm:mean": norm, "step:max": float(run.steps)}}
+
+    def _path(self, run: Run, kind: str, name: str) -> str:
+        return f"tinker://{run.run_id}/{'sampler_weights' if kind == 'sampler' else 'weights'}/{name}"
+
+    def _save_state(self, op: Op) -> dict:
+        run, name = op.run, op.payload["name"]
+        if run.checkpoint("training", name) is not None:
+            raise _user(f"checkpoint {name!r} already exists in run {run.run_id}; pick another name")
+        state = {"weights": {n: (A.detach().clone(), B.detach().clone()) for n, (A, B) in run.adapter.weights.items()},
+                 "optimizer": run.optimizer.state_dict(), "step": run.steps, "cursor": 0, "order": [], "epoch": 0,
+                 "losses": list(run.losses)}
+        data = checkpoint_to_bytes(state)
+        folder = self.home / run.tenant / run.run_id
+        folder.mkdir(parents=True, exist_ok=True)
+        file = folder / f"{name}.safetensors"
+        (folder / f"{name}.json").write_text(json.dumps({"spec": run.adapter.spec.to_dict(), "ref": run.ref,
+                                                          "base_fingerprint": self.base.fingerprint}))
+        tmp = file.with_suffix(".tmp")
+        tmp.write_bytes(data)
+        tmp.replace(file)  # atomic: a crash leaves no half-written checkpoint
+        path = self._path(run, "training", name)
+        run.checkpoints.append(Checkpoint(f"weights/{name}", "training", path, utcnow(), len(data), file=str(file)))
+        return {"path": path, "type": "save_weights"}
+
+    def _load_state(self, op: Op) -> dict:
+        run, ckpt = op.run, op.payload["checkpoint"]
+        meta = json.loads(Path(ckpt.file).with_suffix(".json").read_text())
+        if meta["spec"] != run.adapter.spec.to_dict():
+            raise _user(f"checkpoint {ckpt.tinker_path} holds a LoRA {meta['spec']}, but run {run.run_id} is "
+                        f"{run.adapter.spec.to_dict()}: create the training client with the same rank and targets")
+        state = checkpoint_from_bytes(Path(ckpt.file).read_bytes())
+        with torch.no_grad():
+            for n, (A, B) in state["weights"].items():
+                run.adapter.weights[n][0].copy_(A)
+                run.adapter.weights[n][1].copy_(B)
+        if op.payload["optimizer"]:
+            run.optimizer.load_state_dict(state["optimizer"])
+            run.steps = int(state["step"])
+        run.optimizer.zero_grad(set_to_none=True)
+        return {"path": ckpt.tinker_path, "model_id": run.run_id, "type": "load_weights"}
+
+    def _snapshot(self, run: Run) -> LoraAdapter:
+        weights = {n: (A.detach().clone(), B.detach().clone()) for n, (A, B) in run.adapter.weights.items()}
+        return LoraAdapter(spec=run.adapter.spec, weights=weights, base_name=self.base.name)
+
+    def _save_sampler(self, op: Op) -> dict:
+        run, name = op.run, op.payload["name"]
+        data = to_bytes(self._snapshot(run))
+        if name is None:  # save_weights_and_get_sampling_client: an ephemeral sampler, no revision
+            digest = digest_of(data)
+            self.registry.blobs.put(digest, data)  # content-addressed; the engine fetches it by digest
+            sampler = self._new_sampler(run.tenant, None, digest)
+            return {"sampling_session_id": sampler.sampler_id, "type": "save_weights_for_sampler"}
+        if run.checkpoint("sampler", name) is not None:
+            raise _user(f"sampler checkpoint {name!r} already exists in run {run.run_id}; pick another name")
+        path = self._path(run, "sampler", name)
+        hyper = {"loss": sorted(run.loss_fns), "steps": run.steps, "datums": run.datums, "target_tokens": run.tokens,
+                 "rank": run.adapter.spec.rank, "alpha": run.adapter.spec.alpha,
+                 "target_modules": list(run.adapter.spec.target_modules), "adam": run.last_adam,
+                 "train_loss": run.losses[-1] if run.losses else None, "tinker_run": run.run_id,
+                 "tinker_path": path, "train_unembed_requested": run.unembed_requested,
+                 "sdk_protocol": "tinker 0.38.0", "server": f"lorafleet {__version__}"}
+        prov = Provenance(base_fingerprint=self.base.fingerprint, parent=run.last_revision, method="tinker",
+                          hyperparams=hyper, example_count=run.datums, creator=run.creator)
+        rev = self.registry.commit(run.ref, data, prov, creator=run.creator, aliases=("candidate",), create=True)
+        run.last_revision = rev.number
+        run.checkpoints.append(Checkpoint(f"sampler_weights/{name}", "sampler", path, utcnow(), rev.size,
+                                          revision=rev.number, digest=rev.digest))
+        return {"path": path, "type": "save_weights_for_sampler"}
+
+    # ------------------------------------------------------------------ checkpoints and sampling
+
+    def find_checkpoint(self, key: ApiKey, path: str, kind: str) -> Checkpoint:
+        """The checkpoint at ``tinker://<run>/<weights|sampler_weights>/<name>`` of one of the key's runs.
+
+        Training checkpoints are files, so they are found again after a server restart (by the run's tenant).
+        """
+        prefix = "tinker://"
+        parts = path[len(prefix):].split("/") if path.startswith(prefix) else []
+        segment = "sampler_weights" if kind == "sampler" else "weights"
+        if len(parts) != 3 or parts[1] != segment or not RUN_ID_RE.fullmatch(parts[0]):
+            raise _user(f"path {path!r} is not a {kind} checkpoint path: expected 'tinker://<run>/{segment}/<name>'")
+        run_id, name = parts[0], check_segment(parts[2], "checkpoint name")
+        run = self.runs.get(run_id)
+        if run is not None and (key.is_admin or run.tenant == key.tenant):
+            ckpt = run.checkpoint(kind, name)
+            if ckpt is not None:
+                return ckpt
+        elif run is None and kind == "training" and key.tenant is not None:
+            file = self.home / key.tenant / run_id / f"{name}.safetensors"
+            if file.is_file():
+                return Checkpoint(f"weights/{name}", "training", path, utcnow(), file.stat().st_size, file=str(file))
+        raise TinkerNotFoundError(f"checkpoint {path!r} does not exist")
+
+    def _new_sampler(self, tenant: str | None, model_path: str | None, digest: str | None) -> SamplerSession:
+        sampler = SamplerSession(new_id("sampler"), tenant, self.base.name, model_path, digest)
+        with self._lock:
+            self.samplers[sampler.sampler_id] = sampler
+        return sampler
+
+    def create_sampler(self, key: ApiKey, body: dict) -> SamplerSession:
+        self.check_session(key, str(body.get("session_id", "")))
+        return self._resolve_sampler(key, body)
+
+    def _resolve_sampler(self, key: ApiKey, body: dict) -> SamplerSession:
+        path = body.get("model_path")
+        if not path:
+            self.check_base(body.get("base_model") or self.base.name)
+            return self._new_sampler(None, None, None)
+        if str(path).startswith("tinker://"):
+            ckpt = self.find_checkpoint(key, str(path), "sampler")  # also checks the run is this tenant's
+            return self._new_sampler(self.runs[str(path).split("/")[2]].tenant, str(path), ckpt.digest)
+        # A registry address (tenant/user/adapter, @alias or #N): sample any revision the key may use.
+        addr = parse_address(str(path))
+        if not key.is_admin and addr.tenant != key.tenant:
+            raise TinkerNotFoundError(f"model_path {path!r} does not exist")
+        rev = self.registry.resolve(str(path))
+        return self._new_sampler(addr.tenant, str(path), rev.digest)
+
+    def sampler_of(self, key: ApiKey, sampler_id: str) -> SamplerSession:
+        sampler = self.samplers.get(sampler_id)
+        if sampler is None or not (sampler.tenant is None or key.is_admin or sampler.tenant == key.tenant):
+            raise TinkerNotFoundError(f"sampling session {sampler_id!r} does not exist")
+        return sampler
+
+    def sample(self, key: ApiKey, body: dict) -> tuple[concurrent.futures.Future, int]:
+        from lorafleet.serving.params import SamplingParams  # noqa: PLC0415
+
+        engine = self.service.engine
+        if engine is None:
+            raise _user("sampling needs the serving engine, and this server runs without one")
+        if body.get("sampling_session_id"):
+            sampler = self.sampler_of(key, str(body["sampling_session_id"]))
+        elif body.get("model_path") or body.get("base_model"):
+            sampler = self._resolve_sampler(key, body)  # a one-off sampler (no sampling session)
+        else:
+            raise _user("asample: give sampling_session_id (or model_path / base_model)")
+        unsupported = [k for k in ("prompt_logprobs", "topk_prompt_logprobs", "topk_sample_logprobs",
+                                   "target_prompt_logprobs", "prompt_alt_tokens_k") if body.get(k)]
+        if unsupported:
+            raise _user(f"asample: {unsupported} are not supported by lorafleet's sampler")
+        n = body.get("num_samples", 1)
+        if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= self.config.max_num_samples:
+            raise _user(f"num_samples must be an integer in 1..{self.config.max_num_samples}, got {n!r}")
+        chunks = (body.get("prompt") or {}).get("chunks") or []
+        tokens = []
+        for i, chunk in enumerate(chunks):
+            if chunk.get("type", "encoded_text") != "encoded_text":
+                raise _user(f"prompt.chunks[{i}]: {chunk.get('type')} chunks are not supported (text tokens only)")
+            tokens.extend(int(t) for t in chunk.get("tokens", []))
+        self._check_tokens(tokens, "prompt")
+        sp = body.get("sampling_params") or {}
+        if (sp.get("top_k") or -1) > 0:
+            raise _user("sampling_params.top_k is not supported by lorafleet's sampler (use top_p)")
+        stop = sp.get("stop")
+        stop_strs = (stop,) if isinstance(stop, str) else tuple(s for s in (stop or ()) if isinstance(s, str))
+        stop_ids = {int(s) for s in (stop or ()) if isinstance(s, int) and not isinstance(stop, str)}
+        max_tokens = sp.get("max_tokens") or 64
+        try:
+            params = [SamplingParams(temperature=float(sp.get("temperature", 1.0)), top_p=float(sp.get("top_p", 1.0)),
+                                     max_tokens=int(max_tokens), stop=stop_strs,
+                                     seed=None if sp.get("seed") is None else int(sp["seed"]) + i,
+                                     ignore_eos=stop is not None and len(stop) == 0 and not isinstance(stop, str))
+                      for i in range(n)]
+        except ValueError as exc:
+            raise _user(f"sampling_params: {exc}") from None
+        handles = [engine.submit(tokens, sampler.digest, p) for p in params]
+        fut: concurrent.futures.Future = concurrent.futures.Future()
+
+        def collect() -> None:
+            try:
+                seqs = []
+                for h in handles:
+                    res = h.result()
+                    if res.error is not None:
+                        raise RuntimeError(f"sampling failed: {res.error}")
+                    ids, reason = list(res.token_ids), res.finish_reason
+                    cut = next((i for i, t in enumerate(ids) if t in stop_ids), None)
+                    if cut is not None:  # a stop token: keep it (as Tinker does) and end there
+                        ids, reason = ids[: cut + 1], "stop"
+                    seqs.append((ids, "length" if reason == "length" else "stop"))
+                logprobs = self._sampled_logprobs(sampler.digest, tokens, [ids for ids, _ in seqs])
+                fut.set_result(wire.encode_sample_response(
+                    [(ids, reason, lp) for (ids, reason), lp in zip(seqs, logprobs, strict=True)]))
+            except Exception as exc:  # noqa: BLE001 - reported through the future
+                fut.set_exception(exc)
+
+        threading.Thread(target=collect, name="lorafleet-tinker-sample", daemon=True).start()
+        return fut, n
+
+    @torch.no_grad()
+    def _sampled_logprobs(self, digest: str | None, prompt: list[int], completions: list[list[int]]) -> list:
+        """Log-probs (temperature 1) of each completion's tokens under the sampler's adapter: one padded forward.
+
+        The engine does not report them; RL losses (importance_sampling) need them as the sampler's log-probs.
+        """
+        rows = [prompt + c for c in completions if c]
+        if not rows:
+            return [[] for _ in completions]
+        with self._lock:
+            adapter = self._adapters.get(digest) if digest is not None else None
+        if digest is not None and adapter is None:
+            adapter = from_bytes(self.registry.read_blob(digest), self.base)
+            with self._lock:
+                self._adapters[digest] = adapter
+                while len(self._adapters) > 8:  # a few recent samplers' adapters, parsed
+                    self._adapters.pop(next(iter(self._adapters)))
+        width = max(len(r) for r in rows) - 1
+        ids = torch.zeros((len(rows), width), dtype=torch.long)  # (n, T)
+        tgt = torch.zeros((len(rows), width), dtype=torch.long)  # (n, T)
+        mask = torch.zeros((len(rows), width), dtype=torch.long)  # (n, T)
+        for r, row in enumerate(rows):
+            ids[r, : len(row) - 1], tgt[r, : len(row) - 1], mask[r, : len(row) - 1] = (
+                torch.tensor(row[:-1]), torch.tensor(row[1:]), 1)
+        table = StackedWeights([adapter]) if adapter is not None else None
+        dev = self.base.device
+        with self.host.route(table, [0] * len(rows) if table is not None else None):
+            logp = next_token_logprobs(self.base.model, ids.to(dev), mask.to(dev), tgt.to(dev)).cpu()  # (n, T)
+        out, r = [], 0
+        for c in completions:
+            if not c:
+                out.append([])
+                continue
+            start = len(prompt) - 1  # position predicting the first completion token
+            out.append(logp[r, start : start + len(c)].tolist())
+            r += 1
+        return out
+
+    # ------------------------------------------------------------------ listing
+
+    def list_runs(self, key: ApiKey, limit: int, offset: int) -> dict:
+        runs = [r for r in self.runs.values() if key.is_admin or r.tenant == key.tenant]
+        runs.sort(key=lambda r: r.created, reverse=True)
+        return {"training_runs": [r.to_dict() for r in runs[offset: offset + limit]],
+                "cursor": {"offset": offset, "limit": limit, "total_count": len(runs)}}

@@ -1,0 +1,259 @@
+"""The unmodified official ``tinker`` SDK (0.38.0) against a lorafleet server on loopback (tiny base).
+
+The SFT loop as the Tinker docs write it — datums with target tokens and weights, forward_backward with
+cross_entropy, optim_step(AdamParams), save_weights_for_sampler, sample — then the revision it left in the
+registry, served through /v1/chat/completions. Plus packing across clients, save/load state, listings and
+bad inputs (each answered with an error that names the problem).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import openai
+import pytest
+import tinker
+import torch
+from tinker import types
+
+from lorafleet.api.tinker import TinkerConfig, TinkerService
+from lorafleet.api.tinker.scheduler import Op
+from lorafleet.serving.params import SamplingParams
+
+TEXTS = ["the cat sat on the mat", "hello world, hello lorafleet", "one two three four five six",
+         "a personal model per user", "every revision has provenance", "small adapters, one base"]
+
+
+@pytest.fixture(scope="module")
+def tk(server, tmp_path_factory, monkeypatch_module):
+    """The server's Tinker service, with its checkpoint dir under tmp and a short long-poll."""
+    monkeypatch_module.setenv("TINKER_TELEMETRY", "0")
+    service = TinkerService(server.service, TinkerConfig(long_poll_s=5.0, gap_wait_s=1.0),
+                            home=tmp_path_factory.mktemp("tinker"))
+    server.app.state.tinker = service
+    yield service
+    service.stop()
+
+
+@pytest.fixture(scope="module")
+def monkeypatch_module():
+    with pytest.MonkeyPatch.context() as mp:
+        yield mp
+
+
+def sdk(server, who: str = "acme") -> tinker.ServiceClient:
+    return tinker.ServiceClient(base_url=server.url, api_key="tml-" + server.keys[who])
+
+
+def datum(tok, text: str) -> types.Datum:
+    ids = tok.encode(text)
+    weights = [0.0] + [1.0] * (len(ids) - 2)  # the first target is a prompt token: not learned
+    return types.Datum(model_input=types.ModelInput.from_ints(ids[:-1]),
+                       loss_fn_inputs={"target_tokens": ids[1:], "weights": weights})
+
+
+def mean_nll(result: types.ForwardBackwardOutput, data: list[types.Datum]) -> float:
+    """The SDK-side mean token loss: -sum(logprobs * weights) / sum(weights) (as the Tinker cookbook does)."""
+    num = den = 0.0
+    for out, d in zip(result.loss_fn_outputs, data, strict=True):
+        w = np.asarray(d.loss_fn_inputs["weights"].data)
+        num -= float(np.dot(out["logprobs"].to_numpy(), w))
+        den += float(w.sum())
+    return num / den
+
+
+def test_sft_loop_trains_samples_commits_and_serves(server, tk):
+    sc = sdk(server)
+    tc = sc.create_lora_training_client(base_model=server.base.name, rank=4, seed=0,
+                                        user_metadata={"lorafleet_adapter": "alice/tinker-sft"}).result()
+    assert tc.get_info().model_data.model_name == server.base.name
+    data = [datum(server.base.tokenizer, t) for t in TEXTS]
+    curve = []
+    for _ in range(10):
+        fb = tc.forward_backward(data, "cross_entropy")
+        step = tc.optim_step(types.AdamParams(learning_rate=1e-2))
+        result = fb.result()
+        step.result()
+        curve.append(mean_nll(result, data))
+        assert result.metrics["loss:sum"] == pytest.approx(curve[-1] * sum(
+            float(np.sum(d.loss_fn_inputs["weights"].data)) for d in data), rel=1e-4)
+    assert curve[-1] < curve[0] - 0.3 and np.mean(curve[5:]) < np.mean(curve[:5]), curve  # the loss goes down
+
+    path = tc.save_weights_for_sampler("sft-1").result().path
+    assert path == f"tinker://{tc.model_id}/sampler_weights/sft-1"
+    sampler = sc.create_sampling_client(model_path=path).result()
+    prompt = types.ModelInput.from_ints(server.base.tokenizer.encode("the cat"))
+    out = sampler.sample(prompt, num_samples=3,
+                         sampling_params=types.SamplingParams(max_tokens=6, temperature=0.8, seed=7)).result()
+    assert len(out.sequences) == 3 and all(1 <= len(s.tokens) <= 6 for s in out.sequences)
+    assert all(s.stop_reason in ("length", "stop") for s in out.sequences)
+    greedy = sampler.sample(prompt, 1, types.SamplingParams(max_tokens=6, temperature=0.0)).result().sequences[0]
+    # Sampled tokens come with their log-probs under the checkpoint: equal to a forward pass of the trainer.
+    full = prompt.to_ints() + list(greedy.tokens)
+    check = types.Datum(model_input=types.ModelInput.from_ints(full[:-1]),
+                        loss_fn_inputs={"target_tokens": full[1:], "weights": [1.0] * (len(full) - 1)})
+    fwd = tc.forward([check], "cross_entropy").result().loss_fn_outputs[0]["logprobs"].to_numpy()
+    np.testing.assert_allclose(greedy.logprobs, fwd[len(prompt.to_ints()) - 1:], atol=1e-4)
+
+    # The checkpoint is revision 1 of acme/alice/tinker-sft, with its provenance.
+    rev = server.registry.resolve("acme/alice/tinker-sft#1")
+    prov = rev.provenance
+    assert prov.method == "tinker" and prov.base_fingerprint == server.base.fingerprint
+    assert prov.hyperparams["loss"] == ["cross_entropy"] and prov.hyperparams["steps"] == 10
+    assert prov.hyperparams["tinker_path"] == path and prov.example_count == 10 * len(TEXTS)
+    assert "candidate" in rev.aliases
+
+    # ...served through the OpenAI API like any other revision: same tokens as the engine with that digest.
+    msgs = [{"role": "user", "content": "the cat"}]
+    chat = openai.OpenAI(base_url=f"{server.url}/v1", api_key=server.keys["acme"], max_retries=0)
+    answer = chat.chat.completions.create(model="acme/alice/tinker-sft#1", messages=msgs, max_tokens=6, temperature=0)
+    direct = server.engine.generate([msgs], [rev.digest], SamplingParams(max_tokens=6))[0].text
+    assert answer.choices[0].message.content == direct
+    # ...and the Tinker sampler ran the same adapter: greedy tokens equal the engine's on the same prompt.
+    same = server.engine.generate([server.base.tokenizer.encode("the cat")], [rev.digest],
+                                  SamplingParams(max_tokens=6))[0]
+    assert list(greedy.tokens) == same.token_ids
+
+    # A second save is revision 2, parented on 1; the listings show the run and both checkpoints.
+    tc.forward_backward(data, "cross_entropy").result()
+    tc.optim_step(types.AdamParams(learning_rate=1e-2)).result()
+    tc.save_weights_for_sampler("sft-2").result()
+    rev2 = server.registry.resolve("acme/alice/tinker-sft#2")
+    assert rev2.provenance.parent == 1 and rev2.provenance.hyperparams["steps"] == 11
+    rest = tinker.RestClient(base_url=server.url, api_key="tml-" + server.keys["acme"])
+    runs = rest.list_training_runs().result().training_runs
+    assert tc.model_id in [r.training_run_id for r in runs]
+    ckpts = rest.list_checkpoints(tc.model_id).result().checkpoints
+    assert [c.checkpoint_id for c in ckpts] == ["sampler_weights/sft-1", "sampler_weights/sft-2"]
+
+
+def test_stop_strings_and_stop_tokens(server, tk):
+    sc = sdk(server)
+    sampler = sc.create_sampling_client(base_model=server.base.name).result()
+    tok = server.base.tokenizer
+    prompt = types.ModelInput.from_ints(tok.encode("hello"))
+    free = sampler.sample(prompt, 1, types.SamplingParams(max_tokens=12, temperature=0.0)).result().sequences[0]
+    stop_id = int(free.tokens[3])
+    cut = sampler.sample(prompt, 1, types.SamplingParams(max_tokens=12, temperature=0.0, stop=[stop_id])).result()
+    seq = cut.sequences[0]
+    assert list(seq.tokens) == list(free.tokens[: free.tokens.index(stop_id) + 1]) and seq.stop_reason == "stop"
+
+
+def test_clients_share_one_packed_pass_with_the_same_result(server, tk):
+    """Two tenants' forward_backward requests in one pass give each the result it gets alone."""
+    acme, globex = sdk(server, "acme"), sdk(server, "globex")
+    runs = [c.create_lora_training_client(base_model=server.base.name, rank=r, seed=s).result()
+            for c, r, s in ((acme, 4, 1), (globex, 8, 2))]
+    data = [[datum(server.base.tokenizer, t) for t in TEXTS[:3]], [datum(server.base.tokenizer, t) for t in TEXTS[3:]]]
+    for tc, d in zip(runs, data, strict=True):  # one real step each, so the adapters differ from the base
+        tc.forward_backward(d, "cross_entropy").result()
+        tc.optim_step(types.AdamParams(learning_rate=1e-2)).result()
+    alone = [tc.forward(d, "cross_entropy").result() for tc, d in zip(runs, data, strict=True)]
+
+    def op(tc, d):
+        decoded = [{"tokens": x.model_input.to_ints(),
+                    "inputs": {k: np.asarray(v.data) for k, v in x.loss_fn_inputs.items()}} for x in d]
+        return Op(run=tk.runs[tc.model_id], seq_id=None, kind="forward_backward",
+                  payload={"loss_fn": "cross_entropy", "forward_only": True, "data": [
+                      (x["tokens"], {"target_tokens": torch.tensor(x["inputs"]["target_tokens"]),
+                                     "weights": torch.tensor(x["inputs"]["weights"], dtype=torch.float32)})
+                      for x in decoded]})
+
+    from tinker.proto.response_conv import deserialize_forward_backward_output
+
+    packed = tk._forward_backward([op(tc, d) for tc, d in zip(runs, data, strict=True)])
+    for a, p in zip(alone, packed, strict=True):
+        p = deserialize_forward_backward_output(p)
+        assert p.metrics["loss:sum"] == pytest.approx(a.metrics["loss:sum"], rel=1e-5)
+        for x, y in zip(a.loss_fn_outputs, p.loss_fn_outputs, strict=True):
+            np.testing.assert_allclose(x["logprobs"].to_numpy(), y["logprobs"].to_numpy(), atol=1e-5)
+    # Through HTTP, concurrent requests of both clients were packed at least once.
+    futures = [tc.forward_backward(d, "cross_entropy") for tc, d in zip(runs, data, strict=True) for _ in range(3)]
+    [f.result() for f in futures]
+    assert tk.scheduler.packed_runs_max >= 2
+
+
+def test_save_state_then_load_state_restores_weights_and_optimizer(server, tk):
+    sc = sdk(server)
+    tc = sc.create_lora_training_client(base_model=server.base.name, rank=4, seed=3).result()
+    data = [datum(server.base.tokenizer, t) for t in TEXTS[:2]]
+    tc.forward_backward(data, "cross_entropy").result()
+    tc.optim_step(types.AdamParams(learning_rate=1e-2)).result()
+    saved = tc.save_state("ckpt-a").result().path
+    at_save = tc.forward(data, "cross_entropy").result().metrics["loss:sum"]
+    for _ in range(3):
+        tc.forward_backward(data, "cross_entropy").result()
+        tc.optim_step(types.AdamParams(learning_rate=1e-2)).result()
+    assert tc.forward(data, "cross_entropy").result().metrics["loss:sum"] != pytest.approx(at_save, rel=1e-4)
+    # The SDK's current way: a new training client from the checkpoint (weights + optimizer state).
+    resumed = sc.create_training_client_from_state_with_optimizer(saved).result()
+    assert resumed.model_id != tc.model_id
+    assert resumed.forward(data, "cross_entropy").result().metrics["loss:sum"] == pytest.approx(at_save, rel=1e-5)
+    assert tk.runs[resumed.model_id].steps == 1  # the optimizer's step count came back too
+    # The deprecated in-place load_state still works.
+    with pytest.warns(FutureWarning):
+        tc.load_state(saved).result()
+    assert tc.forward(data, "cross_entropy").result().metrics["loss:sum"] == pytest.approx(at_save, rel=1e-5)
+    # Training checkpoints are files: found again by path after the run left memory (a server restart).
+    tk.runs.pop(tc.model_id)
+    again = sc.create_training_client_from_state(saved).result()
+    assert again.forward(data, "cross_entropy").result().metrics["loss:sum"] == pytest.approx(at_save, rel=1e-5)
+    with pytest.raises(Exception, match="does not exist"):
+        sc.create_training_client_from_state(saved.replace("ckpt-a", "ckpt-zz")).result()
+
+
+def test_bad_inputs_are_named(server, tk):
+    sc = sdk(server)
+    with pytest.raises(Exception, match=r"lora_config.rank must be an integer in 1\.\.16"):
+        sc.create_lora_training_client(base_model=server.base.name, rank=99).result()
+    with pytest.raises(Exception, match="is not served here"):
+        sc.create_lora_training_client(base_model="Qwen/Qwen3-8B", rank=4).result()
+    tc = sc.create_lora_training_client(base_model=server.base.name, rank=4).result()
+    ids = server.base.tokenizer.encode("the cat sat")
+    bad = types.Datum(model_input=types.ModelInput.from_ints(ids[:-1]),
+                      loss_fn_inputs={"target_tokens": ids[1:], "weights": [1.0] * (len(ids) + 2)})
+    with pytest.raises(Exception, match=r"'weights'\] has \d+ entries but model_input has \d+ tokens"):
+        tc.forward_backward([bad], "cross_entropy").result()
+    good = datum(server.base.tokenizer, "the cat sat")
+    with pytest.raises(Exception, match="loss_fn 'ppo' is not supported"):
+        tc.forward_backward([good], "ppo").result()
+    with pytest.raises(Exception, match="model_input is empty"):
+        tc.forward_backward([types.Datum(model_input=types.ModelInput.from_ints([]),
+                                         loss_fn_inputs={"target_tokens": [], "weights": []})], "cross_entropy").result()
+    assert tk.runs[tc.model_id].datums == 0  # nothing was applied
+    sampler = sc.create_sampling_client(base_model=server.base.name).result()
+    with pytest.raises(Exception, match="top_k is not supported"):
+        sampler.sample(types.ModelInput.from_ints(ids), 1, types.SamplingParams(max_tokens=4, top_k=5)).result()
+    with pytest.raises(Exception, match=r"num_samples must be an integer in 1\.\.16"):
+        sampler.sample(types.ModelInput.from_ints(ids), 17, types.SamplingParams(max_tokens=4)).result()
+
+    # Wrong key: refused before anything is created.
+    import httpx
+
+    before = len(tk.runs)
+    r = httpx.post(f"{server.url}/api/v1/create_session", headers={"X-API-Key": "tml-lf-acme-not-a-key"}, json={})
+    assert r.status_code == 401 and "invalid or revoked API key" in r.json()["error"]["message"]
+    with pytest.raises(Exception, match="invalid or revoked API key"):
+        tinker.ServiceClient(base_url=server.url, api_key="tml-wrong-key-0123456789").create_lora_training_client(
+            base_model=server.base.name, rank=4).result()
+    assert len(tk.runs) == before
+    # Another tenant's run looks absent.
+    h = {"X-API-Key": "tml-" + server.keys["globex"]}
+    r = httpx.post(f"{server.url}/api/v1/get_info", headers=h, json={"model_id": tc.model_id})
+    assert r.status_code == 404 and tc.model_id in r.json()["error"]["message"]
+    # An endpoint this server does not offer is named in the error.
+    r = httpx.post(f"{server.url}/api/v1/create_custom_loss", headers=h, json={})
+    assert r.status_code == 404
+    assert "'POST /api/v1/create_custom_loss' is not supported" in r.json()["error"]["message"]
+
+
+def test_importance_sampling_loss(server, tk):
+    """importance_sampling: the loss is -(exp(logp - sampler_logp) * advantages).sum()."""
+    sc = sdk(server)
+    tc = sc.create_lora_training_client(base_model=server.base.name, rank=4, seed=5).result()
+    ce = datum(server.base.tokenizer, TEXTS[0])
+    logp = tc.forward([ce], "cross_entropy").result().loss_fn_outputs[0]["logprobs"].to_numpy()
+    adv = np.linspace(-1, 1, len(logp)).astype(np.float32)
+    d = types.Datum(model_input=ce.model_input, loss_fn_inputs={
+        "target_tokens": ce.loss_fn_inputs["target_tokens"], "logprobs": (logp - 0.1).tolist(), "advantages": adv})
+    out = tc.forward_backward([d], "importance_sampling").result()
+    assert out.metrics["loss:sum"] == pytest.approx(float(-(np.exp(0.1) * adv).sum()), abs=1e-4)
