@@ -630,7 +630,8 @@ def _plot_scale_up(result: dict, out_dir: Path) -> list[Path]:
     ax2.set_yscale("log")
     for ax in (ax1, ax2):
         ax.grid(True, alpha=0.3)
-        ax.legend(fontsize=8)
+        if result["bases"]:
+            ax.legend(fontsize=8)
     fig.suptitle(f"scale up: {result['format']} on each base")
     fig.tight_layout()
     path = out_dir / "scale_up.png"
