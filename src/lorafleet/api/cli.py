@@ -76,6 +76,16 @@ def build_service(base_name: str | None = None, *, worker: bool = True, engine_c
     return Service(registry, base, engine, run_worker=worker)
 
 
+def bootstrap_admin_key(keys) -> None:
+    """$LORAFLEET_ADMIN_KEY becomes an admin key; with none at all, create one and print it once."""
+    bootstrap = os.environ.get(ADMIN_KEY_ENV)
+    if bootstrap:
+        keys.ensure(bootstrap, admin=True, name=f"${ADMIN_KEY_ENV}")
+    elif not any(k.is_admin for k in keys.list()):
+        _, secret = keys.create(admin=True, name="bootstrap")
+        console.print(f"no admin key existed; created one (shown once): [bold]{secret}[/]")
+
+
 def register(app: typer.Typer) -> None:
     app.add_typer(keys_app, name="keys")
 
@@ -89,21 +99,34 @@ def register(app: typer.Typer) -> None:
                   max_batch: int = typer.Option(32, "--max-batch", min=1),
                   max_active: int = typer.Option(32, "--max-active", min=1, help="adapters in compute slots"),
                   max_cached: int = typer.Option(256, "--max-cached", min=1, help="adapters kept in RAM"),
-                  max_rank: int = typer.Option(16, "--max-rank", min=1, max=64)) -> None:
+                  max_rank: int = typer.Option(16, "--max-rank", min=1, max=64),
+                  cluster: str = typer.Option("local", "--cluster",
+                                              help="local: one process; ray: engine replicas on Ray Serve "
+                                                   "(needs $LORAFLEET_DB_URL on PostgreSQL, see docs/cluster.md)"),
+                  replicas: int = typer.Option(2, "--replicas", min=1, help="--cluster ray: engine replicas"),
+                  replica_cpus: float = typer.Option(1.0, "--replica-cpus", min=0.0,
+                                                     help="--cluster ray: CPUs per engine replica"),
+                  ray_address: str | None = typer.Option(None, "--ray-address",
+                                                         help="--cluster ray: join this Ray cluster (default: "
+                                                              "$RAY_ADDRESS, else start a local one)")) -> None:
         """Serve the OpenAI-compatible API, the management API and /metrics over HTTP."""
-        import uvicorn  # noqa: PLC0415
-
-        from lorafleet.api.app import create_app  # noqa: PLC0415
         from lorafleet.serving.params import EngineConfig  # noqa: PLC0415
 
         config = EngineConfig(max_batch=max_batch, max_active=max_active, max_cached=max_cached, max_rank=max_rank)
+        if cluster not in ("local", "ray"):
+            raise typer.BadParameter(f"must be 'local' or 'ray', got {cluster!r}", param_hint="--cluster")
+        if cluster == "ray":
+            from lorafleet.cluster.launch import serve_ray  # noqa: PLC0415
+
+            serve_ray(base=base, engine=config, replicas=replicas, replica_cpus=replica_cpus, host=host, port=port,
+                      address=ray_address, bootstrap_admin=bootstrap_admin_key)
+            return
+        import uvicorn  # noqa: PLC0415
+
+        from lorafleet.api.app import create_app  # noqa: PLC0415
+
         with console.status("loading the base and the registry…"):
             service = build_service(base, worker=worker, engine_config=config)
-        bootstrap = os.environ.get(ADMIN_KEY_ENV)
-        if bootstrap:
-            service.keys.ensure(bootstrap, admin=True, name=f"${ADMIN_KEY_ENV}")
-        elif not any(k.is_admin for k in service.keys.list()):
-            _, secret = service.keys.create(admin=True, name="bootstrap")
-            console.print(f"no admin key existed; created one (shown once): [bold]{secret}[/]")
+        bootstrap_admin_key(service.keys)
         console.print(f"serving {service.base.name} on http://{host}:{port}  (docs: /docs, metrics: /metrics)")
         uvicorn.run(create_app(service), host=host, port=port, log_level="warning")
