@@ -22,8 +22,10 @@ def test_vera_and_codecs_share_a_batch_with_lora(base, adapters, make_engine, re
     prompts = [torch.randint(3, 250, (7,), generator=g).tolist() for _ in rows]
     results = engine.generate(prompts, rows, SamplingParams(max_tokens=10))
     served_vera = from_bytes(to_bytes(vera, "int8"), base)  # reference: the stored (int8) vectors, expanded
-    wants = [reference(prompts[0], adapters[0], 10), reference(prompts[1], _stored(vera), 10),
-             reference(prompts[2], from_bytes(q4, base), 10), reference(prompts[3], None, 10)]
+    # Held in names: the reference fixture caches peft models by id(), and a freed temporary's id can be reused.
+    stored_vera, served_q4 = _stored(vera), from_bytes(q4, base)
+    wants = [reference(prompts[0], adapters[0], 10), reference(prompts[1], stored_vera, 10),
+             reference(prompts[2], served_q4, 10), reference(prompts[3], None, 10)]
     for i, (res, want) in enumerate(zip(results, wants, strict=True)):
         assert res.ok, res.error
         assert res.token_ids == want, f"row {i}"
