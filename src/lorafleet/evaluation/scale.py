@@ -17,20 +17,17 @@ Both write a markdown table and PNG plots (see docs/scale.md). Defaults fit ~15 
 from __future__ import annotations
 
 import math
-import os
-import platform
 import statistics
-import sys
 import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
-from datetime import UTC, datetime
 from pathlib import Path
 
 import torch
 
 from lorafleet.evaluation.errors import EvaluationError
+from lorafleet.results import markdown_table, write_markdown
 
 DEFAULT_PERSONAS = ("ahab",)  # the sign-off habit: learned fastest; more with --personas (slower)
 LORA_RANKS = (1, 2, 4, 8, 16)
@@ -181,28 +178,6 @@ def _spread(xs) -> float:
     """Population standard deviation over seeds (0 for one seed)."""
     xs = [x for x in xs if x is not None and math.isfinite(x)]
     return statistics.pstdev(xs) if len(xs) > 1 else 0.0
-
-
-def _machine() -> str:
-    return (f"{platform.node()} · {platform.machine()} · {os.cpu_count()} CPU cores · python "
-            f"{platform.python_version()} · torch {torch.__version__} ({torch.get_num_threads()} threads)")
-
-
-def _markdown_table(headers: list[str], rows: list[list]) -> str:
-    lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
-    return "\n".join(lines + ["| " + " | ".join(str(c) for c in row) + " |" for row in rows])
-
-
-def _write_markdown(path: Path, title: str, sections: list[tuple[str, str]], notes: str) -> Path:
-    command = " ".join(["lorafleet", *sys.argv[1:]]) if Path(sys.argv[0]).name == "lorafleet" else " ".join(sys.argv)
-    body = [f"# {title}", "", f"- date: {datetime.now(UTC).strftime('%Y-%m-%d %H:%M UTC')}",
-            f"- machine: {_machine()}", f"- command: `{command}`", ""]
-    for heading, text in sections:
-        body += [f"## {heading}", "", text, ""]
-    body += ["## Notes", "", notes, ""]
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("\n".join(body))
-    return path
 
 
 def _write_json(path: Path, result: dict) -> Path:
@@ -412,9 +387,9 @@ def write_scale_down(result: dict, out_dir: Path) -> list[Path]:
             f"{result['train_seconds']:.0f} s, evaluation {result['eval_seconds']:.0f} s, total {result['seconds']:.0f} s")
     files = [*_plot_scale_down(summary, out_dir), _write_json(out_dir / "scale_down.json", result)]
     notes = NOTES_DOWN + ("\n\nQuick (smoke) settings: the tiny random model; the numbers mean nothing." if s.quick else "")
-    sections = [("Result", headline), ("Grid", grid), ("Formats (sorted by bytes per user)", _markdown_table(headers, rows)),
+    sections = [("Result", headline), ("Grid", grid), ("Formats (sorted by bytes per user)", markdown_table(headers, rows)),
                 ("Plots", "\n".join(f"![{p.stem}]({p.name})" for p in files if p.suffix == ".png"))]
-    files.insert(0, _write_markdown(out_dir / "scale_down.md", "Scale down: bytes per user vs habit adherence",
+    files.insert(0, write_markdown(out_dir / "scale_down.md", "Scale down: bytes per user vs habit adherence",
                                     sections, notes))
     return files
 
@@ -594,9 +569,9 @@ def write_scale_up(result: dict, out_dir: Path) -> list[Path]:
             f"{result['seconds']:.0f} s")
     files = [*_plot_scale_up(result, out_dir), _write_json(out_dir / "scale_up.json", result)]
     notes = NOTES_UP + ("\n\nQuick (smoke) settings: the tiny random model; the numbers mean nothing." if s.quick else "")
-    sections = [("Grid", grid), ("Per base", _markdown_table(headers, rows)), ("Bases that could not be measured", blocked),
+    sections = [("Grid", grid), ("Per base", markdown_table(headers, rows)), ("Bases that could not be measured", blocked),
                 ("Plots", "\n".join(f"![{p.stem}]({p.name})" for p in files if p.suffix == ".png"))]
-    files.insert(0, _write_markdown(out_dir / "scale_up.md", "Scale up: the same personal models on stronger bases",
+    files.insert(0, write_markdown(out_dir / "scale_up.md", "Scale up: the same personal models on stronger bases",
                                     sections, notes))
     return files
 
