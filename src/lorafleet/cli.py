@@ -21,6 +21,7 @@ def _mount_rooms() -> None:
     """Each room of the package owns its commands; they are mounted here."""
     from lorafleet.api.cli import register as register_api  # noqa: PLC0415
     from lorafleet.evaluation.cli import register as register_evaluation  # noqa: PLC0415
+    from lorafleet.evaluation.scale_cli import register as register_bench  # noqa: PLC0415
     from lorafleet.registry.cli import app as registry_app  # noqa: PLC0415
     from lorafleet.training.cli import register as register_training  # noqa: PLC0415
     from lorafleet.training.continual_cli import register as register_continual  # noqa: PLC0415
@@ -30,6 +31,7 @@ def _mount_rooms() -> None:
     register_evaluation(app)  # eval, promote, rollback, report, stack-report, personas
     register_api(app)
     register_continual(app)
+    register_bench(app)
 
 
 _mount_rooms()

@@ -10,10 +10,10 @@ import pytest
 import torch
 from peft import PeftModel
 
-from lorafleet.adapters import LoraAdapter, LoraSpec, save_peft
+from lorafleet.adapters import LoraAdapter, LoraSpec, save_peft, to_bytes
 from lorafleet.base import load_base
 from lorafleet.serving.engine import Engine, EngineConfig
-from lorafleet.serving.sources import DictBlobs
+from lorafleet.serving.sources import DictBlobs, digest_of
 
 
 def sharpen(model, seed: int = 0, std: float = 0.15) -> None:
@@ -90,7 +90,8 @@ def reference(sharp, tmp_path_factory):
 
     def run(prompt_ids: list[int], adapter: LoraAdapter | None, max_new_tokens: int,
             ignore_eos: bool = False) -> list[int]:
-        key = id(adapter)
+        # Keyed by content, not id(): a freed temporary adapter's id can be reused by a different one.
+        key = None if adapter is None else digest_of(to_bytes(adapter))
         if key not in cache:
             model = copy.deepcopy(plain)
             if adapter is not None:

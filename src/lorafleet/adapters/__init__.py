@@ -2,9 +2,10 @@
 
 from lorafleet.adapters.errors import AdapterError
 from lorafleet.adapters.operator import LoraHost, MultiLoraLinear, lora_delta, lora_delta_reference
-from lorafleet.adapters.peft_io import from_bytes, load_peft, save_peft, to_bytes
+from lorafleet.adapters.peft_io import decode_blob, from_bytes, load_peft, save_peft, to_bytes
 from lorafleet.adapters.slots import SlotTable, StackedWeights
 from lorafleet.adapters.spec import LoraSpec, expand_targets
+from lorafleet.adapters.vera import VeraAdapter, VeraSpec, as_lora
 from lorafleet.adapters.weights import LoraAdapter
 
 __all__ = [
@@ -21,5 +22,9 @@ __all__ = [
     "save_peft",
     "SlotTable",
     "StackedWeights",
+    "VeraAdapter",
+    "VeraSpec",
+    "as_lora",
+    "decode_blob",
     "to_bytes",
 ]

@@ -19,8 +19,11 @@ from safetensors import SafetensorError
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
+from lorafleet.adapters import codecs
 from lorafleet.adapters.errors import AdapterError
 from lorafleet.adapters.spec import LoraSpec
+from lorafleet.adapters.vera import FORMAT as VERA_FORMAT
+from lorafleet.adapters.vera import VeraAdapter, VeraSpec, as_lora
 from lorafleet.adapters.weights import LoraAdapter
 
 CONFIG_FILE = "adapter_config.json"
@@ -126,18 +129,39 @@ def _weights_to_tensors(adapter: LoraAdapter) -> dict[str, torch.Tensor]:
     return out
 
 
-def peft_weights_bytes(adapter: LoraAdapter) -> bytes:
+def peft_weights_bytes(adapter: LoraAdapter | VeraAdapter) -> bytes:
     """The ``adapter_model.safetensors`` file of the PEFT format, as bytes."""
-    return st_save(_weights_to_tensors(adapter), metadata={"format": "pt"})
+    tensors = _vera_tensors(adapter) if isinstance(adapter, VeraAdapter) else _weights_to_tensors(adapter)
+    return st_save(tensors, metadata={"format": "pt"})
 
 
-def save_peft(adapter: LoraAdapter, directory: str | Path) -> Path:
+def peft_vera_config(adapter: VeraAdapter) -> dict:
+    """The adapter_config.json ``peft`` reads for a VeRA adapter (projections regenerated from the key)."""
+    return {
+        "peft_type": "VERA",
+        "task_type": "CAUSAL_LM",
+        "base_model_name_or_path": adapter.base_name,
+        "r": adapter.spec.rank,
+        "target_modules": list(adapter.spec.target_modules),
+        "projection_prng_key": adapter.spec.projection_seed,
+        "save_projection": False,
+        "vera_dropout": adapter.spec.dropout,
+        "d_initial": adapter.spec.d_initial,
+        "bias": "none",
+        "fan_in_fan_out": False,
+        "modules_to_save": None,
+        "inference_mode": True,
+    }
+
+
+def save_peft(adapter: LoraAdapter | VeraAdapter, directory: str | Path) -> Path:
     """Write the adapter as a PEFT directory; files are written to temp names and renamed (no torn files)."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     payload = {
         WEIGHTS_FILE: peft_weights_bytes(adapter),
-        CONFIG_FILE: (json.dumps(peft_config(adapter), indent=2, sort_keys=True) + "\n").encode(),
+        CONFIG_FILE: (json.dumps(peft_vera_config(adapter) if isinstance(adapter, VeraAdapter) else peft_config(adapter),
+                                 indent=2, sort_keys=True) + "\n").encode(),
     }
     for name, data in payload.items():
         fd, tmp = tempfile.mkstemp(prefix=f".{name}.", dir=directory)
@@ -196,32 +220,102 @@ def canonical_config(spec: LoraSpec) -> str:
     return json.dumps(spec.to_dict(), sort_keys=True, separators=(",", ":"))
 
 
-def to_bytes(adapter: LoraAdapter) -> bytes:
+def _vera_tensors(adapter: VeraAdapter) -> dict[str, torch.Tensor]:
+    out = {}
+    for module, (d, b) in adapter.weights.items():
+        out[f"{PEFT_PREFIX}{module}.vera_lambda_d"] = d.detach().contiguous().cpu()
+        out[f"{PEFT_PREFIX}{module}.vera_lambda_b"] = b.detach().contiguous().cpu()
+    return out
+
+
+def to_bytes(adapter: LoraAdapter | VeraAdapter, codec: str | None = None, *, group: int = codecs.DEFAULT_Q4_GROUP) -> bytes:
     """Canonical bytes: one safetensors file, tensors by name, the spec as canonical JSON metadata.
 
-    The same weights and spec always give the same bytes, hence the same sha256 digest.
+    The same weights, spec and codec always give the same bytes, hence the same sha256 digest. ``codec``
+    (``fp32``/``fp16``/``int8``/``q4``, see :mod:`lorafleet.adapters.codecs`) is recorded in the metadata;
+    ``None`` writes the tensors as they are with no codec entry (the format of blobs written before codecs).
     """
-    return st_save(_weights_to_tensors(adapter), metadata={META_KEY: canonical_config(adapter.spec)})
+    if isinstance(adapter, VeraAdapter):
+        adapter.check_shapes()
+        tensors = _vera_tensors(adapter)
+        config = {**adapter.spec.to_dict(), "dims": {k: list(v) for k, v in sorted(adapter.dims.items())}}
+    else:
+        tensors = _weights_to_tensors(adapter)
+        config = adapter.spec.to_dict()
+    if codec is not None:
+        tensors, config[codecs.STORAGE_KEY] = codecs.encode(tensors, codec, group)
+    # One metadata key: safetensors writes the metadata map in hash order (two keys = two possible byte strings).
+    return st_save(tensors, metadata={META_KEY: json.dumps(config, sort_keys=True, separators=(",", ":"))})
 
 
-def from_bytes(data: bytes, base=None, *, max_bytes: int = MAX_ADAPTER_BYTES) -> LoraAdapter:
-    """Parse canonical bytes (validated like a PEFT directory)."""
+def _vera_from(tensors: dict[str, torch.Tensor], cfg: dict) -> VeraAdapter:
+    try:
+        spec = VeraSpec(rank=cfg["rank"], target_modules=tuple(cfg["target_modules"]),
+                        projection_seed=cfg["projection_seed"], d_initial=cfg["d_initial"], dropout=cfg["dropout"])
+        dims = {str(k): (int(v[0]), int(v[1])) for k, v in cfg["dims"].items()}
+    except (KeyError, TypeError, ValueError, IndexError) as exc:
+        raise AdapterError(f"VeRA adapter blob metadata is malformed: {exc!r}") from exc
+    if any(i < 1 or o < 1 for i, o in dims.values()):
+        raise AdapterError("VeRA adapter blob metadata: dims must be positive")
+    pairs: dict[str, dict[str, torch.Tensor]] = {}
+    for key, tensor in tensors.items():
+        if not key.startswith(PEFT_PREFIX) or not key.endswith((".vera_lambda_d", ".vera_lambda_b")):
+            raise AdapterError(f"unexpected tensor {key!r} in a VeRA blob: only '<module>.vera_lambda_d/b' are stored")
+        if tensor.dtype not in FLOAT_DTYPES or tensor.dim() != 1:
+            raise AdapterError(f"VeRA tensor {key!r}: expected a 1-D float vector, got {tensor.dtype} {tuple(tensor.shape)}")
+        if not torch.isfinite(tensor).all():
+            raise AdapterError(f"tensor {key!r} contains NaN or Inf values")
+        module, _, part = key[len(PEFT_PREFIX):].rpartition(".vera_lambda_")
+        pairs.setdefault(module, {})[part] = tensor.float()
+    if not pairs:
+        raise AdapterError("the adapter contains no tensors")
+    weights = {}
+    for module, db in sorted(pairs.items()):
+        if set(db) != {"d", "b"}:
+            raise AdapterError(f"VeRA module {module!r} needs both vera_lambda_d and vera_lambda_b")
+        weights[module] = (db["d"], db["b"])
+    adapter = VeraAdapter(spec=spec, weights=weights, dims=dims)
+    adapter.check_shapes()
+    return adapter
+
+
+def decode_blob(data: bytes, base=None, *, max_bytes: int = MAX_ADAPTER_BYTES) -> LoraAdapter | VeraAdapter:
+    """Parse canonical bytes into the *stored* format (LoRA or VeRA), dequantized and validated."""
     if len(data) > max_bytes:
         raise AdapterError(f"adapter blob is {len(data)} bytes, over the limit of {max_bytes}")
     tensors = _read_safetensors(data, "adapter blob")
-    raw = _metadata(data).get(META_KEY)
+    metadata = _metadata(data)
+    raw = metadata.get(META_KEY)
     if raw is None:
         raise AdapterError(f"adapter blob has no {META_KEY!r} metadata; it was not written by lorafleet")
     try:
         cfg = json.loads(raw)
-        spec = LoraSpec(rank=cfg["rank"], alpha=cfg["alpha"], dropout=cfg["dropout"],
-                        target_modules=tuple(cfg["target_modules"]))
-    except (json.JSONDecodeError, KeyError, TypeError) as exc:
+    except json.JSONDecodeError as exc:
         raise AdapterError(f"adapter blob metadata is malformed: {exc}") from exc
-    adapter = LoraAdapter(spec=spec, weights=_tensors_to_weights(tensors, spec))
+    if not isinstance(cfg, dict):
+        raise AdapterError("adapter blob metadata is malformed: the adapter config is not a JSON object")
+    codec_meta = codecs.parse_metadata(cfg.pop(codecs.STORAGE_KEY, None))
+    if codec_meta["codec"] is not None:
+        tensors = codecs.decode(tensors, codec_meta)
+    try:
+        if cfg.get("format", "lora") == VERA_FORMAT:
+            adapter = _vera_from(tensors, cfg)
+        else:
+            spec = LoraSpec(rank=cfg["rank"], alpha=cfg["alpha"], dropout=cfg["dropout"],
+                            target_modules=tuple(cfg["target_modules"]))
+            adapter = LoraAdapter(spec=spec, weights=_tensors_to_weights(tensors, spec))
+    except (KeyError, TypeError) as exc:
+        raise AdapterError(f"adapter blob metadata is malformed: {exc}") from exc
+    adapter.meta = {"codec": codec_meta["codec"] or "none", "stored_bytes": len(data)}
     if base is not None:
         adapter.check_fits(base)
     return adapter
+
+
+def from_bytes(data: bytes, base=None, *, max_bytes: int = MAX_ADAPTER_BYTES) -> LoraAdapter:
+    """Parse canonical bytes (validated like a PEFT directory) into the LoRA adapter the operator serves:
+    quantized blobs are dequantized, tiny formats (VeRA) expanded to their equivalent LoRA."""
+    return as_lora(decode_blob(data, base, max_bytes=max_bytes))
 
 
 def _metadata(data: bytes) -> dict:

@@ -210,6 +210,36 @@ def _write_cache(cache: Path, model, tokenizer, fingerprint: str, source: BaseSo
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+# Gemma 3's turn format (as in Google's template; a system message opens the first user turn). The packaged
+# Gemma-3-270M GGUF is the *pretrained* model and carries no chat template, so chat data could not be rendered.
+GEMMA3_CHAT_TEMPLATE = (
+    "{{ bos_token }}"
+    "{% if messages[0]['role'] == 'system' %}"
+    "{% set first_user_prefix = messages[0]['content'] + '\n\n' %}{% set loop_messages = messages[1:] %}"
+    "{% else %}{% set first_user_prefix = '' %}{% set loop_messages = messages %}{% endif %}"
+    "{% for message in loop_messages %}"
+    "{{ '<start_of_turn>' + ('model' if message['role'] == 'assistant' else message['role']) + '\n' }}"
+    "{{ (first_user_prefix if loop.first else '') + (message['content'] | trim) + '<end_of_turn>\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<start_of_turn>model\n' }}{% endif %}"
+)
+
+
+def _ensure_chat_template(model: nn.Module, tokenizer) -> None:
+    """A Gemma 3 base without a chat template gets Gemma's turn format, and ``<end_of_turn>`` ends generation."""
+    if getattr(tokenizer, "chat_template", None) or not str(model.config.model_type).startswith("gemma3"):
+        return
+    end_of_turn = tokenizer.convert_tokens_to_ids("<end_of_turn>")
+    if end_of_turn is None or end_of_turn == tokenizer.unk_token_id:
+        return  # not Gemma's vocabulary: leave it (rendering chat data will say there is no template)
+    tokenizer.chat_template = GEMMA3_CHAT_TEMPLATE
+    gen = model.generation_config
+    if gen is not None:
+        eos = gen.eos_token_id
+        eos = [eos] if isinstance(eos, int) else list(eos or [])
+        gen.eos_token_id = [*eos, end_of_turn] if end_of_turn not in eos else eos
+
+
 def load_base(name_or_path: str | None = None, *, device: str | torch.device = "cpu", use_cache: bool = True) -> BaseModel:
     """Load a base by name or path (see :func:`resolve_source`), frozen, float32, in eval mode."""
     start = time.perf_counter()
@@ -223,6 +253,7 @@ def load_base(name_or_path: str | None = None, *, device: str | torch.device = "
         model, tokenizer, fingerprint, from_cache = _load_gguf(source, use_cache)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
+    _ensure_chat_template(model, tokenizer)
     model = _freeze(model, device)
     return BaseModel(
         name=source.name,

@@ -20,7 +20,7 @@ from dataclasses import asdict, dataclass, field, replace
 import torch
 from torch import Tensor
 
-from lorafleet.adapters import LoraAdapter, LoraHost
+from lorafleet.adapters import LoraAdapter, LoraHost, as_lora
 from lorafleet.adapters.stack import MAX_LEVELS, AdapterStack, route_rows
 from lorafleet.training.data import IGNORE, Dataset, TokenizeReport, tokenize_pair, tokenize_sft
 from lorafleet.training.losses import dpo_loss, labelled_logprobs
@@ -71,7 +71,7 @@ class UserTrack:
     """One user's state inside the trainer."""
 
     key: str
-    adapter: LoraAdapter
+    adapter: LoraAdapter  # or a VeraAdapter: ``weights`` holds its trainable (d, b) vectors instead of (A, B)
     config: TrainConfig
     items: list  # tokenized examples or pairs
     optimizer: torch.optim.Optimizer
@@ -89,8 +89,10 @@ class UserTrack:
 
     @property
     def stack(self) -> LoraAdapter | AdapterStack:
-        """What this user's rows are routed through: the frozen parents, then the trained adapter."""
-        return AdapterStack((*self.parents, self.adapter)) if self.parents else self.adapter
+        """What this user's rows are routed through: the frozen parents, then the trained adapter (a tiny format
+        such as VeRA expanded to its LoRA, differentiably: call once per step, each call is a new expansion)."""
+        top = as_lora(self.adapter)
+        return AdapterStack((*self.parents, top)) if self.parents else top
 
     def params(self) -> list[Tensor]:
         return [t for ab in self.adapter.weights.values() for t in ab]
@@ -225,7 +227,8 @@ class MultiTenantTrainer:
                 owners.append(k)
         ids, lab, mask = _pad(rows, labels, self.base.tokenizer.pad_token_id)
         device = self.base.device
-        table, slots = route_rows([group[k].stack for k in owners], train=True)  # slots: (rows, levels)
+        stacks = [t.stack for t in group]  # one expansion per user per step (tiny formats)
+        table, slots = route_rows([stacks[k] for k in owners], train=True)  # slots: (rows, levels)
         with self.host.route(table, slots):
             logp, count = labelled_logprobs(self.base.model, ids.to(device), mask.to(device), lab.to(device))
         nll = -logp
@@ -247,7 +250,8 @@ class MultiTenantTrainer:
         ids, lab, mask = _pad(rows, labels, self.base.tokenizer.pad_token_id)
         device = self.base.device
         ids, lab, mask = ids.to(device), lab.to(device), mask.to(device)
-        table, slots = route_rows([group[k].stack for k in owners], train=True)
+        stacks = [t.stack for t in group]  # one expansion per user per step (tiny formats)
+        table, slots = route_rows([stacks[k] for k in owners], train=True)
         with self.host.route(table, slots):
             policy, _ = labelled_logprobs(self.base.model, ids, mask, lab)
         # reference = what the adapter sits on: the base, plus the frozen parents of a stack (no model copy)
@@ -296,6 +300,7 @@ def sft_eval_loss(base, adapter: LoraAdapter | AdapterStack | None, dataset: Dat
     host = LoraHost.attach(base.model)
     items = [tokenize_sft(base.tokenizer, r, max_len) for r in dataset.records]
     total, count = 0.0, 0
+    adapter = as_lora(adapter)  # a tiny format (VeRA) is evaluated as its expanded LoRA
     for i in range(0, len(items), batch):
         chunk = items[i : i + batch]
         ids, lab, mask = _pad([c.input_ids for c in chunk], [c.labels for c in chunk], base.tokenizer.pad_token_id)

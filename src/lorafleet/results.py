@@ -1,0 +1,43 @@
+"""Result reports: machine facts and markdown tables written to docs/results/ (benchmarks and `lorafleet bench`)."""
+
+from __future__ import annotations
+
+import os
+import platform
+import sys
+from datetime import UTC, datetime
+from pathlib import Path
+
+
+def machine() -> str:
+    """One line naming the machine, Python and torch (with its thread count) a result was measured on."""
+    import torch  # noqa: PLC0415
+
+    return (f"{platform.node()} · {platform.machine()} · {os.cpu_count()} CPU cores · python {platform.python_version()} · "
+            f"torch {torch.__version__} ({torch.get_num_threads()} threads) · {platform.platform()}")
+
+
+def command_line() -> str:
+    """The command that produced a result, as a user would type it."""
+    if Path(sys.argv[0]).name == "lorafleet":
+        return " ".join(["lorafleet", *sys.argv[1:]])
+    return " ".join([Path(sys.executable).name, *sys.argv])
+
+
+def markdown_table(headers: list[str], rows: list[list]) -> str:
+    lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
+    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def write_markdown(path: Path, title: str, sections: list[tuple[str, str]], notes: str = "") -> Path:
+    """Write a result file with date, machine, the exact command, then the sections (heading, text)."""
+    body = [f"# {title}", "", f"- date: {datetime.now(UTC).strftime('%Y-%m-%d %H:%M UTC')}",
+            f"- machine: {machine()}", f"- command: `{command_line()}`", ""]
+    for heading, text in sections:
+        body += [f"## {heading}", "", text, ""]
+    if notes:
+        body += ["## Notes", "", notes, ""]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n".join(body))
+    return path

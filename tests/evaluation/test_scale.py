@@ -1,0 +1,99 @@
+"""``lorafleet bench scale-down`` / ``scale-up``: the smoke runs CI does (tiny model, seconds), the summary logic,
+and bad input refused with exit code 2."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+from typer.testing import CliRunner
+
+from lorafleet.cli import app
+from lorafleet.evaluation.errors import EvaluationError
+from lorafleet.evaluation.scale import Format, ScaleSettings, examples_to_reach, smallest_keeping, summarize_scale_down
+
+runner = CliRunner()
+
+
+def test_scale_down_smoke(tmp_path):
+    out = tmp_path / "down"
+    res = runner.invoke(app, ["bench", "scale-down", "--quick", "--out", str(out)])
+    assert res.exit_code == 0, res.output
+    text = (out / "scale_down.md").read_text()
+    for name in ("lora-r1-all", "lora-r8-all", "vera-r4-attention"):
+        assert f"| {name} | fp16 |" in text
+    assert "| vera-r4-attention | q4 |" in text and "| lora-r1-all | q4 |" not in text  # codecs on chosen formats
+    for png in ("scale_down.png", "scale_down_loss.png"):
+        assert (out / png).read_bytes()[:4] == b"\x89PNG"
+
+
+def test_scale_up_smoke(tmp_path):
+    out = tmp_path / "up"
+    res = runner.invoke(app, ["bench", "scale-up", "--quick", "--out", str(out)])
+    assert res.exit_code == 0, res.output
+    text = (out / "scale_up.md").read_text()
+    assert "| random-init(tiny-llama:0) |" in text and "| tiny-llama:0 |" in text
+    assert (out / "scale_up.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_a_base_that_cannot_load_is_reported_not_fatal(tmp_path):
+    res = runner.invoke(app, ["bench", "scale-up", "--quick", "--bases", "/nonexistent/model.gguf",
+                              "--out", str(tmp_path)])
+    assert res.exit_code == 0, res.output
+    assert "/nonexistent/model.gguf" in (tmp_path / "scale_up.md").read_text().split("could not be measured")[1]
+
+
+@pytest.mark.parametrize(("args", "match"), [
+    (["scale-down", "--quick", "--formats", "lora-8-all"], "FAMILY-rRANK-TARGETS"),
+    (["scale-down", "--quick", "--codecs", "int3"], "unknown codec"),
+    (["scale-down", "--quick", "--seeds", "0"], "seeds must be"),
+    (["scale-down", "--quick", "--personas", "nobody"], "nobody"),
+    (["scale-up", "--quick", "--checkpoints", "3,1"], "checkpoints must be increasing"),
+    (["scale-up", "--quick", "--checkpoints", "a"], "comma list"),
+])
+def test_bad_input_exits_2_with_the_reason(args, match, tmp_path):
+    res = runner.invoke(app, ["bench", *args, "--out", str(tmp_path)])
+    assert res.exit_code == 2, res.output
+    assert match in res.output
+    assert not any(tmp_path.iterdir())  # nothing written
+
+
+def test_format_parse_round_trips():
+    for text in ("lora-r1-all", "lora-r16-mlp", "vera-r16-attention"):
+        assert Format.parse(text).name == text
+    with pytest.raises(EvaluationError):
+        Format.parse("ia3-r1-all")
+
+
+def _run(fmt, codec, seed, adherence, nbytes):
+    family, rank, targets = fmt.split("-")
+    return {"format": fmt, "family": family, "rank": int(rank[1:]), "targets": targets, "codec": codec,
+            "persona": "p", "seed": seed, "bytes": nbytes, "parameters": nbytes // 2, "adherence": adherence,
+            "eval_loss": 1.0, "base_adherence": 0.0, "base_eval_loss": 2.0}
+
+
+def test_smallest_format_keeping_90_percent_of_rank_8():
+    runs = [_run("lora-r8-all", "fp16", s, a, 1000) for s, a in enumerate((1.0, 0.8, 0.9))]  # mean 0.9
+    runs += [_run("lora-r1-all", "q4", s, a, 100) for s, a in enumerate((0.9, 0.8, 0.7))]  # 0.8 = 89%: not kept
+    runs += [_run("lora-r1-all", "int8", s, a, 200) for s, a in enumerate((0.9, 0.8, 0.8))]  # 0.833 = 93%: kept
+    runs += [_run("vera-r16-attention", "fp16", s, 0.0, 50) for s in range(3)]
+    summary = summarize_scale_down(runs)
+    assert [o["bytes"] for o in summary] == sorted(o["bytes"] for o in summary)
+    best = smallest_keeping(summary)
+    assert (best["format"], best["codec"]) == ("lora-r1-all", "int8")
+    ref = next(o for o in summary if o["format"] == "lora-r8-all")
+    assert math.isclose(ref["spread"], 0.0816, abs_tol=1e-3)  # population sd of 1.0, 0.8, 0.9
+
+
+def test_examples_to_reach_80_percent():
+    curve = [{"examples": e, "adherence": a, "per_persona": {"p": {"adherence": [a]}}}
+             for e, a in ((2, 0.25), (4, 0.8), (8, 1.0))]
+    assert examples_to_reach(curve) == 4
+    assert examples_to_reach(curve, persona="p") == 4
+    assert examples_to_reach(curve[:1]) is None
+
+
+def test_settings_validate():
+    with pytest.raises(EvaluationError, match="checkpoints"):
+        ScaleSettings(steps=4, checkpoints=(2, 8))
+    assert ScaleSettings(steps=30).eval_steps == (5, 10, 20, 30)
