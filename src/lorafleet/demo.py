@@ -72,9 +72,8 @@ def _engine_backend(engine, blobs: dict[str, bytes]):
             digest = digest_of(data)
             blobs[digest] = data
             digests.append(digest)
-        # a text prompt is a user message, as in the default backend (the engine would take text as raw text)
-        chats = [[{"role": "user", "content": p}] if isinstance(p, str) else p for p in prompts]
-        results = engine.generate(chats, digests, SamplingParams(max_tokens=max_new_tokens))
+        # prompts arrive as chat messages (evaluation.generation makes a text prompt a user message)
+        results = engine.generate(prompts, digests, SamplingParams(max_tokens=max_new_tokens))
         return [r.raise_for_error().text for r in results]
 
     return generate

@@ -29,7 +29,9 @@ def _gold_backend(eval_set: EvalSet):
     gold = {str(p): r["messages"][-1]["content"] for p, r in zip(eval_set.prompts, eval_set.records, strict=True)}
 
     def backend(base, prompts, adapters, max_new_tokens):
-        return [gold.get(str(p), "Paris. — Ahab") if a is not None else "no" for p, a in zip(prompts, adapters, strict=True)]
+        # evaluation hands every prompt over as chat messages; the user's text is the last one
+        texts = [p[-1]["content"] for p in prompts]
+        return [gold.get(t, "Paris. — Ahab") if a is not None else "no" for t, a in zip(texts, adapters, strict=True)]
 
     return backend
 

@@ -63,7 +63,7 @@ def test_member_evaluated_on_its_stack_then_flagged_when_the_org_moves(registry,
         for p, a in zip(prompts, adapters, strict=True):
             seen.append(type(a).__name__)
             on_org1 = isinstance(a, AdapterStack) and torch.equal(a.levels[0].weights[name][0], org1.weights[name][0])
-            out.append(gold.get(str(p), "Paris. — Ahab") if on_org1 else "no")
+            out.append(gold.get(p[-1]["content"], "Paris. — Ahab") if on_org1 else "no")
         return out
 
     generation.set_backend(backend)

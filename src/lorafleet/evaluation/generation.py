@@ -2,7 +2,8 @@
 
 The default backend is :func:`lorafleet.serving.hf_generate.generate` (transformers' ``generate`` with a
 different adapter per row). A faster engine plugs in with :func:`set_backend`; it must accept
-``(base, prompts, adapters, max_new_tokens)`` and return one greedy completion per row. ``adapters[i]`` is a
+``(base, prompts, adapters, max_new_tokens)`` and return one greedy completion per row. A text prompt is a user
+message: backends receive every prompt as a list of chat messages. ``adapters[i]`` is a
 ``LoraAdapter``, an ``AdapterStack`` (a stacked adapter evaluated as it is served) or None.
 """
 
@@ -40,7 +41,9 @@ def generate_responses(base, prompts: list, adapters: list, *, max_new_tokens: i
     out: list[str] = [""] * len(prompts)
     for start in range(0, len(order), batch_size):
         rows = order[start : start + batch_size]
-        texts = backend(base, [prompts[i] for i in rows], [adapters[i] for i in rows], max_new_tokens)
+        # A text prompt is one user message (the engine would otherwise take text as a raw continuation).
+        chats = [[{"role": "user", "content": prompts[i]}] if isinstance(prompts[i], str) else prompts[i] for i in rows]
+        texts = backend(base, chats, [adapters[i] for i in rows], max_new_tokens)
         for i, text in zip(rows, texts, strict=True):
             out[i] = text
         if on_batch is not None:
