@@ -2,45 +2,20 @@
 
 from __future__ import annotations
 
-import threading
-import time
-
 import httpx
 import pytest
-import uvicorn
 
 from lorafleet.adapters import LoraAdapter, LoraSpec, to_bytes
-from lorafleet.api.app import create_app
 from lorafleet.api.service import Limits, Service
+from lorafleet.api.ui.harness import LoopbackServer
 from lorafleet.base import load_base
 from lorafleet.registry import Provenance, Registry
-from lorafleet.registry.pgtest import free_port
 from lorafleet.serving.engine import Engine
 from lorafleet.serving.params import EngineConfig
 from lorafleet.serving.sources import registry_fetch
 
-
-class Server:
-    def __init__(self, service: Service) -> None:
-        self.service = service
-        self.app = create_app(service)
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.server = uvicorn.Server(uvicorn.Config(self.app, host="127.0.0.1", port=self.port, log_level="warning"))
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
-
-    def __enter__(self) -> Server:
-        self.thread.start()
-        deadline = time.monotonic() + 30
-        while not self.server.started:
-            if time.monotonic() > deadline:
-                raise RuntimeError("server did not start")
-            time.sleep(0.05)
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.server.should_exit = True
-        self.thread.join(timeout=30)
+# A real uvicorn server on loopback: the one the dashboard tests and benchmarks use too.
+Server = LoopbackServer
 
 
 def commit_live(reg: Registry, base, ref: str, seed: int, rank: int = 4) -> str:

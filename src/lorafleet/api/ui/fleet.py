@@ -28,24 +28,30 @@ def _check_limit(limit: int) -> int:
     return limit
 
 
-def distinct_tenants(engine: sa.Engine, *, after: str | None = None, limit: int = 50) -> tuple[list[str], str | None]:
-    """Up to ``limit`` tenant names after ``after`` (ordered); the second value continues the listing."""
-    _check_limit(limit)
-    if after is not None:
-        check_segment(after, "tenant")
+def _skip_scan(engine: sa.Engine, column, where, after: str | None, limit: int) -> tuple[list[str], str | None]:
+    """Distinct values of ``column`` after ``after`` by index skip-scan: one ``> last ... LIMIT 1`` lookup per value,
+    so the cost follows the page size, not the number of adapters."""
     out: list[str] = []
     with regdb.read_tx(engine) as conn:
         last = after
         for _ in range(limit + 1):
-            stmt = sa.select(adapters.c.tenant).order_by(adapters.c.tenant).limit(1)
+            stmt = sa.select(column).where(*where).order_by(column).limit(1)
             if last is not None:
-                stmt = stmt.where(adapters.c.tenant > last)
+                stmt = stmt.where(column > last)
             last = conn.execute(stmt).scalar()
             if last is None:
                 break
             out.append(last)
     more = len(out) > limit
     return out[:limit], (out[limit - 1] if more else None)
+
+
+def distinct_tenants(engine: sa.Engine, *, after: str | None = None, limit: int = 50) -> tuple[list[str], str | None]:
+    """Up to ``limit`` tenant names after ``after`` (ordered); the second value continues the listing."""
+    _check_limit(limit)
+    if after is not None:
+        check_segment(after, "tenant")
+    return _skip_scan(engine, adapters.c.tenant, (), after, limit)
 
 
 def distinct_users(engine: sa.Engine, tenant: str, *, after: str | None = None,
@@ -55,20 +61,7 @@ def distinct_users(engine: sa.Engine, tenant: str, *, after: str | None = None,
     check_segment(tenant, "tenant")
     if after is not None:
         check_segment(after, "user")
-    out: list[str] = []
-    with regdb.read_tx(engine) as conn:
-        last = after
-        for _ in range(limit + 1):
-            stmt = (sa.select(adapters.c.username).where(adapters.c.tenant == tenant)
-                    .order_by(adapters.c.username).limit(1))
-            if last is not None:
-                stmt = stmt.where(adapters.c.username > last)
-            last = conn.execute(stmt).scalar()
-            if last is None:
-                break
-            out.append(last)
-    more = len(out) > limit
-    return out[:limit], (out[limit - 1] if more else None)
+    return _skip_scan(engine, adapters.c.username, (adapters.c.tenant == tenant,), after, limit)
 
 
 @dataclass(frozen=True)
