@@ -4,11 +4,12 @@ from __future__ import annotations
 
 from contextlib import asynccontextmanager
 
-from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, PlainTextResponse
+from fastapi import FastAPI
+from fastapi.responses import PlainTextResponse
 
 from lorafleet import __version__
 from lorafleet.api import errors, feedback, management, tinker
+from lorafleet.api.body_limit import BodyLimitMiddleware
 from lorafleet.api.service import Service
 
 
@@ -40,19 +41,8 @@ def create_app(service: Service, *, manage_lifecycle: bool = True) -> FastAPI:
     except ImportError:  # pragma: no cover - inference routes land with the engine
         pass
 
-    @app.middleware("http")
-    async def limits_and_counts(request: Request, call_next):
-        declared = request.headers.get("content-length")
-        uploading = request.method == "POST" and request.url.path.endswith("/revisions")
-        limit = service.limits.max_upload_bytes if uploading else service.limits.max_body_bytes
-        if declared is not None and declared.isdigit() and int(declared) > limit:
-            response = JSONResponse(errors.error_body(f"request body over the limit of {limit} bytes",
-                                                      "invalid_request_error", "too_large"), status_code=413)
-        else:
-            response = await call_next(request)
-        route = request.scope.get("route")
-        service.requests.add(getattr(route, "path", "unmatched"), response.status_code)
-        return response
+    # Bodies are counted as they arrive (chunked too) and refused at the limit; requests are counted per route.
+    app.add_middleware(BodyLimitMiddleware, service=service)
 
     @app.get("/health", tags=["health"], summary="Liveness and the base being served")
     def health() -> dict:

@@ -59,6 +59,13 @@ def install(app: FastAPI) -> None:
     async def _api_error(_: Request, exc: ApiError):
         return JSONResponse(error_body(exc.message, exc.type, exc.code, exc.param), status_code=exc.status)
 
+    from lorafleet.api.body_limit import BodyTooLarge  # noqa: PLC0415
+
+    @app.exception_handler(BodyTooLarge)
+    async def _too_large(_: Request, exc: BodyTooLarge):
+        return JSONResponse(error_body(str(exc.detail), "invalid_request_error", "too_large"), status_code=413,
+                            headers=exc.headers)
+
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(_: Request, exc: StarletteHTTPException):
         type_ = "not_found_error" if exc.status_code == 404 else "invalid_request_error"

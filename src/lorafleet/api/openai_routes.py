@@ -123,15 +123,37 @@ def _sampling(svc, body: _Sampling):
                           seed=body.seed)
 
 
+def prompt_ids(svc, prompt: str | list[dict], param: str) -> list[int]:
+    """The prompt's token ids within the server's limits: characters are counted first (no tokenizer runs on an
+    oversized prompt), then the chat template and the tokenizer run and the tokens are counted. Blocking: call it
+    off the event loop."""
+    from lorafleet.serving.chat import chat_prompt_ids  # noqa: PLC0415
+
+    limits = svc.limits
+    chars = len(prompt) if isinstance(prompt, str) else sum(len(m["content"]) for m in prompt)
+    if chars > limits.max_prompt_chars:
+        raise ApiError(400, f"the prompt has {chars} characters; this server takes at most {limits.max_prompt_chars} "
+                            f"characters and {limits.max_prompt_tokens} tokens", code="prompt_too_long", param=param)
+    tok = svc.base.tokenizer
+    ids = tok(prompt, add_special_tokens=False)["input_ids"] if isinstance(prompt, str) else chat_prompt_ids(tok, prompt)
+    if len(ids) > limits.max_prompt_tokens:
+        raise ApiError(400, f"the prompt has {len(ids)} tokens; this server's limit is {limits.max_prompt_tokens}",
+                       code="prompt_too_long", param=param)
+    return ids
+
+
 def _submit(request: Request, target: Target, prompt, body: _Sampling):
+    """Check the limits, tokenize and queue the request (blocking: the routes run it in the thread pool)."""
     svc = request.app.state.service
     if svc.engine is None:
         raise ApiError(503, "this server has no inference engine attached", type_="server_error")
+    param = "messages" if isinstance(prompt, list) else "prompt"
+    sampling = _sampling(svc, body)
+    ids = prompt_ids(svc, prompt, param)
     try:
-        return svc.engine.submit(prompt, target.adapter, _sampling(svc, body),
-                                 request_id=f"req-{uuid.uuid4().hex[:24]}")
-    except ValueError as exc:  # a prompt too long, empty, ...
-        raise ApiError(400, str(exc), param="messages" if isinstance(prompt, list) else "prompt") from exc
+        return svc.engine.submit(ids, target.adapter, sampling, request_id=f"req-{uuid.uuid4().hex[:24]}")
+    except ValueError as exc:  # a prompt too long for the context, ...
+        raise ApiError(400, str(exc), param=param) from exc
 
 
 def _usage(result) -> dict:
@@ -193,7 +215,7 @@ def _sse(payload: dict) -> str:
 async def chat_completions(body: ChatRequest, request: Request, key: Key):
     target = await run_in_threadpool(resolve_model, request, key, body.model)
     messages = [m.model_dump() for m in body.messages]
-    handle = _submit(request, target, messages, body)
+    handle = await run_in_threadpool(_submit, request, target, messages, body)
     if body.stream:
         return _stream(request, handle, target, "chat", bool(body.stream_options and body.stream_options.include_usage),
                        messages)
@@ -210,7 +232,7 @@ async def chat_completions(body: ChatRequest, request: Request, key: Key):
 @router.post("/completions", summary="Text completion through a personal model (OpenAI-compatible)")
 async def completions(body: CompletionRequest, request: Request, key: Key):
     target = await run_in_threadpool(resolve_model, request, key, body.model)
-    handle = _submit(request, target, body.prompt, body)
+    handle = await run_in_threadpool(_submit, request, target, body.prompt, body)
     if body.stream:
         return _stream(request, handle, target, "completion",
                        bool(body.stream_options and body.stream_options.include_usage), body.prompt)

@@ -26,10 +26,12 @@ UPLOAD_NAMES = {peft_io.CONFIG_FILE, peft_io.WEIGHTS_FILE} | {f"adapter_model{s}
 class Limits:
     """Request limits of the HTTP service."""
 
-    max_upload_bytes: int = 64 * 1024 * 1024  # an adapter upload
-    max_body_bytes: int = 4 * 1024 * 1024  # a JSON request (chat, jobs)
-    max_tokens: int = 1024  # per completion
-    max_prompt_tokens: int = 4096
+    max_upload_bytes: int = 64 * 1024 * 1024  # an adapter upload (POST …/revisions), counted as it arrives
+    max_body_bytes: int = 4 * 1024 * 1024  # any other request body (chat, jobs, feedback, Tinker), counted likewise
+    max_tokens: int = 1024  # completion tokens per sequence (OpenAI max_tokens, Tinker sampling_params.max_tokens)
+    max_prompt_tokens: int = 4096  # prompt tokens, after the chat template (OpenAI routes and Tinker asample)
+    max_prompt_chars: int = 65_536  # prompt characters, checked before any tokenizer runs
+    max_samples: int = 16  # sequences per Tinker asample (num_samples); the OpenAI routes take n = 1
 
 
 class Service:

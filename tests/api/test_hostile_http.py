@@ -1,0 +1,101 @@
+"""Hostile HTTP input against a real server on loopback (issue 20): bodies over the limit — chunked included —
+are refused while they stream, prompts are measured in characters before any tokenizer runs and in tokens
+before the engine sees them, and /health keeps answering meanwhile."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import httpx
+import numpy as np
+import pytest
+from hostile import chat_body, rss_bytes, send_chunked
+
+MB = 1024 * 1024
+
+
+def _auth(server, who: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {server.keys[who]}"}
+
+
+@pytest.mark.parametrize(("path", "who", "limit"), [
+    ("/v1/chat/completions", "acme", "max_body_bytes"),
+    ("/v1/feedback", "acme", "max_body_bytes"),
+    ("/api/v1/asample", "acme", "max_body_bytes"),
+    ("/api/v1/session_heartbeat", "acme", "max_body_bytes"),
+    ("/v1/jobs", "admin", "max_body_bytes"),
+    ("/v1/adapters/acme/alice/style/revisions", "admin", "max_upload_bytes"),
+])
+def test_chunked_body_over_the_limit_is_refused_while_streaming(server, path, who, limit):
+    result = send_chunked(server.port, path, chat_body(48 * MB), headers=_auth(server, who))
+    assert result.status == 413, (result.status, result.body[:200])
+    assert b'"too_large"' in result.body and str(getattr(server.service.limits, limit)).encode() in result.body
+    assert result.sent < getattr(server.service.limits, limit) + 8 * MB  # refused early, not read whole
+    assert result.seconds < 5.0
+    assert httpx.get(f"{server.url}/health", timeout=5).status_code == 200
+
+
+def test_declared_length_over_the_limit_is_refused_unread(server):
+    r = httpx.post(f"{server.url}/v1/feedback", content=b"x" * (server.service.limits.max_body_bytes + 1),
+                   headers=_auth(server, "acme"), timeout=30)
+    assert r.status_code == 413 and r.json()["error"]["code"] == "too_large"
+
+
+def test_health_answers_and_rss_stays_flat_during_a_48mb_chunked_body(server):
+    before = rss_bytes()
+    latencies: list[float] = []
+    stop = threading.Event()
+
+    def ping() -> None:
+        with httpx.Client(base_url=server.url, timeout=10) as c:
+            while not stop.is_set():
+                t = time.perf_counter()
+                assert c.get("/health").status_code == 200
+                latencies.append(time.perf_counter() - t)
+                time.sleep(0.005)
+
+    pinger = threading.Thread(target=ping, daemon=True)
+    pinger.start()
+    time.sleep(0.1)
+    results = [send_chunked(server.port, "/v1/chat/completions", chat_body(48 * MB, "acme/alice/style"),
+                            headers=_auth(server, "acme")) for _ in range(3)]
+    time.sleep(0.1)
+    stop.set()
+    pinger.join(10)
+    grown = rss_bytes() - before
+    assert [r.status for r in results] == [413] * 3
+    assert len(latencies) >= 5
+    assert float(np.percentile(latencies, 99)) < 0.5, sorted(latencies)[-5:]  # benchmark target: < 50 ms
+    assert grown < 50 * MB, f"RSS grew by {grown / MB:.1f} MB"
+
+
+def test_prompt_over_the_character_limit_is_refused_before_tokenizing(server):
+    chars = server.service.limits.max_prompt_chars
+    messages = [{"role": "user", "content": "word " * 3000}] * 256  # 3.84 M characters, a 3.9 MB body
+    t = time.perf_counter()
+    r = httpx.post(f"{server.url}/v1/chat/completions", headers=_auth(server, "acme"), timeout=60,
+                   json={"model": "acme/alice/style", "messages": messages, "max_tokens": 2})
+    took = time.perf_counter() - t
+    assert r.status_code == 400, r.text
+    err = r.json()["error"]
+    assert err["code"] == "prompt_too_long" and err["param"] == "messages"
+    assert "3840000 characters" in err["message"] and str(chars) in err["message"]
+    assert took < 3.0  # tokenizing 3.84 M characters would take far longer on this machine
+
+
+@pytest.mark.parametrize("route", ["chat", "completion"])
+def test_prompt_over_the_token_limit_is_refused(server, route):
+    text = "a " * 30_000  # 60,000 characters (within the character limit), ~30,000 tokens
+    body = ({"messages": [{"role": "user", "content": text}]} if route == "chat" else {"prompt": text})
+    path = "/v1/chat/completions" if route == "chat" else "/v1/completions"
+    r = httpx.post(f"{server.url}{path}", headers=_auth(server, "acme"), timeout=60,
+                   json={"model": "acme/alice/style", "max_tokens": 2, **body})
+    assert r.status_code == 400, r.text
+    err = r.json()["error"]
+    assert err["code"] == "prompt_too_long"
+    assert f"limit is {server.service.limits.max_prompt_tokens}" in err["message"] and "tokens" in err["message"]
+    ok = httpx.post(f"{server.url}{path}", headers=_auth(server, "acme"), timeout=60,
+                    json={"model": "acme/alice/style", "max_tokens": 2,
+                          **({"messages": [{"role": "user", "content": "hi"}]} if route == "chat" else {"prompt": "hi"})})
+    assert ok.status_code == 200, ok.text
