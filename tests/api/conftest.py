@@ -7,6 +7,7 @@ import pytest
 
 from lorafleet.adapters import LoraAdapter, LoraSpec, to_bytes
 from lorafleet.api.service import Limits, Service
+from lorafleet.api.tinker import TinkerConfig, TinkerService
 from lorafleet.api.ui.harness import LoopbackServer
 from lorafleet.base import load_base
 from lorafleet.registry import Provenance, Registry
@@ -64,3 +65,20 @@ def admin_client(server):
 def make_live():
     """``make_live(registry, base, ref, seed)``: commit a strong random adapter and point ``live`` at it."""
     return commit_live
+
+
+@pytest.fixture(scope="module")
+def tk(server, tmp_path_factory, monkeypatch_module):
+    """The server's Tinker service, with its checkpoint dir under tmp and a short long-poll."""
+    monkeypatch_module.setenv("TINKER_TELEMETRY", "0")
+    service = TinkerService(server.service, TinkerConfig(long_poll_s=5.0, gap_wait_s=1.0),
+                            home=tmp_path_factory.mktemp("tinker"))
+    server.app.state.tinker = service
+    yield service
+    service.stop()
+
+
+@pytest.fixture(scope="module")
+def monkeypatch_module():
+    with pytest.MonkeyPatch.context() as mp:
+        yield mp

@@ -15,29 +15,11 @@ import tinker
 import torch
 from tinker import types
 
-from lorafleet.api.tinker import TinkerConfig, TinkerService
 from lorafleet.api.tinker.scheduler import Op
 from lorafleet.serving.params import SamplingParams
 
 TEXTS = ["the cat sat on the mat", "hello world, hello lorafleet", "one two three four five six",
          "a personal model per user", "every revision has provenance", "small adapters, one base"]
-
-
-@pytest.fixture(scope="module")
-def tk(server, tmp_path_factory, monkeypatch_module):
-    """The server's Tinker service, with its checkpoint dir under tmp and a short long-poll."""
-    monkeypatch_module.setenv("TINKER_TELEMETRY", "0")
-    service = TinkerService(server.service, TinkerConfig(long_poll_s=5.0, gap_wait_s=1.0),
-                            home=tmp_path_factory.mktemp("tinker"))
-    server.app.state.tinker = service
-    yield service
-    service.stop()
-
-
-@pytest.fixture(scope="module")
-def monkeypatch_module():
-    with pytest.MonkeyPatch.context() as mp:
-        yield mp
 
 
 def sdk(server, who: str = "acme") -> tinker.ServiceClient:

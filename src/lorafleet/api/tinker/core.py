@@ -49,7 +49,6 @@ class TinkerConfig:
     lora_alpha: float = 32.0  # LoRA scaling numerator for every run (scaling = alpha / rank)
     max_batch_tokens: int = 4096  # padded tokens per packed forward/backward micro-batch (memory bound)
     max_request_tokens: int = 262_144  # tokens in one forward_backward request
-    max_num_samples: int = 16
     long_poll_s: float = 25.0  # retrieve_future holds a pending request this long before "try_again"
     gap_wait_s: float = 5.0  # a missing seq_id is skipped after this long
     pack_wait_s: float = 0.2  # before a pass, wait this long for just-served clients' next forward_backward
@@ -261,6 +260,9 @@ class TinkerService:
         adam = body.get("adam_params")
         if not isinstance(adam, dict):
             raise _user("optim_step: adam_params are required (lorafleet trains with AdamW)")
+        adam = dict(adam)
+        if adam.pop("type", "adamw") != "adamw":
+            raise _user("optim_step: only AdamW parameters are supported (adam_params); this run's optimizer is AdamW")
         p = {"learning_rate": 1e-4, "beta1": 0.9, "beta2": 0.95, "eps": 1e-12, "weight_decay": 0.0,
              "grad_clip_norm": 0.0} | adam
         checks = {"learning_rate": p["learning_rate"] >= 0, "beta1": 0 <= p["beta1"] < 1,
@@ -520,9 +522,10 @@ class TinkerService:
                                    "target_prompt_logprobs", "prompt_alt_tokens_k") if body.get(k)]
         if unsupported:
             raise _user(f"asample: {unsupported} are not supported by lorafleet's sampler")
+        limits = self.service.limits  # the same per-request limits as the OpenAI routes
         n = body.get("num_samples", 1)
-        if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= self.config.max_num_samples:
-            raise _user(f"num_samples must be an integer in 1..{self.config.max_num_samples}, got {n!r}")
+        if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= limits.max_samples:
+            raise _user(f"num_samples must be an integer in 1..{limits.max_samples}, got {n!r}")
         chunks = (body.get("prompt") or {}).get("chunks") or []
         tokens = []
         for i, chunk in enumerate(chunks):
@@ -530,6 +533,8 @@ class TinkerService:
                 raise _user(f"prompt.chunks[{i}]: {chunk.get('type')} chunks are not supported (text tokens only)")
             tokens.extend(int(t) for t in chunk.get("tokens", []))
         self._check_tokens(tokens, "prompt")
+        if len(tokens) > limits.max_prompt_tokens:
+            raise _user(f"prompt: {len(tokens)} tokens; this server's limit is {limits.max_prompt_tokens}")
         sp = body.get("sampling_params") or {}
         if (sp.get("top_k") or -1) > 0:
             raise _user("sampling_params.top_k is not supported by lorafleet's sampler (use top_p)")
@@ -537,6 +542,9 @@ class TinkerService:
         stop_strs = (stop,) if isinstance(stop, str) else tuple(s for s in (stop or ()) if isinstance(s, str))
         stop_ids = {int(s) for s in (stop or ()) if isinstance(s, int) and not isinstance(stop, str)}
         max_tokens = sp.get("max_tokens") or 64
+        if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or not 1 <= max_tokens <= limits.max_tokens:
+            raise _user(f"sampling_params.max_tokens must be an integer in 1..{limits.max_tokens} (this server's "
+                        f"limit per sequence), got {max_tokens!r}")
         try:
             params = [SamplingParams(temperature=float(sp.get("temperature", 1.0)), top_p=float(sp.get("top_p", 1.0)),
                                      max_tokens=int(max_tokens), stop=stop_strs,

@@ -20,6 +20,7 @@ from fastapi.responses import JSONResponse, Response
 from lorafleet.adapters import AdapterError
 from lorafleet.api.errors import ApiError
 from lorafleet.api.keys import ApiKey
+from lorafleet.api.tinker import requests as rq
 from lorafleet.api.tinker import wire
 from lorafleet.api.tinker.core import TinkerService
 from lorafleet.api.tinker.state import TinkerNotFoundError, TinkerUserError, wait_for
@@ -62,14 +63,10 @@ Key = Annotated[ApiKey, Depends(tinker_key)]
 Tinker = Annotated[TinkerService, Depends(tinker_of)]
 
 
-async def _json(request: Request) -> dict:
-    try:
-        body = await request.json()
-    except ValueError:
-        raise ApiError(400, f"{request.url.path}: the body must be a JSON object", code="invalid_request") from None
-    if not isinstance(body, dict):
-        raise ApiError(400, f"{request.url.path}: the body must be a JSON object", code="invalid_request")
-    return body
+async def _body(request: Request, model: type[rq.Body]) -> dict:
+    """The request's JSON body, validated against its typed shape (a 400 naming the field otherwise)."""
+    route = request.url.path
+    return rq.validate(model, rq.parse_json(await request.body(), route), route)
 
 
 def _call(fn, *args):
@@ -124,7 +121,7 @@ def create_session(key: Key, tinker: Tinker) -> dict:
 
 @router.post("/session_heartbeat", summary="Keep a session alive")
 async def heartbeat(request: Request, key: Key, tinker: Tinker) -> dict:
-    _call(tinker.check_session, key, str((await _json(request)).get("session_id", "")))
+    _call(tinker.check_session, key, (await _body(request, rq.SessionRef))["session_id"])
     return {"type": "session_heartbeat"}
 
 
@@ -139,14 +136,14 @@ def finish_session(session_id: str, key: Key, tinker: Tinker) -> dict:
 
 @router.post("/create_model", summary="Create a LoRA training run on the server's base (a future)")
 async def create_model(request: Request, key: Key, tinker: Tinker) -> dict:
-    run = _call(tinker.create_model, key, await _json(request))
+    run = _call(tinker.create_model, key, await _body(request, rq.CreateModel))
     return {"request_id": tinker.futures.done({"model_id": run.run_id, "type": "create_model"}, tenant=key.tenant),
             "model_id": run.run_id}
 
 
 @router.post("/get_info", summary="A training run's model info")
 async def get_info(request: Request, key: Key, tinker: Tinker) -> dict:
-    run = _call(tinker.run_of, key, str((await _json(request)).get("model_id", "")))
+    run = _call(tinker.run_of, key, (await _body(request, rq.ModelRef))["model_id"])
     return tinker.info(run)
 
 
@@ -168,26 +165,26 @@ async def forward_backward(request: Request, key: Key, tinker: Tinker) -> dict:
 
 @router.post("/optim_step", summary="An AdamW step with the given parameters (a future)")
 async def optim_step(request: Request, key: Key, tinker: Tinker) -> dict:
-    body = await _json(request)
+    body = await _body(request, rq.OptimStep)
     return _future(tinker, _call(tinker.optim_step, key, body), key, model_id=body.get("model_id"))
 
 
 @router.post("/save_weights", summary="save_state: weights + optimizer to a training checkpoint (a future)")
 async def save_weights(request: Request, key: Key, tinker: Tinker) -> dict:
-    body = await _json(request)
+    body = await _body(request, rq.SaveWeights)
     return _future(tinker, _call(lambda: tinker.save(key, body, sampler=False)), key, model_id=body.get("model_id"))
 
 
 @router.post("/save_weights_for_sampler", summary="Sampler weights: a new registry revision (a future)")
 async def save_weights_for_sampler(request: Request, key: Key, tinker: Tinker) -> dict:
-    body = await _json(request)
+    body = await _body(request, rq.SaveWeights)
     fut = _call(lambda: tinker.save(key, body, sampler=True))
     return _future(tinker, fut, key, model_id=body.get("model_id"))
 
 
 @router.post("/load_weights", summary="load_state, or a new run from a training checkpoint (a future)")
 async def load_weights(request: Request, key: Key, tinker: Tinker) -> dict:
-    fut, run_id = _call(tinker.load, key, await _json(request))
+    fut, run_id = _call(tinker.load, key, await _body(request, rq.LoadWeights))
     return _future(tinker, fut, key, model_id=run_id)
 
 
@@ -196,7 +193,7 @@ async def load_weights(request: Request, key: Key, tinker: Tinker) -> dict:
 
 @router.post("/create_sampling_session", summary="A sampler over a checkpoint, a registry address or the base")
 async def create_sampling_session(request: Request, key: Key, tinker: Tinker) -> dict:
-    sampler = _call(tinker.create_sampler, key, await _json(request))
+    sampler = _call(tinker.create_sampler, key, await _body(request, rq.CreateSamplingSession))
     return {"type": "create_sampling_session", "sampling_session_id": sampler.sampler_id}
 
 
@@ -208,7 +205,7 @@ def get_sampler(sampler_id: str, key: Key, tinker: Tinker) -> dict:
 
 @router.post("/asample", summary="Sample completions through the serving engine (a future)")
 async def asample(request: Request, key: Key, tinker: Tinker) -> dict:
-    fut, n = _call(tinker.sample, key, await _json(request))
+    fut, n = _call(tinker.sample, key, await _body(request, rq.Sample))
     request_id = tinker.futures.add(fut, tenant=key.tenant, proto=True)
     return {"request_id": request_id, "sample_sequence_ids": [f"{request_id}:{i}" for i in range(n)]}
 
@@ -218,7 +215,7 @@ async def asample(request: Request, key: Key, tinker: Tinker) -> dict:
 
 @router.post("/retrieve_future", summary="A future's result; long-polls while it is pending")
 async def retrieve_future(request: Request, key: Key, tinker: Tinker):
-    request_id = str((await _json(request)).get("request_id", ""))
+    request_id = (await _body(request, rq.FutureRef))["request_id"]
     pending = tinker.futures.get(request_id)
     if pending is None or not (key.is_admin or pending.tenant == key.tenant):
         raise ApiError(404, f"future {request_id!r} does not exist (or has expired)", type_="not_found_error",
