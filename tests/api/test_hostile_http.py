@@ -99,3 +99,14 @@ def test_prompt_over_the_token_limit_is_refused(server, route):
                     json={"model": "acme/alice/style", "max_tokens": 2,
                           **({"messages": [{"role": "user", "content": "hi"}]} if route == "chat" else {"prompt": "hi"})})
     assert ok.status_code == 200, ok.text
+
+
+def test_metrics_need_an_admin_key_unless_public(server, monkeypatch):
+    url = f"{server.url}/metrics"
+    assert httpx.get(url, timeout=10).status_code == 401
+    assert httpx.get(url, headers=_auth(server, "acme"), timeout=10).status_code == 403
+    r = httpx.get(url, headers=_auth(server, "admin"), timeout=10)
+    assert r.status_code == 200 and "lorafleet_http_requests_total" in r.text
+    monkeypatch.setattr(server.service, "metrics_public", True)  # lorafleet serve --metrics-public
+    r = httpx.get(url, timeout=10)
+    assert r.status_code == 200 and "lorafleet_http_requests_total" in r.text

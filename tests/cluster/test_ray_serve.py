@@ -137,7 +137,9 @@ def test_streaming_errors_and_metrics_go_through_the_cluster(ray_cluster, refere
     assert f"adapter {broken[:12]} could not be loaded: MissingBlobError" in r.json()["error"]["message"]
     assert text_of(chat(ray_cluster, ref)) == reference[ref]  # nobody else is affected
 
-    metrics = httpx.get(f"{ray_cluster.url}/metrics", timeout=30)
+    assert httpx.get(f"{ray_cluster.url}/metrics", timeout=30).status_code == 401  # admin only by default
+    metrics = httpx.get(f"{ray_cluster.url}/metrics", timeout=30,
+                        headers={"authorization": f"Bearer {ray_cluster.keys['admin']}"})
     assert metrics.status_code == 200 and "lorafleet_adapter_lookups" in metrics.text
     assert httpx.get(f"{ray_cluster.url}/health", timeout=30).json()["engine"] is True
 

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 from contextlib import asynccontextmanager
 
-from fastapi import FastAPI
+from fastapi import Depends, FastAPI, Request
 from fastapi.responses import PlainTextResponse
 
 from lorafleet import __version__
 from lorafleet.api import errors, feedback, management, tinker
+from lorafleet.api.auth import admin_key, current_key
 from lorafleet.api.body_limit import BodyLimitMiddleware
 from lorafleet.api.service import Service
 
@@ -49,7 +50,13 @@ def create_app(service: Service, *, manage_lifecycle: bool = True) -> FastAPI:
         return {"status": "ok", "version": __version__, "base": service.base.name,
                 "base_fingerprint": service.base.fingerprint, "engine": service.engine is not None}
 
-    @app.get("/metrics", tags=["health"], summary="Prometheus metrics", response_class=PlainTextResponse)
+    def metrics_access(request: Request) -> None:
+        """An admin key, unless the server was started with ``--metrics-public``."""
+        if not service.metrics_public:
+            admin_key(current_key(request))
+
+    @app.get("/metrics", tags=["health"], summary="Prometheus metrics (admin key, unless --metrics-public)",
+             response_class=PlainTextResponse, dependencies=[Depends(metrics_access)])
     def metrics() -> PlainTextResponse:
         from lorafleet.api.metrics import render  # noqa: PLC0415
 

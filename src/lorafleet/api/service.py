@@ -38,8 +38,9 @@ class Service:
     """Holds the long-lived parts of a server process; the app reads them from ``app.state.service``."""
 
     def __init__(self, registry: Registry, base, engine=None, *, limits: Limits | None = None,
-                 run_worker: bool = False) -> None:
+                 run_worker: bool = False, metrics_public: bool = False) -> None:
         self.registry = registry
+        self.metrics_public = metrics_public  # /metrics without a key; by default it needs an admin key
         self.base = base
         self.engine = engine
         self.limits = limits or Limits()

@@ -76,6 +76,7 @@ class ClusterConfig:
     load_timeout_s: float = field(
         default=120.0, metadata={"help": "how long a replica waits for an adapter to become resident"})
     engine: EngineConfig = field(default_factory=EngineConfig, metadata={"help": "each replica's engine"})
+    metrics_public: bool = field(default=False, metadata={"help": "serve /metrics without a key (default: admin key)"})
 
     def __post_init__(self) -> None:
         if not isinstance(self.db_url, str) or not self.db_url.startswith("postgresql"):

@@ -286,7 +286,7 @@ class Ingress:
         # The base is loaded here too: its name and fingerprint check requests, and uploads are validated
         # against its shapes before anything is committed.
         self.service = Service(Registry(config.db_url, config.blob_url), load_base(config.base),
-                               RemoteEngine(engine, board), run_worker=False)
+                               RemoteEngine(engine, board), run_worker=False, metrics_public=config.metrics_public)
 
     def __serve_build_asgi_app__(self):
         from lorafleet.api.app import create_app  # noqa: PLC0415
