@@ -56,7 +56,7 @@ def handle_errors(fn):
         try:
             return fn(*args, **kwargs)
         except user_errors() as exc:
-            err_console.print(f"[bold red]error:[/] {exc}", highlight=False)
+            err_console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)  # one line, never wrapped
             raise typer.Exit(2) from None
 
     return wrapper

@@ -110,3 +110,29 @@ def test_metrics_need_an_admin_key_unless_public(server, monkeypatch):
     monkeypatch.setattr(server.service, "metrics_public", True)  # lorafleet serve --metrics-public
     r = httpx.get(url, timeout=10)
     assert r.status_code == 200 and "lorafleet_http_requests_total" in r.text
+
+
+@pytest.mark.parametrize(("config_patch", "match"), [
+    ('"target_modules": [["q_proj"]]', "target_modules must be a list of module names"),
+    ('"target_modules": [5]', "target_modules must be a list of module names"),
+    ('"x": ' + "[" * 100_000 + "]" * 100_000, "nested too deeply"),
+    ('"bias": ' + "[" * 900 + "]" * 900, "is not supported"),
+], ids=["nested-targets", "int-targets", "deep-config", "deep-bias"])
+def test_crashing_adapter_configs_are_422_and_commit_nothing(server, admin_client, config_patch, match):
+    import json
+
+    from lorafleet.adapters import LoraAdapter, LoraSpec, peft_io
+
+    adapter = LoraAdapter.create(server.base, LoraSpec(rank=4, alpha=8, target_modules="attention"), seed=9,
+                                 init="random")
+    config = json.dumps({k: v for k, v in peft_io.peft_config(adapter).items() if k != "target_modules"
+                         or "target_modules" not in config_patch})[:-1] + ", " + config_patch + "}"
+    files = {"adapter_config.json": config.encode(), "adapter_model.safetensors": peft_io.peft_weights_bytes(adapter)}
+    ref = "initech/hostile/cfg"
+    admin_client.post("/v1/adapters", json={"ref": ref})
+    before = admin_client.get(f"/v1/adapters/{ref}/revisions").json()["data"]
+    r = admin_client.post(f"/v1/adapters/{ref}/revisions",
+                          files=[("files", (n, d, "application/octet-stream")) for n, d in files.items()])
+    assert r.status_code == 422, r.text[:300]
+    assert r.json()["error"]["code"] == "invalid_adapter" and match in r.json()["error"]["message"]
+    assert admin_client.get(f"/v1/adapters/{ref}/revisions").json()["data"] == before

@@ -30,6 +30,7 @@ import base64
 import binascii
 import json
 import math
+import reprlib
 import zlib
 
 import torch
@@ -110,7 +111,7 @@ def _layout(packed) -> list[tuple[str, tuple[int, ...]]]:
     try:
         raw = zlib.decompressobj().decompress(base64.b64decode(packed, validate=True), MAX_LAYOUT_BYTES)
         layout = json.loads(raw)
-    except (TypeError, ValueError, binascii.Error, zlib.error) as exc:
+    except (TypeError, ValueError, binascii.Error, zlib.error, RecursionError) as exc:
         raise AdapterError(f"adapter blob codec layout is malformed: {exc}") from exc
     if not isinstance(layout, list) or not layout:
         raise AdapterError("adapter blob codec layout must list at least one tensor")
@@ -120,7 +121,7 @@ def _layout(packed) -> list[tuple[str, tuple[int, ...]]]:
               and 1 <= len(entry[1]) <= 2 and all(isinstance(d, int) and not isinstance(d, bool) and 1 <= d <= 2**24
                                                   for d in entry[1]))
         if not ok:
-            raise AdapterError(f"adapter blob codec layout entry {str(entry)[:80]!r} is not [name, 1-D or 2-D shape]")
+            raise AdapterError(f"adapter blob codec layout entry {reprlib.repr(entry)} is not [name, 1-D or 2-D shape]")
         if entry[0] in seen:
             raise AdapterError(f"adapter blob codec layout names {entry[0]!r} twice")
         seen.add(entry[0])

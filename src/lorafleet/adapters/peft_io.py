@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import reprlib
 import tempfile
 from pathlib import Path
 
@@ -72,15 +73,23 @@ def spec_from_config(config: dict) -> LoraSpec:
     if not isinstance(config, dict):
         raise AdapterError("adapter_config.json must hold a JSON object")
     if config.get("peft_type", "LORA") != "LORA":
-        raise AdapterError(f"peft_type {config.get('peft_type')!r} is not supported; only LORA adapters load here")
+        raise AdapterError(f"peft_type {reprlib.repr(config.get('peft_type'))} is not supported; only LORA adapters "
+                           "load here")
     for key, allowed in _UNSUPPORTED.items():
         if key in config and config[key] not in allowed:
-            raise AdapterError(f"adapter_config.json: {key}={config[key]!r} is not supported (expected {allowed[0]!r})")
+            raise AdapterError(f"adapter_config.json: {key}={reprlib.repr(config[key])} is not supported (expected "
+                               f"{allowed[0]!r})")
     targets = config.get("target_modules")
     if isinstance(targets, str):
         raise AdapterError("adapter_config.json: target_modules as a regex string is not supported; list the module names")
     if not targets:
         raise AdapterError("adapter_config.json: target_modules is missing or empty")
+    if not isinstance(targets, list) or not all(isinstance(t, str) for t in targets):
+        raise AdapterError(f"adapter_config.json: target_modules must be a list of module names (strings), got "
+                           f"{reprlib.repr(targets)}")
+    name = config.get("base_model_name_or_path")
+    if name is not None and not isinstance(name, str):
+        raise AdapterError(f"adapter_config.json: base_model_name_or_path must be a string, got {reprlib.repr(name)}")
     rank = config.get("r")
     return LoraSpec(
         rank=rank,
@@ -195,6 +204,8 @@ def load_peft(directory: str | Path, base=None, *, max_bytes: int = MAX_ADAPTER_
         config = json.loads(config_path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise AdapterError(f"{config_path} is not valid JSON: {exc}") from exc
+    except RecursionError:
+        raise AdapterError(f"{config_path} is nested too deeply to be an adapter config") from None
     spec = spec_from_config(config)
     size = weights_path.stat().st_size
     if size > max_bytes:
@@ -290,8 +301,10 @@ def decode_blob(data: bytes, base=None, *, max_bytes: int = MAX_ADAPTER_BYTES) -
         raise AdapterError(f"adapter blob has no {META_KEY!r} metadata; it was not written by lorafleet")
     try:
         cfg = json.loads(raw)
-    except json.JSONDecodeError as exc:
+    except (json.JSONDecodeError, TypeError) as exc:
         raise AdapterError(f"adapter blob metadata is malformed: {exc}") from exc
+    except RecursionError:
+        raise AdapterError("adapter blob metadata is malformed: nested too deeply") from None
     if not isinstance(cfg, dict):
         raise AdapterError("adapter blob metadata is malformed: the adapter config is not a JSON object")
     codec_meta = codecs.parse_metadata(cfg.pop(codecs.STORAGE_KEY, None))

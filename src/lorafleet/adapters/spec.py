@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import reprlib
 from dataclasses import dataclass, field
 
 from lorafleet.adapters.errors import AdapterError
@@ -21,9 +22,14 @@ MAX_RANK = 64
 
 def expand_targets(targets: str | tuple[str, ...] | list[str]) -> tuple[str, ...]:
     """``"attention"`` / ``"mlp"`` / ``"all"`` / a comma list / a sequence -> sorted unique projection names."""
+    if not isinstance(targets, str | tuple | list):
+        raise AdapterError(f"target_modules must be a list of module names, got a {type(targets).__name__}")
     items = targets.split(",") if isinstance(targets, str) else list(targets)
     out: set[str] = set()
     for raw in items:
+        if not isinstance(raw, str):
+            raise AdapterError(f"target_modules must be a list of module names (strings), got an item of type "
+                               f"{type(raw).__name__}: {reprlib.repr(raw)}")
         name = raw.strip()
         if not name:
             continue
