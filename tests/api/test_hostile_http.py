@@ -136,3 +136,52 @@ def test_crashing_adapter_configs_are_422_and_commit_nothing(server, admin_clien
     assert r.status_code == 422, r.text[:300]
     assert r.json()["error"]["code"] == "invalid_adapter" and match in r.json()["error"]["message"]
     assert admin_client.get(f"/v1/adapters/{ref}/revisions").json()["data"] == before
+
+
+def test_docs_limits_table_matches_the_code():
+    import dataclasses
+    import re
+    from pathlib import Path
+
+    from lorafleet.api.service import Limits
+
+    doc = (Path(__file__).resolve().parents[2] / "docs" / "api.md").read_text()
+    rows = dict(re.findall(r"^\| `(max_\w+)` \| ([^|]+) \|", doc, flags=re.M))
+    fields = {f.name: f.default for f in dataclasses.fields(Limits)}
+    assert set(rows) == set(fields), (set(rows) ^ set(fields))
+    for name, text in rows.items():
+        text = text.strip().replace(",", "")
+        value = int(text.split()[0]) * (1024 * 1024 if text.endswith("MiB") else 1)
+        assert value == fields[name], (name, text, fields[name])
+
+
+@pytest.mark.slow  # a whole `lorafleet serve` process start (~30 s on the shared 2-core machine)
+def test_serve_metrics_public_flag(tmp_path):
+    """`lorafleet serve --metrics-public` (a real process on loopback): /metrics answers without a key."""
+    import os
+    import subprocess
+    import sys
+
+    from lorafleet.registry.pgtest import free_port
+
+    port = free_port()
+    env = {**os.environ, "LORAFLEET_HOME": str(tmp_path), "LORAFLEET_BASE": "tiny", "OMP_NUM_THREADS": "1",
+           "LORAFLEET_ADMIN_KEY": "lf-admin-" + "0" * 32}
+    proc = subprocess.Popen([sys.executable, "-m", "lorafleet.cli", "serve", "--port", str(port), "--no-worker",
+                             "--metrics-public"], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            assert proc.poll() is None, proc.stdout.read().decode()[-2000:]
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert time.monotonic() < deadline, "the server did not start"
+            time.sleep(0.2)
+        r = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10)
+        assert r.status_code == 200 and "lorafleet_http_requests_total" in r.text
+    finally:
+        proc.terminate()
+        proc.wait(30)

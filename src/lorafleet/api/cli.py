@@ -61,7 +61,8 @@ def keys_revoke(key_id: int) -> None:
     console.print(f"key {key.id} revoked")
 
 
-def build_service(base_name: str | None = None, *, worker: bool = True, engine_config=None):
+def build_service(base_name: str | None = None, *, worker: bool = True, engine_config=None,
+                  metrics_public: bool = False):
     """Load the base, open the registry, build the engine; shared by `serve` and tests/benchmarks."""
     quiet_libraries()
     from lorafleet.api.service import Service  # noqa: PLC0415
@@ -73,7 +74,7 @@ def build_service(base_name: str | None = None, *, worker: bool = True, engine_c
     registry = Registry.open_default()
     base = load_base(base_name or os.environ.get("LORAFLEET_BASE"))
     engine = Engine(base, registry_fetch(registry), engine_config)
-    return Service(registry, base, engine, run_worker=worker)
+    return Service(registry, base, engine, run_worker=worker, metrics_public=metrics_public)
 
 
 def bootstrap_admin_key(keys) -> None:
@@ -108,7 +109,10 @@ def register(app: typer.Typer) -> None:
                                                      help="--cluster ray: CPUs per engine replica"),
                   ray_address: str | None = typer.Option(None, "--ray-address",
                                                          help="--cluster ray: join this Ray cluster (default: "
-                                                              "$RAY_ADDRESS, else start a local one)")) -> None:
+                                                              "$RAY_ADDRESS, else start a local one)"),
+                  metrics_public: bool = typer.Option(False, "--metrics-public", envvar="LORAFLEET_METRICS_PUBLIC",
+                                                      help="serve /metrics without a key (default: admin key)")
+                  ) -> None:
         """Serve the OpenAI-compatible API, the management API and /metrics over HTTP."""
         from lorafleet.serving.params import EngineConfig  # noqa: PLC0415
 
@@ -119,14 +123,15 @@ def register(app: typer.Typer) -> None:
             from lorafleet.cluster.launch import serve_ray  # noqa: PLC0415
 
             serve_ray(base=base, engine=config, replicas=replicas, replica_cpus=replica_cpus, host=host, port=port,
-                      address=ray_address, bootstrap_admin=bootstrap_admin_key)
+                      address=ray_address, bootstrap_admin=bootstrap_admin_key, metrics_public=metrics_public)
             return
         import uvicorn  # noqa: PLC0415
 
         from lorafleet.api.app import create_app  # noqa: PLC0415
 
         with console.status("loading the base and the registry…"):
-            service = build_service(base, worker=worker, engine_config=config)
+            service = build_service(base, worker=worker, engine_config=config, metrics_public=metrics_public)
         bootstrap_admin_key(service.keys)
-        console.print(f"serving {service.base.name} on http://{host}:{port}  (docs: /docs, metrics: /metrics)")
+        console.print(f"serving {service.base.name} on http://{host}:{port}  (docs: /docs, metrics: /metrics"
+                      f"{', public' if metrics_public else ', admin key'})")
         uvicorn.run(create_app(service), host=host, port=port, log_level="warning")

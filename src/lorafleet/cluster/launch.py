@@ -78,7 +78,7 @@ def config_from_env(**kwargs) -> ClusterConfig:
 
 
 def serve_ray(*, base: str | None, engine, replicas: int, replica_cpus: float, host: str, port: int,
-              address: str | None, bootstrap_admin) -> None:
+              address: str | None, bootstrap_admin, metrics_public: bool = False) -> None:
     """``lorafleet serve --cluster ray``: check the config, make sure an admin key exists, run until Ctrl-C."""
     import typer  # noqa: PLC0415
 
@@ -86,7 +86,7 @@ def serve_ray(*, base: str | None, engine, replicas: int, replica_cpus: float, h
 
     try:
         config = config_from_env(base=base or os.environ.get("LORAFLEET_BASE"), replicas=replicas,
-                                 replica_cpus=replica_cpus, engine=engine)
+                                 replica_cpus=replica_cpus, engine=engine, metrics_public=metrics_public)
         require_ray()
     except ClusterConfigError as exc:
         raise typer.BadParameter(str(exc), param_hint="--cluster ray") from None
