@@ -3,15 +3,25 @@
 from __future__ import annotations
 
 from contextlib import asynccontextmanager
+from typing import Literal
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.responses import PlainTextResponse
+from pydantic import BaseModel
 
 from lorafleet import __version__
 from lorafleet.api import errors, feedback, management, tinker
 from lorafleet.api.auth import admin_key, current_key
 from lorafleet.api.body_limit import BodyLimitMiddleware
 from lorafleet.api.service import Service
+
+
+class Health(BaseModel):
+    status: Literal["ok"]
+    version: str
+    base: str
+    base_fingerprint: str
+    engine: bool
 
 
 def create_app(service: Service, *, manage_lifecycle: bool = True) -> FastAPI:
@@ -27,7 +37,7 @@ def create_app(service: Service, *, manage_lifecycle: bool = True) -> FastAPI:
             if manage_lifecycle:
                 service.stop()
 
-    app = FastAPI(title="lorafleet", version=__version__, lifespan=lifespan,
+    app = FastAPI(title="lorafleet", version=__version__, lifespan=lifespan, responses=errors.ERROR_RESPONSES,
                   description="Personal models at scale: OpenAI-compatible inference per user, and the management "
                               "API for adapters, revisions, aliases, training jobs and residency.")
     app.state.service = service
@@ -45,7 +55,8 @@ def create_app(service: Service, *, manage_lifecycle: bool = True) -> FastAPI:
     # Bodies are counted as they arrive (chunked too) and refused at the limit; requests are counted per route.
     app.add_middleware(BodyLimitMiddleware, service=service)
 
-    @app.get("/health", tags=["health"], summary="Liveness and the base being served")
+    @app.get("/health", tags=["health"], summary="Liveness and the base being served",
+             responses={200: {"model": Health, "description": "OK"}})
     def health() -> dict:
         return {"status": "ok", "version": __version__, "base": service.base.name,
                 "base_fingerprint": service.base.fingerprint, "engine": service.engine is not None}

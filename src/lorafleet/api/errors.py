@@ -10,6 +10,7 @@ import logging
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 log = logging.getLogger(__name__)
@@ -22,6 +23,25 @@ class ApiError(Exception):
                  param: str | None = None) -> None:
         super().__init__(message)
         self.status, self.message, self.type, self.code, self.param = status, message, type_, code, param
+
+
+class ErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: str | None = None
+    code: str | None = None
+
+
+class ErrorBody(BaseModel):
+    """What every error answers (OpenAI's shape)."""
+
+    error: ErrorDetail
+
+
+# Documented on every route (OpenAPI): any 4xx/5xx is an ErrorBody. Also replaces FastAPI's default 422 schema,
+# since request validation errors answer 400 in this shape.
+ERROR_RESPONSES: dict = {"4XX": {"model": ErrorBody, "description": "a request error, in OpenAI's error shape"},
+                         "5XX": {"model": ErrorBody, "description": "a server error, in OpenAI's error shape"}}
 
 
 def error_body(message: str, type_: str, code: str | None = None, param: str | None = None) -> dict:

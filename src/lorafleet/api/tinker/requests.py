@@ -10,7 +10,7 @@ Ranges that depend on the server (rank, num_samples, max_tokens) are checked by 
 from __future__ import annotations
 
 import json
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field, ValidationError
 
@@ -134,6 +134,72 @@ class Sample(Body):
     topk_sample_logprobs: I64 = 0
     target_prompt_logprobs: Any = None
     prompt_alt_tokens_k: I64 = 0
+
+
+# ---------------------------------------------------------------------------------------------- responses
+# What the JSON routes answer, documented in OpenAPI (``responses={200: ...}``) and checked by schemathesis's
+# response-schema conformance (tests/api/test_schemathesis.py); the routes build the dicts themselves.
+
+
+class Future(BaseModel):
+    request_id: str
+    model_id: str | None = None
+
+
+class CreateModelOut(BaseModel):
+    request_id: str
+    model_id: str
+
+
+class SessionOut(BaseModel):
+    type: Literal["create_session"]
+    session_id: str
+    info_message: str
+
+
+class HeartbeatOut(BaseModel):
+    type: Literal["session_heartbeat"]
+
+
+class InfoOut(BaseModel):
+    type: Literal["get_info"]
+    model_id: str
+    is_lora: bool
+    lora_rank: int
+    model_name: str
+    model_data: dict[str, Any]
+
+
+class SamplingSessionOut(BaseModel):
+    type: Literal["create_sampling_session"]
+    sampling_session_id: str
+
+
+class SampleOut(BaseModel):
+    request_id: str
+    sample_sequence_ids: list[str]
+
+
+def documented(model: type[BaseModel]) -> dict:
+    """``responses=`` of a route whose 200 answer has ``model``'s shape."""
+    return {200: {"model": model, "description": "OK"}}
+
+
+def openapi_body(model: type[Body]) -> dict:
+    """``openapi_extra`` documenting ``model`` as the route's JSON body (the routes parse it themselves)."""
+    schema = model.model_json_schema(mode="validation")
+    defs = schema.pop("$defs", {})
+
+    def inline(node):
+        if isinstance(node, dict):
+            if "$ref" in node:
+                return inline(defs[node["$ref"].rsplit("/", 1)[-1]])
+            return {k: inline(v) for k, v in node.items()}
+        if isinstance(node, list):
+            return [inline(v) for v in node]
+        return node
+
+    return {"requestBody": {"required": True, "content": {"application/json": {"schema": inline(schema)}}}}
 
 
 def parse_json(body: bytes, route: str) -> dict:

@@ -113,13 +113,14 @@ def telemetry(_: Key) -> dict:
     return {"status": "accepted"}
 
 
-@router.post("/create_session", summary="Start a session")
+@router.post("/create_session", summary="Start a session", responses=rq.documented(rq.SessionOut))
 def create_session(key: Key, tinker: Tinker) -> dict:
     return {"type": "create_session", "session_id": tinker.create_session(key),
             "info_message": f"lorafleet: training {tinker.base.name} adapters for tenant {key.tenant or '(admin)'}"}
 
 
-@router.post("/session_heartbeat", summary="Keep a session alive")
+@router.post("/session_heartbeat", summary="Keep a session alive",
+             openapi_extra=rq.openapi_body(rq.SessionRef), responses=rq.documented(rq.HeartbeatOut))
 async def heartbeat(request: Request, key: Key, tinker: Tinker) -> dict:
     _call(tinker.check_session, key, (await _body(request, rq.SessionRef))["session_id"])
     return {"type": "session_heartbeat"}
@@ -134,20 +135,24 @@ def finish_session(session_id: str, key: Key, tinker: Tinker) -> dict:
 # ------------------------------------------------------------------------------ training
 
 
-@router.post("/create_model", summary="Create a LoRA training run on the server's base (a future)")
+@router.post("/create_model", summary="Create a LoRA training run on the server's base (a future)",
+             openapi_extra=rq.openapi_body(rq.CreateModel), responses=rq.documented(rq.CreateModelOut))
 async def create_model(request: Request, key: Key, tinker: Tinker) -> dict:
     run = _call(tinker.create_model, key, await _body(request, rq.CreateModel))
     return {"request_id": tinker.futures.done({"model_id": run.run_id, "type": "create_model"}, tenant=key.tenant),
             "model_id": run.run_id}
 
 
-@router.post("/get_info", summary="A training run's model info")
+@router.post("/get_info", summary="A training run's model info",
+             openapi_extra=rq.openapi_body(rq.ModelRef), responses=rq.documented(rq.InfoOut))
 async def get_info(request: Request, key: Key, tinker: Tinker) -> dict:
     run = _call(tinker.run_of, key, (await _body(request, rq.ModelRef))["model_id"])
     return tinker.info(run)
 
 
-@router.post("/forward_backward", summary="Forward + backward on a batch (protobuf body; a future)")
+@router.post("/forward_backward", summary="Forward + backward on a batch (protobuf body; a future)",
+             openapi_extra={"requestBody": {"required": True, "content": {
+                 PROTO: {"schema": {"type": "string", "format": "binary"}}}}}, responses=rq.documented(rq.Future))
 async def forward_backward(request: Request, key: Key, tinker: Tinker) -> dict:
     if PROTO not in request.headers.get("content-type", ""):
         raise ApiError(415, "forward_backward takes a tinker_public.ForwardBackwardRequest protobuf body "
@@ -163,26 +168,30 @@ async def forward_backward(request: Request, key: Key, tinker: Tinker) -> dict:
     return _future(tinker, fut, key, proto=True, model_id=decoded["model_id"])
 
 
-@router.post("/optim_step", summary="An AdamW step with the given parameters (a future)")
+@router.post("/optim_step", summary="An AdamW step with the given parameters (a future)",
+             openapi_extra=rq.openapi_body(rq.OptimStep), responses=rq.documented(rq.Future))
 async def optim_step(request: Request, key: Key, tinker: Tinker) -> dict:
     body = await _body(request, rq.OptimStep)
     return _future(tinker, _call(tinker.optim_step, key, body), key, model_id=body.get("model_id"))
 
 
-@router.post("/save_weights", summary="save_state: weights + optimizer to a training checkpoint (a future)")
+@router.post("/save_weights", summary="save_state: weights + optimizer to a training checkpoint (a future)",
+             openapi_extra=rq.openapi_body(rq.SaveWeights), responses=rq.documented(rq.Future))
 async def save_weights(request: Request, key: Key, tinker: Tinker) -> dict:
     body = await _body(request, rq.SaveWeights)
     return _future(tinker, _call(lambda: tinker.save(key, body, sampler=False)), key, model_id=body.get("model_id"))
 
 
-@router.post("/save_weights_for_sampler", summary="Sampler weights: a new registry revision (a future)")
+@router.post("/save_weights_for_sampler", summary="Sampler weights: a new registry revision (a future)",
+             openapi_extra=rq.openapi_body(rq.SaveWeights), responses=rq.documented(rq.Future))
 async def save_weights_for_sampler(request: Request, key: Key, tinker: Tinker) -> dict:
     body = await _body(request, rq.SaveWeights)
     fut = _call(lambda: tinker.save(key, body, sampler=True))
     return _future(tinker, fut, key, model_id=body.get("model_id"))
 
 
-@router.post("/load_weights", summary="load_state, or a new run from a training checkpoint (a future)")
+@router.post("/load_weights", summary="load_state, or a new run from a training checkpoint (a future)",
+             openapi_extra=rq.openapi_body(rq.LoadWeights), responses=rq.documented(rq.Future))
 async def load_weights(request: Request, key: Key, tinker: Tinker) -> dict:
     fut, run_id = _call(tinker.load, key, await _body(request, rq.LoadWeights))
     return _future(tinker, fut, key, model_id=run_id)
@@ -191,7 +200,8 @@ async def load_weights(request: Request, key: Key, tinker: Tinker) -> dict:
 # ------------------------------------------------------------------------------ sampling
 
 
-@router.post("/create_sampling_session", summary="A sampler over a checkpoint, a registry address or the base")
+@router.post("/create_sampling_session", summary="A sampler over a checkpoint, a registry address or the base",
+             openapi_extra=rq.openapi_body(rq.CreateSamplingSession), responses=rq.documented(rq.SamplingSessionOut))
 async def create_sampling_session(request: Request, key: Key, tinker: Tinker) -> dict:
     sampler = _call(tinker.create_sampler, key, await _body(request, rq.CreateSamplingSession))
     return {"type": "create_sampling_session", "sampling_session_id": sampler.sampler_id}
@@ -203,7 +213,8 @@ def get_sampler(sampler_id: str, key: Key, tinker: Tinker) -> dict:
     return {"sampler_id": s.sampler_id, "base_model": s.base_model, "model_path": s.model_path}
 
 
-@router.post("/asample", summary="Sample completions through the serving engine (a future)")
+@router.post("/asample", summary="Sample completions through the serving engine (a future)",
+             openapi_extra=rq.openapi_body(rq.Sample), responses=rq.documented(rq.SampleOut))
 async def asample(request: Request, key: Key, tinker: Tinker) -> dict:
     fut, n = _call(tinker.sample, key, await _body(request, rq.Sample))
     request_id = tinker.futures.add(fut, tenant=key.tenant, proto=True)
@@ -213,7 +224,8 @@ async def asample(request: Request, key: Key, tinker: Tinker) -> dict:
 # ------------------------------------------------------------------------------ futures
 
 
-@router.post("/retrieve_future", summary="A future's result; long-polls while it is pending")
+@router.post("/retrieve_future", summary="A future's result; long-polls while it is pending",
+             openapi_extra=rq.openapi_body(rq.FutureRef))
 async def retrieve_future(request: Request, key: Key, tinker: Tinker):
     request_id = (await _body(request, rq.FutureRef))["request_id"]
     pending = tinker.futures.get(request_id)
