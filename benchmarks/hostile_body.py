@@ -25,7 +25,6 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests" / "api"))
 
 MB = 1024 * 1024
 
@@ -46,7 +45,7 @@ def _probe(url: str, stop, out) -> None:
 
 def _attack(port: int, rounds: int, total: int, content_chars: int, headers: dict, out) -> None:
     """Child process: send the body ``rounds`` times; put [(status, seconds, bytes taken)] on ``out``."""
-    from hostile import chat_body, send_chunked
+    from lorafleet.testing.hostile import chat_body, send_chunked
 
     results = []
     for _ in range(rounds):
@@ -85,15 +84,15 @@ def main() -> None:
     args = parser.parse_args()
 
     from _common import markdown_table, show, write_result
-    from hostile import chat_body, rss_bytes, send_chunked
 
-    from conftest import Server, commit_live  # the test suite's loopback server harness
     from lorafleet.api.service import Service
     from lorafleet.base import load_base
     from lorafleet.registry import Registry
     from lorafleet.serving.engine import Engine
     from lorafleet.serving.params import EngineConfig
     from lorafleet.serving.sources import registry_fetch
+    from lorafleet.testing.harness import LoopbackServer, commit_live
+    from lorafleet.testing.hostile import chat_body, rss_bytes, send_chunked
 
     tmp = Path(tempfile.mkdtemp(prefix="lorafleet-hostile-"))
     reg = Registry(f"sqlite:///{tmp / 'reg.db'}", str(tmp / "blobs"))
@@ -109,7 +108,7 @@ def main() -> None:
     ]
     ctx = multiprocessing.get_context("spawn")
     rows, health_rows = [], []
-    with Server(service) as srv:
+    with LoopbackServer(service) as srv:
         with HealthProbe(ctx, srv.url) as idle:  # /health alone, for reference
             time.sleep(2.0)
         send_chunked(srv.port, "/v1/chat/completions", chat_body(1 * MB, "acme/alice/style"), headers=headers)  # warm-up

@@ -10,7 +10,8 @@ import time
 import httpx
 import numpy as np
 import pytest
-from hostile import chat_body, rss_bytes, send_chunked
+
+from lorafleet.testing.hostile import chat_body, rss_bytes, send_chunked
 
 MB = 1024 * 1024
 
@@ -162,7 +163,7 @@ def test_serve_metrics_public_flag(tmp_path):
     import subprocess
     import sys
 
-    from lorafleet.registry.pgtest import free_port
+    from lorafleet.testing.pgtest import free_port
 
     port = free_port()
     env = {**os.environ, "LORAFLEET_HOME": str(tmp_path), "LORAFLEET_BASE": "tiny", "OMP_NUM_THREADS": "1",

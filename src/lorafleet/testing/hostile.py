@@ -1,5 +1,5 @@
 """What a hostile client does over a raw socket: a huge ``Transfer-Encoding: chunked`` body, sent as fast as the
-server reads it, with the response read as soon as it comes. Shared by the hardening tests and
+server reads it, with the response read as soon as it comes. Shared by tests/api/test_hostile_http.py and
 ``benchmarks/hostile_body.py``."""
 
 from __future__ import annotations
