@@ -1,7 +1,7 @@
 """Hostile request bodies against a real server on loopback: how fast they are refused, and what they cost others.
 
     python benchmarks/hostile_body.py               # 40 rounds of each attack, tiny base
-    python benchmarks/hostile_body.py --rounds 3    # quicker
+    python benchmarks/hostile_body.py --quick       # 3 rounds of each
 
 Attacks (issue 20, item 1), each sent over a raw socket as fast as the server reads it:
   * a 48 MB and a 7 MB ``Transfer-Encoding: chunked`` chat body (messages each within the field limits);
@@ -80,8 +80,11 @@ def ms(values: list[float], q: float) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rounds", type=int, default=40)
+    parser.add_argument("--quick", action="store_true", help="3 rounds of each attack")
     parser.add_argument("--base", default="tiny", help="the base model (the attacks are refused before it runs)")
     args = parser.parse_args()
+    if args.quick:
+        args.rounds = 3
 
     from _common import markdown_table, show, write_result
 

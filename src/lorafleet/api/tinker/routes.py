@@ -16,6 +16,7 @@ from typing import Annotated
 
 from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import JSONResponse, Response
+from starlette.concurrency import run_in_threadpool
 
 from lorafleet.adapters import AdapterError
 from lorafleet.api.errors import ApiError
@@ -65,8 +66,9 @@ Tinker = Annotated[TinkerService, Depends(tinker_of)]
 
 async def _body(request: Request, model: type[rq.Body]) -> dict:
     """The request's JSON body, validated against its typed shape (a 400 naming the field otherwise)."""
-    route = request.url.path
-    return rq.validate(model, rq.parse_json(await request.body(), route), route)
+    route, raw = request.url.path, await request.body()
+    # Parsing and validating up to max_body_bytes of JSON (a million token ids) runs off the event loop.
+    return await run_in_threadpool(lambda: rq.validate(model, rq.parse_json(raw, route), route))
 
 
 def _call(fn, *args):
@@ -138,7 +140,7 @@ def finish_session(session_id: str, key: Key, tinker: Tinker) -> dict:
 @router.post("/create_model", summary="Create a LoRA training run on the server's base (a future)",
              openapi_extra=rq.openapi_body(rq.CreateModel), responses=rq.documented(rq.CreateModelOut))
 async def create_model(request: Request, key: Key, tinker: Tinker) -> dict:
-    run = _call(tinker.create_model, key, await _body(request, rq.CreateModel))
+    run = await run_in_threadpool(_call, tinker.create_model, key, await _body(request, rq.CreateModel))
     return {"request_id": tinker.futures.done({"model_id": run.run_id, "type": "create_model"}, tenant=key.tenant),
             "model_id": run.run_id}
 
@@ -203,7 +205,8 @@ async def load_weights(request: Request, key: Key, tinker: Tinker) -> dict:
 @router.post("/create_sampling_session", summary="A sampler over a checkpoint, a registry address or the base",
              openapi_extra=rq.openapi_body(rq.CreateSamplingSession), responses=rq.documented(rq.SamplingSessionOut))
 async def create_sampling_session(request: Request, key: Key, tinker: Tinker) -> dict:
-    sampler = _call(tinker.create_sampler, key, await _body(request, rq.CreateSamplingSession))
+    sampler = await run_in_threadpool(_call, tinker.create_sampler, key,
+                                      await _body(request, rq.CreateSamplingSession))
     return {"type": "create_sampling_session", "sampling_session_id": sampler.sampler_id}
 
 
@@ -216,7 +219,7 @@ def get_sampler(sampler_id: str, key: Key, tinker: Tinker) -> dict:
 @router.post("/asample", summary="Sample completions through the serving engine (a future)",
              openapi_extra=rq.openapi_body(rq.Sample), responses=rq.documented(rq.SampleOut))
 async def asample(request: Request, key: Key, tinker: Tinker) -> dict:
-    fut, n = _call(tinker.sample, key, await _body(request, rq.Sample))
+    fut, n = await run_in_threadpool(_call, tinker.sample, key, await _body(request, rq.Sample))
     request_id = tinker.futures.add(fut, tenant=key.tenant, proto=True)
     return {"request_id": request_id, "sample_sequence_ids": [f"{request_id}:{i}" for i in range(n)]}
 
