@@ -684,6 +684,12 @@ class Registry:
 
     # ------------------------------------------------------------------ retention
 
+    def discard_blobs(self, digests) -> list[str]:
+        """Delete those of ``digests`` nothing references, now (see ``retention.discard_unreferenced``)."""
+        from .retention import discard_unreferenced  # noqa: PLC0415
+
+        return discard_unreferenced(self, digests)
+
     def gc(self, *, keep_last: int = 10, dry_run: bool = False, grace_s: float = DEFAULT_GRACE_S) -> GcReport:
         """Keep the last ``keep_last`` revisions of every adapter plus every aliased one; delete the
         other revisions, then every unreferenced blob older than ``grace_s`` seconds (and stale

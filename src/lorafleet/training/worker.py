@@ -146,6 +146,7 @@ class Worker:
         try:
             existing = self._commit(job, run, track)
         except NotFoundError as exc:  # the adapter was deleted (its user forgotten) while training
+            self.registry.discard_blobs([sha256_hex(to_bytes(track.adapter))])  # the refused commit's blob
             self._finish(job_id, "failed", error=str(exc))
             return
         self._finish(job_id, "succeeded", result_number=existing, report=_report(track))
