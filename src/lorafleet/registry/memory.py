@@ -36,7 +36,7 @@ from .errors import InvalidArgumentError, NotFoundError
 from .names import check_segment, parse_ref
 from .records import utcnow
 from .retention import _referenced
-from .schema import adapters, aliases, audit, feedback, interactions, jobs, revisions, schedules
+from .schema import adapters, audit, feedback, interactions, jobs, revisions, schedules
 
 log = logging.getLogger(__name__)
 
