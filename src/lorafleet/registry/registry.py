@@ -474,7 +474,7 @@ class Registry:
             if key is not None:
                 done = self._keyed(conn, key)
                 if done is not None:
-                    _same_or_conflict(key, done, ref, digest)
+                    same_or_conflict(key, done, ref, digest)
                     logger.info("commit key %s/%s: %s#%d already committed", *key, ref, done[1].number)
                     return done[1]
             # gc may have swept the blob between our write and this lock: if so, write it again.
@@ -747,7 +747,7 @@ def _check_key(key) -> tuple[str, str]:
     return scope, value
 
 
-def _same_or_conflict(key: tuple[str, str], done: tuple[str, RevisionInfo], ref: str, digest: str) -> None:
+def same_or_conflict(key: tuple[str, str], done: tuple[str, RevisionInfo], ref: str, digest: str) -> None:
     done_ref, rev = done
     if done_ref != ref or rev.digest != digest:
         raise KeyConflictError(
