@@ -119,8 +119,8 @@ class Service:
         if key is not None:
             done = self.registry.keyed(*key)
             if done is not None:
-                from lorafleet.registry.registry import same_or_conflict  # noqa: PLC0415
                 from lorafleet.registry.blobstore import sha256_hex  # noqa: PLC0415
+                from lorafleet.registry.registry import same_or_conflict  # noqa: PLC0415
 
                 same_or_conflict(key, done, ref, sha256_hex(blob))
                 return done[1], True
