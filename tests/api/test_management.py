@@ -80,6 +80,8 @@ def _bad(kind, base):
         tensors[key] = torch.zeros(tensors[key].shape[0], tensors[key].shape[1] * 2)
     elif kind == "nan":
         tensors[key][0, 0] = float("nan")
+    elif kind == "huge":  # finite, but every tensor x 1e30: it would serve NaN logits
+        tensors = {k: v * 1e30 for k, v in tensors.items()}
     return {**files, "adapter_model.safetensors": st_save(tensors)}
 
 
@@ -90,6 +92,7 @@ def _bad(kind, base):
         ("truncated", 422, "truncated or malformed"),
         ("wrong_shapes", 422, "do not fit base"),
         ("nan", 422, "NaN or Inf"),
+        ("huge", 422, "over the bound of 1000x"),
         ("wrong_base", 422, "made for base"),
         ("path_trick", 422, "unexpected file"),
         ("empty_raw", 400, "empty upload"),

@@ -18,7 +18,7 @@ import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from lorafleet.adapters import LoraAdapter, from_bytes, to_bytes
+from lorafleet.adapters import AdapterError, LoraAdapter, from_bytes, to_bytes
 from lorafleet.registry import KeyConflictError, NotFoundError, Provenance, Registry
 from lorafleet.registry.blobstore import sha256_hex
 from lorafleet.training.checkpoint import checkpoint_from_bytes, checkpoint_to_bytes
@@ -147,6 +147,11 @@ class Worker:
         job = run.job
         if not all(math.isfinite(v) for v in track.losses):
             self._finish(job_id, "failed", error="training diverged: the loss became NaN/Inf")
+            return
+        try:  # finite but absurd weights would serve NaN: refuse them as a commit (as an upload is refused)
+            track.adapter.check_delta_norms(self.base)
+        except AdapterError as exc:
+            self._finish(job_id, "failed", error=f"training diverged: {exc}")
             return
         try:
             existing = self._commit(job, run, track)

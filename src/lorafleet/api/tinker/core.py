@@ -447,7 +447,9 @@ class TinkerService:
 
     def _save_sampler_locked(self, op: Op) -> dict:
         run, name = op.run, op.payload["name"]
-        data = to_bytes(self._snapshot(run))
+        snapshot = self._snapshot(run)
+        snapshot.check_delta_norms(self.base)  # AdapterError (a user error): weights too large to serve
+        data = to_bytes(snapshot)
         if name is None:  # save_weights_and_get_sampling_client: an ephemeral sampler, no revision
             digest = digest_of(data)
             self.registry.blobs.put(digest, data)  # content-addressed; the engine fetches it by digest
