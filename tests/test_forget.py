@@ -18,7 +18,7 @@ from tinker import types
 from lorafleet.adapters import LoraAdapter, LoraSpec, to_bytes
 from lorafleet.api.service import Service
 from lorafleet.api.tinker import TinkerConfig, TinkerService
-from lorafleet.api.ui.harness import LoopbackServer
+from lorafleet.testing.harness import LoopbackServer
 from lorafleet.base import load_base
 from lorafleet.forget import PLACES
 from lorafleet.registry import Provenance, Registry

@@ -159,7 +159,7 @@ def test_upload_idempotency_key_survives_a_restart(tmp_path):
     import httpx
 
     from lorafleet.api.service import Service
-    from lorafleet.api.ui.harness import LoopbackServer
+    from lorafleet.testing.harness import LoopbackServer
     from lorafleet.base import load_base
     from lorafleet.registry import Registry
 
