@@ -80,6 +80,8 @@ def _bad(kind, base):
         tensors[key] = torch.zeros(tensors[key].shape[0], tensors[key].shape[1] * 2)
     elif kind == "nan":
         tensors[key][0, 0] = float("nan")
+    elif kind == "huge":  # finite, but every tensor x 1e30: it would serve NaN logits
+        tensors = {k: v * 1e30 for k, v in tensors.items()}
     return {**files, "adapter_model.safetensors": st_save(tensors)}
 
 
@@ -90,6 +92,7 @@ def _bad(kind, base):
         ("truncated", 422, "truncated or malformed"),
         ("wrong_shapes", 422, "do not fit base"),
         ("nan", 422, "NaN or Inf"),
+        ("huge", 422, "over the bound of 1000x"),
         ("wrong_base", 422, "made for base"),
         ("path_trick", 422, "unexpected file"),
         ("empty_raw", 400, "empty upload"),
@@ -146,3 +149,55 @@ def test_residency_and_metrics(server, admin_client):
     for name in ("lorafleet_http_requests_total", "lorafleet_tokens_generated_total", "lorafleet_adapter_lookups_total",
                  "lorafleet_load_latency_seconds_bucket", "lorafleet_engine_", "lorafleet_training_jobs"):
         assert name in text, name
+
+
+
+def test_upload_idempotency_key_survives_a_restart(tmp_path):
+    """``Idempotency-Key``: the same key and content return the first revision (200, ``idempotent-replayed``), also
+    from a new server process over the same database; other content (or another adapter) under the key is a 409
+    naming both; a malformed key is a 400; none of the refused requests commits anything."""
+    import httpx
+
+    from lorafleet.api.service import Service
+    from lorafleet.testing.harness import LoopbackServer
+    from lorafleet.base import load_base
+    from lorafleet.registry import Registry
+
+    base = load_base("tiny")
+    db, blobs = f"sqlite:///{tmp_path / 'reg.db'}", str(tmp_path / "blobs")
+    one = to_bytes(LoraAdapter.create(base, LoraSpec(rank=2, target_modules="mlp"), seed=1, init="random"))
+    two = to_bytes(LoraAdapter.create(base, LoraSpec(rank=2, target_modules="mlp"), seed=2, init="random"))
+    octet = {"content-type": "application/octet-stream"}
+
+    def post(c, ref, data, key):
+        return c.post(f"/v1/adapters/{ref}/revisions", content=data, headers={**octet, "idempotency-key": key})
+
+    admin = None
+    for attempt in range(2):  # the second pass is a new server (and registry) over the same database
+        reg = Registry(db, blobs)
+        service = Service(reg, base)
+        if admin is None:
+            _, admin = service.keys.create(admin=True)
+            reg.create_adapter("acme/kim/notes")
+            reg.create_adapter("acme/kim/other")
+        with LoopbackServer(service) as srv, httpx.Client(
+                base_url=srv.url, headers={"authorization": f"Bearer {admin}"}, timeout=60) as c:
+            r = post(c, "acme/kim/notes", one, "upload-7f3a")
+            assert r.status_code == (201 if attempt == 0 else 200), r.text
+            assert r.json()["number"] == 1
+            assert (r.headers.get("idempotent-replayed") == "true") == (attempt == 1)
+            again = post(c, "acme/kim/notes", one, "upload-7f3a")
+            assert again.status_code == 200, again.text
+            assert again.json() == r.json()  # the original revision, as the first answer described it
+            assert again.headers["idempotent-replayed"] == "true"
+            for ref, data in (("acme/kim/notes", two), ("acme/kim/other", one)):
+                bad = post(c, ref, data, "upload-7f3a")
+                assert bad.status_code == 409, bad.text
+                err = bad.json()["error"]
+                assert err["code"] == "idempotency_key_reused" and "acme/kim/notes#1" in err["message"]
+            bad = post(c, "acme/kim/notes", two, "k" * 300)
+            assert bad.status_code == 400 and "Idempotency-Key" in bad.text
+            # without a key, the same content is a new revision (uploads stay non-idempotent unless asked)
+            assert c.post("/v1/adapters/acme/kim/notes/revisions", content=one, headers=octet).json()["number"] == 2 + attempt
+        assert [x.number for x in reg.history("acme/kim/other")] == []
+        reg.close()

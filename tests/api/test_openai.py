@@ -114,3 +114,30 @@ def test_auth_required(server):
     bad = openai.OpenAI(base_url=f"{server.url}/v1", api_key="lf-nope-0000000000000000", max_retries=0)
     with pytest.raises(openai.AuthenticationError):
         bad.chat.completions.create(model="acme/alice/style", messages=MSGS, max_tokens=2)
+
+
+def test_nan_logits_are_an_error_never_an_empty_200(server, monkeypatch):
+    """An adapter whose finite-but-huge weights (x 1e30) overflow the forward pass — stored before the load-time
+    bound existed, simulated by lifting it — answers 500 ``non_finite_logits`` (streaming: an error event), while
+    requests in parallel on other adapters are answered as usual."""
+    from lorafleet.adapters import LoraAdapter, LoraSpec, to_bytes
+    from lorafleet.adapters import weights as weights_mod
+    from lorafleet.registry import Provenance
+
+    monkeypatch.setattr(weights_mod, "MAX_DELTA_RATIO", float("inf"))
+    good = LoraAdapter.create(server.base, LoraSpec(rank=2, target_modules="all"), seed=9, init="random")
+    huge = LoraAdapter(spec=good.spec, weights={k: (A * 1e30, B * 1e30) for k, (A, B) in good.weights.items()})
+    server.registry.create_adapter("acme/huge/style", exist_ok=True)
+    server.registry.commit("acme/huge/style", to_bytes(huge), Provenance(base_fingerprint=server.base.fingerprint),
+                           aliases=("live",))
+    api = client(server, "acme")
+    with ThreadPoolExecutor(4) as pool:
+        fine = [pool.submit(api.chat.completions.create, model="acme/alice/style", messages=MSGS, max_tokens=8,
+                            temperature=0) for _ in range(3)]
+        with pytest.raises(openai.InternalServerError) as err:
+            api.chat.completions.create(model="acme/huge/style", messages=MSGS, max_tokens=8, temperature=0)
+        assert all(f.result().choices[0].message.content == direct(server, "acme/alice/style", MSGS) for f in fine)
+    assert err.value.body["code"] == "non_finite_logits" and "NaN/Inf" in err.value.body["message"]
+    stream = api.chat.completions.create(model="acme/huge/style", messages=MSGS, max_tokens=8, stream=True)
+    with pytest.raises(openai.APIError, match="non-finite logits"):
+        list(stream)

@@ -105,7 +105,8 @@ def test_errors_are_one_line_on_stderr_with_exit_2(env, args, message):
     assert res.exit_code == 2, res.output
     assert message in res.stderr or pytest.fail(res.stderr)
     assert res.stderr.startswith("error: ") and res.stderr.count("\n") == 1
-    assert "Traceback" not in res.output and res.exception is None or isinstance(res.exception, SystemExit)
+    assert "Traceback" not in res.output
+    assert res.exception is None or isinstance(res.exception, SystemExit), res.exception
 
 
 def test_stack_commands(env):

@@ -94,10 +94,17 @@ def _wrong_shape_adapter(base) -> LoraAdapter:
     return LoraAdapter(spec=good.spec, weights=weights)
 
 
+def _huge_adapter(base) -> LoraAdapter:
+    """Finite but absurd: every tensor of a real adapter x 1e30 (passes the finiteness check)."""
+    good = LoraAdapter.create(base, LoraSpec(rank=2, target_modules="all"), seed=5, init="random")
+    return LoraAdapter(spec=good.spec, weights={k: (A * 1e30, B * 1e30) for k, (A, B) in good.weights.items()})
+
+
 @pytest.mark.parametrize(
     ("make_bad", "match"),
     [
         (_wrong_shape_adapter, "do not fit base"),
+        (_huge_adapter, "over the bound of 1000x"),
         (lambda base: LoraAdapter.create(base, LoraSpec(rank=16, alpha=16), init="random"),
          "exceeds EngineConfig.max_rank"),
         (lambda base: b"not an adapter at all", "not a safetensors file"),
@@ -228,3 +235,26 @@ def test_engine_error_fails_in_flight_requests_and_engine_recovers(blobs, make_e
     monkeypatch.setattr(engine, "_decode", real)
     assert engine.generate(["after"], None, GREEDY)[0].ok
     assert engine.residency_snapshot()["slots"] and engine.metrics_snapshot()["gauges"]["running"] == 0
+
+
+def test_nonfinite_logits_fail_only_their_row(base, adapters, make_engine, solo_results, monkeypatch):
+    """Defence in depth behind the load-time bound (e.g. a blob stored before it existed): with the bound lifted,
+    the x 1e30 adapter loads and its row's logits overflow to NaN; that row fails with a clear error (never an
+    empty "success"), every other row of the same batch is token for token what it is alone, and the next batch
+    is served normally."""
+    from lorafleet.adapters import weights as weights_mod
+    from lorafleet.serving.engine import NONFINITE
+
+    monkeypatch.setattr(weights_mod, "MAX_DELTA_RATIO", float("inf"))
+    blobs = DictBlobs()
+    bad = blobs.put(to_bytes(_huge_adapter(base)))
+    good = blobs.put(adapters[0])
+    engine = make_engine(blobs)
+    for sampling in (GREEDY, SamplingParams(max_tokens=12, ignore_eos=True, temperature=0.8, seed=3)):
+        results = engine.generate(PROMPTS, [None, bad, good, None], sampling)
+        assert [r.ok for r in results] == [True, False, True, True]
+        assert results[1].finish_reason == "error" and results[1].error.startswith(NONFINITE), results[1].error
+        assert results[1].text == ""
+    _assert_only_bad_failed(_mixed_run(engine, bad, good), solo_results, NONFINITE)
+    assert engine.metrics_snapshot()["counters"]["nonfinite_rows"] >= 3
+    assert all(r.ok for r in engine.generate(PROMPTS, [None, good, good, None], GREEDY))

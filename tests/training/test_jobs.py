@@ -207,3 +207,40 @@ def test_two_workers_share_one_queue_each_job_runs_once(tiny_base, registry_url,
         assert [r.number for r in regs[0].history(job.ref)] == [1]
     for r in regs:
         r.close()
+
+
+def test_worker_dying_after_commit_never_commits_the_job_twice(tiny_base, registry_url, tmp_path):
+    """The worker is SIGKILLed right after its commit's transaction (before the job is marked finished); then more
+    revisions than any scan window (7) land on the adapter; the resumed job finds its revision through the commit
+    key written in the commit's own transaction: no second revision, ``candidate`` stays where the others put it."""
+    from lorafleet.adapters import LoraAdapter, to_bytes
+    from lorafleet.registry import Provenance
+
+    blobs = str(tmp_path / "blobs")
+    reg = Registry(registry_url, blobs)
+    queue = JobQueue(reg)
+    job = _submit(queue, reg, "acme/one/style", steps=2)
+    env = {**os.environ, "LORAFLEET_FAULT": "after_db_commit"}
+    proc = subprocess.run([sys.executable, "-c", WORKER_SCRIPT, registry_url, blobs, "1"], env=env,
+                          capture_output=True, timeout=120)
+    assert proc.returncode == -9, proc.stderr.decode()[-2000:]
+    assert queue.get(job.id).state == "running"  # committed, never marked finished
+    assert [r.number for r in reg.history("acme/one/style")] == [1]
+    committed = reg.resolve("acme/one/style#1")
+    prov = Provenance(base_fingerprint=tiny_base.fingerprint, method="upload")
+    for seed in range(7):
+        other = LoraAdapter.create(tiny_base, SPEC, seed=100 + seed, init="random")
+        reg.commit("acme/one/style", to_bytes(other), prov, aliases=("candidate",))
+    candidate = reg.resolve("acme/one/style@candidate").number
+    assert candidate == 8
+    time.sleep(1.2)  # the dead worker's lease expires
+    subprocess.run([sys.executable, "-c", WORKER_SCRIPT, registry_url, blobs, "30"], check=True,
+                   capture_output=True, timeout=120)
+    done = queue.get(job.id)
+    assert done.state == "succeeded" and done.result_number == 1 and done.attempts == 2
+    history = reg.history("acme/one/style")
+    assert [r.number for r in history] == list(range(1, 9))
+    assert [r.digest for r in history].count(committed.digest) == 1
+    assert reg.resolve("acme/one/style@candidate").number == candidate
+    assert reg.keyed("job", str(job.id))[1].number == 1
+    reg.close()

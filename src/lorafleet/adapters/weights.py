@@ -12,6 +12,20 @@ from lorafleet.adapters.errors import AdapterError
 from lorafleet.adapters.spec import LoraSpec
 
 BYTES_PER_DTYPE = {torch.float32: 4, torch.float16: 2, torch.bfloat16: 2}
+# An adapter's delta ||scaling * B @ A||_F may be at most this many times its base layer's ||W||_F. Real adapters
+# sit far below 1 (a fine-tune nudges a layer); the tests' deliberately strong random adapters reach ~60. Above
+# 1000 the weights are corrupt or mis-scaled, and finite-but-huge values overflow the forward pass to NaN.
+MAX_DELTA_RATIO = 1000.0
+
+
+def base_weight_norms(base) -> dict[str, float]:
+    """``||W||_F`` of every targetable linear of ``base`` (frozen: computed once per base object)."""
+    cached = base.__dict__.get("_lorafleet_weight_norms")
+    if cached is None:
+        with torch.no_grad():
+            cached = {n: float(lin.weight.detach().double().norm()) for n, lin in base.linear_modules().items()}
+        base.__dict__["_lorafleet_weight_norms"] = cached
+    return cached
 
 
 @dataclass
@@ -69,7 +83,8 @@ class LoraAdapter:
         return out
 
     def check_fits(self, base) -> None:
-        """Every tensor maps to a base module of the right shape; raises :class:`AdapterError` otherwise."""
+        """Every tensor maps to a base module of the right shape and its delta is not absurdly large for that
+        layer (:meth:`check_delta_norms`); raises :class:`AdapterError` otherwise."""
         linears = base.linear_modules()
         for name, (A, B) in self.weights.items():
             linear = linears.get(name)
@@ -85,6 +100,35 @@ class LoraAdapter:
                 raise AdapterError(
                     f"tensor shapes for {name!r} do not fit base {base.name!r}: lora_A {tuple(A.shape)} "
                     f"(expected {want_a}), lora_B {tuple(B.shape)} (expected {want_b})"
+                )
+        self.check_delta_norms(base)
+
+    def delta_norms(self) -> dict[str, float]:
+        """``||scaling * B @ A||_F`` per module, in float64 without forming the (out, in) product:
+        ``||BA||_F^2 = sum((B^T B) * (A A^T))`` — (r, r) matrices, cheap for any layer size."""
+        out = {}
+        for name, (A, B) in self.weights.items():
+            A64, B64 = A.detach().double(), B.detach().double()
+            sq = float(((B64.T @ B64) * (A64 @ A64.T)).sum())  # (r, r) * (r, r)
+            out[name] = abs(self.spec.scaling) * math.sqrt(max(sq, 0.0)) if math.isfinite(sq) else math.inf
+        return out
+
+    def check_delta_norms(self, base, max_ratio: float | None = None) -> None:
+        """Refuse a delta absurdly large for its layer: ``||scaling * B @ A||_F`` above ``max_ratio`` (default
+        :data:`MAX_DELTA_RATIO`) times the base weight's ``||W||_F``. Finite but huge weights (every tensor x 1e30)
+        pass the finiteness check and then overflow the forward pass to NaN; a real adapter moves a layer by a
+        small fraction of its norm. Raises :class:`AdapterError` naming the module and both norms."""
+        bound = MAX_DELTA_RATIO if max_ratio is None else max_ratio
+        norms = base_weight_norms(base)
+        for name, delta in self.delta_norms().items():
+            ref = norms.get(name)
+            if ref is None:
+                continue  # check_fits names unknown modules
+            if not delta <= bound * max(ref, 1e-12):
+                raise AdapterError(
+                    f"adapter module {name!r}: its delta's norm {delta:.3g} is {delta / max(ref, 1e-12):.3g}x the "
+                    f"base layer's ({ref:.3g}), over the bound of {bound:g}x: the weights are corrupt or "
+                    "mis-scaled (they would overflow the forward pass)"
                 )
 
     def delta_weight(self, name: str) -> Tensor:

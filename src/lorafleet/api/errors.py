@@ -58,6 +58,7 @@ def _status_for(exc: Exception) -> tuple[int, str, str]:
     table = [
         (reg.NotFoundError, 404, "not_found_error", "not_found"),
         (reg.AlreadyExistsError, 409, "conflict_error", "already_exists"),
+        (reg.KeyConflictError, 409, "conflict_error", "idempotency_key_reused"),
         (reg.BaseMismatchError, 422, "invalid_request_error", "base_mismatch"),
         (reg.StorageFullError, 507, "server_error", "storage_full"),
         (reg.BusyError, 503, "server_error", "busy"),

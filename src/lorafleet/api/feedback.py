@@ -5,7 +5,7 @@
   (a choice between two answers to the same prompt: a DPO pair).
 * ``GET|PUT /v1/adapters/{tenant}/{user}/{name}/memory`` (admin) — capture opt-in and the update policy.
 * ``GET /v1/users/{tenant}/{user}/memory`` (admin) — what is stored about a user; ``?export=true`` all of it.
-* ``DELETE /v1/users/{tenant}/{user}`` (admin) — forget the user (see :mod:`lorafleet.registry.memory`).
+* ``DELETE /v1/users/{tenant}/{user}`` (admin) — forget the user everywhere (see :mod:`lorafleet.forget`).
 
 Capture itself happens in the OpenAI routes through :func:`capture`.
 """
@@ -99,6 +99,9 @@ def show_user_memory(tenant: Name, user: Name, request: Request, _: Admin,
 
 @router.delete("/users/{tenant}/{user}", summary="Forget a user: interactions, revisions, blobs, caches (audited)")
 def forget_user(tenant: Name, user: Name, request: Request, key: Admin) -> dict:
+    from lorafleet.forget import forget_user as forget  # noqa: PLC0415
+
     svc = request.app.state.service
     purge = svc.engine.purge if svc.engine is not None and hasattr(svc.engine, "purge") else None
-    return memory(request).forget_user(tenant, user, actor=f"key:{key.id}", purge=purge)
+    return forget(svc.registry, tenant, user, actor=f"key:{key.id}", memory=memory(request), purge=purge,
+                  tinker=getattr(request.app.state, "tinker", None))

@@ -8,7 +8,7 @@ import json
 import zipfile
 from typing import Annotated
 
-from fastapi import APIRouter, Depends, Path, Query, Request, Response
+from fastapi import APIRouter, Depends, Header, Path, Query, Request, Response
 from pydantic import BaseModel, Field
 
 from lorafleet.api.auth import admin_key
@@ -122,11 +122,19 @@ def audit(tenant: Name, user: Name, name: Name, request: Request, _: Admin,
 
 @router.post("/adapters/{tenant}/{user}/{name}/revisions", status_code=201,
              summary="Upload a revision: multipart PEFT files, or a lorafleet/safetensors body")
-async def upload_revision(tenant: Name, user: Name, name: Name, request: Request, key: Admin,
+async def upload_revision(tenant: Name, user: Name, name: Name, request: Request, response: Response, key: Admin,
                           alias: str = Query("candidate", max_length=32),
-                          base_fingerprint: str | None = Query(None, max_length=128)) -> dict:
+                          base_fingerprint: str | None = Query(None, max_length=128),
+                          idempotency_key: str | None = Header(
+                              None, description="retry-safe upload: the same key and content return the first "
+                                                "attempt's revision (200); other content under it is refused (409)")
+                          ) -> dict:
     svc = _svc(request)
     ref = _ref(tenant, user, name)
+    if idempotency_key is not None and not (1 <= len(idempotency_key) <= 255 and idempotency_key.isascii()
+                                            and idempotency_key.isprintable()):
+        raise ApiError(400, "Idempotency-Key must be 1-255 printable ASCII characters", code="invalid_request",
+                       param="Idempotency-Key")
     svc.registry.get_adapter(ref)  # 404 before reading a large body
     limit = svc.limits.max_upload_bytes
     if request.headers.get("content-type", "").startswith("multipart/form-data"):
@@ -137,7 +145,11 @@ async def upload_revision(tenant: Name, user: Name, name: Name, request: Request
     else:
         body = await _read_limited(request, limit)
         adapter = svc.validate_blob(body, base_fingerprint)
-    info = svc.commit_uploaded(ref, adapter, creator=f"key:{key.id}", alias=alias)
+    info, replayed = svc.commit_uploaded(ref, adapter, creator=f"key:{key.id}", alias=alias,
+                                         idempotency_key=idempotency_key)
+    if replayed:
+        response.status_code = 200
+        response.headers["idempotent-replayed"] = "true"
     return info.to_dict()
 
 

@@ -162,7 +162,10 @@ def _usage(result) -> dict:
 
 
 def _failed(result) -> ApiError:
-    return ApiError(500, f"generation failed: {result.error}", type_="server_error", code="generation_failed")
+    from lorafleet.serving.engine import NONFINITE  # noqa: PLC0415
+
+    code = "non_finite_logits" if (result.error or "").startswith(NONFINITE) else "generation_failed"
+    return ApiError(500, f"generation failed: {result.error}", type_="server_error", code=code)
 
 
 def _stream(request: Request, handle, target: Target, kind: str, include_usage: bool, prompt) -> StreamingResponse:

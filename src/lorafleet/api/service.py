@@ -111,10 +111,26 @@ class Service:
             raise ApiError(400, "empty upload body", code="invalid_upload")
         return from_bytes(body, self.base, max_bytes=self.limits.max_upload_bytes)
 
-    def commit_uploaded(self, ref: str, adapter: LoraAdapter, *, creator: str, alias: str):
+    def commit_uploaded(self, ref: str, adapter: LoraAdapter, *, creator: str, alias: str,
+                        idempotency_key: str | None = None):
+        """Commit an upload; returns ``(revision, replayed)``. With an ``Idempotency-Key`` (scope: the ref's
+        tenant) a retry of the same content returns the revision the first attempt made (``replayed``), other
+        content under the same key is refused (``KeyConflictError``, 409); the key is stored in the commit's
+        transaction, so it holds across restarts and a crash between commit and response."""
+        blob = to_bytes(adapter)
+        key = (f"upload:{ref.split('/')[0]}", idempotency_key) if idempotency_key is not None else None
+        if key is not None:
+            done = self.registry.keyed(*key)
+            if done is not None:
+                from lorafleet.registry.blobstore import sha256_hex  # noqa: PLC0415
+                from lorafleet.registry.registry import same_or_conflict  # noqa: PLC0415
+
+                same_or_conflict(key, done, ref, sha256_hex(blob))
+                return done[1], True
         provenance = Provenance(base_fingerprint=self.base.fingerprint, method="upload",
                                 hyperparams=adapter.spec.to_dict(), creator=creator)
-        return self.registry.commit(ref, to_bytes(adapter), provenance, creator=creator, aliases=(alias,), create=False)
+        return self.registry.commit(ref, blob, provenance, creator=creator, aliases=(alias,), create=False,
+                                    key=key), False
 
     # ---------------------------------------------------------------- serving
 

@@ -107,8 +107,8 @@ def forget(user: str, *, yes: bool, server: str | None) -> None:
                   f"{report['blobs_deleted']} blob(s) deleted ({report['blobs_shared_kept']} shared kept); audit "
                   f"tombstone #{report['audit_id']}")
     if not server:
-        console.print("note: a running server keeps RAM/slot copies until evicted; forget through its API "
-                      "(--server URL) to purge them at once")
+        console.print("note: a running server keeps RAM/slot copies and its Tinker sessions until evicted; forget "
+                      "through its API (--server URL) to purge them at once")
 
 
 @memory_app.command("forget")

@@ -83,6 +83,9 @@ def _sqlite_engine(url: sa.URL) -> Engine:
                                database, mode)
         cur.execute("PRAGMA synchronous=FULL")
         cur.execute("PRAGMA foreign_keys=ON")
+        # Deleted rows are overwritten with zeros, not left in free pages: a forgotten user's data (or a trimmed
+        # interaction) is not recoverable from the file. The WAL is truncated after a forget (truncate_wal).
+        cur.execute("PRAGMA secure_delete=ON")
         cur.close()
 
     @event.listens_for(engine, "begin")
@@ -105,6 +108,22 @@ def write_tx(engine: Engine) -> Iterator[Connection]:
             conn.info[_BEGIN_KEY] = "IMMEDIATE"
         with conn.begin():
             yield conn
+
+
+def truncate_wal(engine: Engine) -> None:
+    """SQLite: copy the WAL into the database and truncate it to zero bytes (it would otherwise keep the old
+    versions of pages a deletion just rewrote). Waits for readers (busy timeout). No-op on PostgreSQL."""
+    if engine.dialect.name != "sqlite":
+        return
+    with translate_db_errors(engine), engine.connect() as conn:
+        conn.info[_BEGIN_KEY] = None
+        try:
+            busy = conn.exec_driver_sql("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
+        finally:
+            conn.info.pop(_BEGIN_KEY, None)
+    if busy and busy[0]:
+        logger.warning("the WAL of %s could not be truncated (a reader held it); it is on the next checkpoint",
+                       engine.url.render_as_string(hide_password=True))
 
 
 @contextlib.contextmanager

@@ -31,6 +31,10 @@ class AlreadyExistsError(RegistryError):
     """An adapter with that reference already exists."""
 
 
+class KeyConflictError(RegistryError):
+    """A commit key (an upload's Idempotency-Key) was already used for another adapter or other content."""
+
+
 class BaseMismatchError(RegistryError):
     """A revision was trained for a different base model than the one it is loaded onto."""
 

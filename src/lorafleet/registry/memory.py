@@ -11,13 +11,14 @@
 Capture is opt-in per adapter (``capture`` in the adapter's memory settings, off by default). Both tables are
 size-bounded per user: past ``max_interactions`` / ``max_feedback`` rows the oldest are deleted on insert.
 
-Forgetting (:meth:`MemoryStore.forget_user`) deletes, in one write transaction that holds the same lock as
+Forgetting: :mod:`lorafleet.forget` lists every place a user's data lives; this store's part
+(:meth:`MemoryStore.forget_rows`) deletes, in one write transaction that holds the same lock as
 commits and gc, every row of the user (interactions, feedback, settings, adapters, revisions, aliases, audit
 rows, training jobs; another user's adapter stacked on one of theirs loses that parent) and every blob only they
 referenced (revision blobs, job datasets and checkpoints; a blob
 another user's revision or job references by digest stays, referenced by them only). The audit log keeps one
-tombstone: who ran it, when, and a hash of the forgotten user's name (not the name). The caller passes
-``purge(digest)`` to drop deleted blobs from a serving engine's residency tiers (RAM and compute slots).
+tombstone: who ran it, when, and a hash of the forgotten user's name (not the name). The deleted digests go back
+to the caller, which purges them from a serving engine's residency tiers (RAM, compute slots, pins).
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ from .errors import InvalidArgumentError, NotFoundError
 from .names import check_segment, parse_ref
 from .records import utcnow
 from .retention import _referenced
-from .schema import adapters, aliases, audit, feedback, interactions, jobs, revisions, schedules
+from .schema import adapters, audit, feedback, interactions, jobs, revisions, schedules
 
 log = logging.getLogger(__name__)
 
@@ -307,7 +308,18 @@ class MemoryStore:
 
     def forget_user(self, tenant: str, user: str, *, actor: str = "cli",
                     purge: Callable[[str], object] | None = None) -> dict:
-        """Delete everything of ``tenant/user`` (see the module docstring). Returns what was deleted."""
+        """Forget ``tenant/user`` everywhere :mod:`lorafleet.forget` lists (this store's rows and blobs, Tinker
+        checkpoint files, and ``purge(digest)`` for a serving engine's residency). Returns what was deleted."""
+        from lorafleet.forget import forget_user  # noqa: PLC0415 - the inventory spans rooms; it imports us
+
+        return forget_user(self.registry, tenant, user, actor=actor, memory=self, purge=purge)
+
+    def forget_rows(self, tenant: str, user: str, *, actor: str = "cli",
+                    extra_digests=()) -> tuple[dict, list[str]]:
+        """The registry's part of forgetting (see the module docstring), in one write transaction: every row of
+        the user and every blob only they referenced, plus those of ``extra_digests`` (blobs the user's data
+        produced outside any row, e.g. Tinker's ephemeral samplers) nobody references. Returns the counts and
+        the digests deleted (for the caches to purge)."""
         check_segment(tenant, "tenant")
         check_segment(user, "user")
         postgres = self.engine.dialect.name == "postgresql"
@@ -320,24 +332,26 @@ class MemoryStore:
             ids = [r.id for r in arows]
             refs = [f"{tenant}/{user}/{r.name}" for r in arows]
             digests = set(conn.execute(sa.select(revisions.c.digest).where(revisions.c.adapter_id.in_(ids))).scalars())
+            digests.update(d for d in extra_digests if d)
             n_revisions = conn.execute(sa.select(sa.func.count()).select_from(revisions)
                                        .where(revisions.c.adapter_id.in_(ids))).scalar_one()
+            # Jobs by ref prefix, not only by the adapters found: a job row outlives nothing, but be exhaustive.
+            job_of_user = jobs.c.ref.startswith(f"{tenant}/{user}/", autoescape=True)
             job_rows = conn.execute(sa.select(jobs.c.id, jobs.c.dataset_digest, jobs.c.checkpoint_digest)
-                                    .where(jobs.c.ref.in_(refs))).all()
+                                    .where(job_of_user)).all()
             for j in job_rows:
                 digests.update(d for d in (j.dataset_digest, j.checkpoint_digest) if d)
             counts = {"adapters": len(ids), "revisions": n_revisions, "jobs": len(job_rows)}
-            mine = {t: (t.c.tenant == tenant, t.c.username == user) for t in (interactions, feedback, schedules)}
-            for table, cond in mine.items():
-                counts[table.name] = conn.execute(table.delete().where(*cond)).rowcount
+            for table in user_owned_tables():
+                counts[table.name] = conn.execute(table.delete().where(
+                    table.c.tenant == tenant, table.c.username == user)).rowcount
             # Another user's adapter stacked on one of these (rare: a person is usually a leaf) loses that parent:
             # its parent_ref would name the forgotten user and point at nothing.
             others = sa.and_(adapters.c.parent_ref.in_(refs), adapters.c.id.not_in(ids))
             counts["children_unlinked"] = conn.execute(adapters.update().where(others).values(parent_ref=None)).rowcount
-            conn.execute(jobs.delete().where(jobs.c.ref.in_(refs)))
-            conn.execute(aliases.delete().where(aliases.c.adapter_id.in_(ids)))
-            conn.execute(revisions.delete().where(revisions.c.adapter_id.in_(ids)))
-            conn.execute(audit.delete().where(audit.c.adapter_id.in_(ids)))
+            conn.execute(jobs.delete().where(job_of_user))
+            for table in adapter_owned_tables():
+                conn.execute(table.delete().where(table.c.adapter_id.in_(ids)))
             conn.execute(adapters.delete().where(adapters.c.id.in_(ids)))
             reason = (f"forgot user {tenant}/sha256:{user_hash(tenant, user)}: {counts['adapters']} adapter(s), "
                       f"{counts['revisions']} revision(s), {counts['interactions']} interaction(s), "
@@ -351,12 +365,24 @@ class MemoryStore:
             deleted = sorted(digests - shared)
             for digest in deleted:
                 self.registry.blobs.delete(digest)
-        purged = []
-        if purge is not None:
-            for digest in deleted:
-                purge(digest)
-                purged.append(digest)
+        db.truncate_wal(self.engine)  # the WAL still holds the pages as they were before the deletion
         log.info("forgot %s/%s: %s; %d blob(s) deleted, %d shared kept", tenant, "<user>", counts, len(deleted),
                  len(shared))
-        return {"user": f"{tenant}/{user}", **counts, "blobs_deleted": len(deleted), "blobs_shared_kept": len(shared),
-                "purged_from_engine": len(purged), "audit_id": entry}
+        return {**counts, "blobs_deleted": len(deleted), "blobs_shared_kept": len(shared), "audit_id": entry}, deleted
+
+
+def adapter_owned_tables() -> list[sa.Table]:
+    """Every table whose rows belong to one adapter (an ``adapter_id`` column), children before ``adapters``:
+    forgetting deletes their rows of the user's adapters. A new such table is found here without a code change."""
+    from .schema import metadata  # noqa: PLC0415
+
+    return [t for t in reversed(metadata.sorted_tables) if t is not adapters and "adapter_id" in t.c
+            and t is not audit] + [audit]
+
+
+def user_owned_tables() -> list[sa.Table]:
+    """Every table other than ``adapters`` keyed by ``(tenant, username)`` (interactions, feedback, schedules, and
+    any later one): forgetting deletes the user's rows of each."""
+    from .schema import metadata  # noqa: PLC0415
+
+    return [t for t in metadata.sorted_tables if t is not adapters and {"tenant", "username"} <= set(t.c.keys())]

@@ -37,12 +37,13 @@ from .errors import (
     InvalidArgumentError,
     InvalidNameError,
     InvalidProvenanceError,
+    KeyConflictError,
     NotFoundError,
 )
 from .names import CANDIDATE, LIVE, Address, check_alias, check_digest, check_segment, parse_address, parse_ref
 from .records import AdapterInfo, AuditEntry, GcReport, Provenance, RevisionInfo, utcnow
 from .retention import DEFAULT_GRACE_S, run_gc
-from .schema import adapters, aliases, audit, revisions
+from .schema import adapters, aliases, audit, commit_keys, revisions
 
 logger = logging.getLogger(__name__)
 
@@ -415,13 +416,20 @@ class Registry:
     # ------------------------------------------------------------------ revisions
 
     def commit(self, ref: str, blob: bytes, provenance: Provenance, *, creator: str = "cli",
-               aliases: Sequence[str] = (CANDIDATE,), create: bool = True) -> RevisionInfo:
+               aliases: Sequence[str] = (CANDIDATE,), create: bool = True,
+               key: tuple[str, str] | None = None) -> RevisionInfo:
         """Store ``blob`` as the next revision of ``ref`` and point ``aliases`` at it.
 
         The blob is written first (content-addressed, deduplicated), then one transaction
         allocates the number and inserts the revision, alias moves and audit rows.
+
+        ``key=(scope, key)`` makes the commit idempotent: the key is recorded with the revision in the same
+        transaction; a commit under a key already recorded returns that revision (nothing new) when it was for
+        the same adapter and digest, and raises :class:`KeyConflictError` otherwise. See :meth:`keyed`.
         """
         tenant, user, name = parse_ref(ref)
+        if key is not None:
+            key = _check_key(key)
         if not isinstance(blob, bytes | bytearray | memoryview):
             raise InvalidArgumentError(f"blob must be bytes, got {type(blob).__name__}")
         if not isinstance(provenance, Provenance):
@@ -463,6 +471,12 @@ class Registry:
                 )
                 arow = self._adapter_row(conn, tenant, user, name, lock=True)
             now = utcnow()  # taken under the adapter lock: commit times increase with revision numbers
+            if key is not None:
+                done = self._keyed(conn, key)
+                if done is not None:
+                    same_or_conflict(key, done, ref, digest)
+                    logger.info("commit key %s/%s: %s#%d already committed", *key, ref, done[1].number)
+                    return done[1]
             # gc may have swept the blob between our write and this lock: if so, write it again.
             if not self.blobs.exists(digest):
                 self.blobs.put(digest, blob)
@@ -483,11 +497,37 @@ class Registry:
             for alias in alias_names:
                 self._move_alias(conn, arow.id, ref, alias, number, action="alias.set", actor=creator,
                                  reason=f"commit {ref}#{number}")
+            if key is not None:  # same transaction as the revision: both exist, or neither
+                conn.execute(sa.insert(commit_keys).values(scope=key[0], key=key[1], adapter_id=arow.id,
+                                                           number=number, digest=digest, created_at=now))
             faults.checkpoint("before_db_commit")
         faults.checkpoint("after_db_commit")
         logger.info("committed %s#%d (%s, %d bytes)", ref, number, digest[:12], len(blob))
         return RevisionInfo(ref=ref, number=number, digest=digest, size=len(blob), provenance=provenance,
                             aliases=sorted(alias_names), created_at=now)
+
+    def keyed(self, scope: str, key: str) -> tuple[str, RevisionInfo] | None:
+        """The revision committed under ``(scope, key)``, as ``(ref, revision)``; ``None`` if none was (or its
+        adapter was deleted). A revision gc removed since is reported with its recorded number and digest."""
+        key = _check_key((scope, key))
+        with db.read_tx(self._engine) as conn:
+            return self._keyed(conn, key)
+
+    def _keyed(self, conn: Connection, key: tuple[str, str]) -> tuple[str, RevisionInfo] | None:
+        row = conn.execute(
+            sa.select(commit_keys.c.number, commit_keys.c.digest, adapters.c.tenant, adapters.c.username,
+                      adapters.c.name)
+            .select_from(commit_keys.join(adapters, adapters.c.id == commit_keys.c.adapter_id))
+            .where(commit_keys.c.scope == key[0], commit_keys.c.key == key[1])
+        ).first()
+        if row is None:
+            return None
+        ref = _ref(row)
+        try:
+            return ref, self._find_revision(conn, parse_address(f"{ref}#{row.number}"))
+        except NotFoundError:  # removed by gc since: what the key recorded is still the answer
+            return ref, RevisionInfo(ref=ref, number=row.number, digest=row.digest, size=0,
+                                     provenance=Provenance(base_fingerprint=""), aliases=[], created_at=None)
 
     def _check_parent(self, conn: Connection, arow: Row, number: int, prov: Provenance) -> Provenance:
         if prov.parent is None:
@@ -684,11 +724,36 @@ class Registry:
 
     # ------------------------------------------------------------------ retention
 
+    def discard_blobs(self, digests) -> list[str]:
+        """Delete those of ``digests`` nothing references, now (see ``retention.discard_unreferenced``)."""
+        from .retention import discard_unreferenced  # noqa: PLC0415
+
+        return discard_unreferenced(self, digests)
+
     def gc(self, *, keep_last: int = 10, dry_run: bool = False, grace_s: float = DEFAULT_GRACE_S) -> GcReport:
         """Keep the last ``keep_last`` revisions of every adapter plus every aliased one; delete the
         other revisions, then every unreferenced blob older than ``grace_s`` seconds (and stale
         temp files). See ``retention.py``."""
         return run_gc(self, keep_last=keep_last, dry_run=dry_run, grace_s=grace_s)
+
+
+def _check_key(key) -> tuple[str, str]:
+    if not (isinstance(key, tuple) and len(key) == 2 and all(isinstance(k, str) for k in key)):
+        raise InvalidArgumentError(f"a commit key is a (scope, key) pair of strings, got {key!r}")
+    scope, value = key
+    if not 1 <= len(scope) <= 80 or not 1 <= len(value) <= 255 or not value.isprintable() or not value.isascii():
+        raise InvalidArgumentError("a commit key must be 1-255 printable ASCII characters (scope 1-80), got "
+                                   f"{value[:40]!r}")
+    return scope, value
+
+
+def same_or_conflict(key: tuple[str, str], done: tuple[str, RevisionInfo], ref: str, digest: str) -> None:
+    done_ref, rev = done
+    if done_ref != ref or rev.digest != digest:
+        raise KeyConflictError(
+            f"key {key[1]!r} was already used for {done_ref}#{rev.number} (digest {rev.digest[:12]}…); this "
+            f"request is {ref} with digest {digest[:12]}…: a retry must send the same content, a new upload a new key"
+        )
 
 
 def live_stack(moves: Iterable[tuple[str, int | None]]) -> list[int | None]:

@@ -116,6 +116,22 @@ def run_gc(reg: Registry, *, keep_last: int, dry_run: bool, grace_s: float) -> G
     )
 
 
+def discard_unreferenced(reg: Registry, digests) -> list[str]:
+    """Delete those of ``digests`` that no blob-reference column mentions, now (no grace period), under the lock
+    commits take: for a writer's own blob it knows is garbage (a superseded job checkpoint, a commit refused
+    because its adapter was forgotten). Returns the digests deleted."""
+    digests = sorted({d for d in digests if d})
+    if not digests:
+        return []
+    with db.write_tx(reg.engine) as conn:
+        if reg.engine.dialect.name == "postgresql":
+            conn.execute(sa.select(sa.func.pg_advisory_xact_lock(db.GC_LOCK_KEY)))
+        doomed = [d for d in digests if d not in _referenced(conn, digests)]
+        for digest in doomed:
+            reg.blobs.delete(digest)
+    return doomed
+
+
 def _referenced(conn, digests: list[str]) -> set[str]:
     """Which of ``digests`` any blob-reference column (revisions, jobs, ...) mentions."""
     found: set[str] = set()

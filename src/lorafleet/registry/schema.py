@@ -238,6 +238,22 @@ schedules = sa.Table(
     sa.PrimaryKeyConstraint("tenant", "username", "adapter"),
 )
 
+# Commit keys (migration 0006): a revision remembered under (scope, key), written in the commit's own transaction.
+# Scopes: ``job`` (key: the job id; a resumed job finds the revision it committed) and ``upload:<tenant>`` (key:
+# the client's Idempotency-Key). The digest is not a blob reference: a key does not keep a blob alive.
+commit_keys = sa.Table(
+    "commit_keys",
+    metadata,
+    sa.Column("scope", sa.String(80), nullable=False),
+    sa.Column("key", sa.String(255), nullable=False),
+    sa.Column("adapter_id", sa.BigInteger, sa.ForeignKey("adapters.id", ondelete="CASCADE"), nullable=False),
+    sa.Column("number", sa.Integer, nullable=False),
+    sa.Column("digest", sa.String(64), nullable=False),
+    sa.Column("created_at", UTCDateTime, nullable=False),
+    sa.PrimaryKeyConstraint("scope", "key"),
+    sa.Index("ix_commit_keys_adapter_id", "adapter_id"),
+)
+
 
 def blob_reference_columns() -> list[sa.Column]:
     """Every column marked ``info={"blob_ref": True}``: the digests gc must not delete."""

@@ -55,6 +55,7 @@ __all__ = ["Engine", "EngineConfig", "RequestError", "RequestHandle", "Result", 
 log = logging.getLogger(__name__)
 
 FINISH_REASONS = ("stop", "length", "error", "cancelled")
+NONFINITE = "non-finite logits"  # the start of the error of a row whose logits became NaN/Inf
 _END = object()
 
 
@@ -633,13 +634,15 @@ class Engine:
             return
         self._group = None
         self._ready_dirty = True
-        tokens_t, tokens = self._sample(grp.reqs, out.logits[:, -1])
+        tokens_t, tokens, bad = self._sample(grp.reqs, out.logits[:, -1])
         now = time.perf_counter()
         survivors = []
         for i, req in enumerate(grp.reqs):
             req.first_token = now
             self.metrics.observe("time_to_first_token", now - req.submitted)
-            if not self._on_token(req, tokens[i]):
+            if bad[i]:
+                self._fail_nonfinite(req)
+            elif not self._on_token(req, tokens[i]):
                 survivors.append(i)
         if not survivors:
             return
@@ -660,23 +663,38 @@ class Engine:
             out = self.model(input_ids=self._last_tok[:n, None], position_ids=positions, attention_mask=mask,
                              cache=self.slab.cache, use_cache=True)
         self.slab.end_decode()
-        tokens_t, tokens = self._sample(self._rows, out.logits[:, -1])
+        tokens_t, tokens, bad = self._sample(self._rows, out.logits[:, -1])
         self._last_tok[:n] = tokens_t
-        finished = [i for i, req in enumerate(self._rows) if self._on_token(req, tokens[i])]
+        finished = [i for i, req in enumerate(self._rows)
+                    if (bad[i] and self._fail_nonfinite(req)) or (not bad[i] and self._on_token(req, tokens[i]))]
         self.metrics.inc("decode_steps")
         self._steps += 1
         if finished:
             self._remove_rows(finished)
         self.metrics.observe("decode_step", time.perf_counter() - t0)
 
-    def _sample(self, reqs: list[_Request], logits: Tensor) -> tuple[Tensor, list[int]]:
-        """Next tokens as a device tensor (the next step's input) and as a list (for text and stop checks)."""
+    def _sample(self, reqs: list[_Request], logits: Tensor) -> tuple[Tensor, list[int], list[bool]]:
+        """Next tokens as a device tensor (the next step's input) and as a list (for text and stop checks), and
+        which rows' logits were not finite (NaN/Inf: an adapter whose weights overflow the forward pass). Those
+        rows are sampled from zeros (never from NaN, which would fail the whole batch) and must be failed."""
+        finite = torch.isfinite(logits).all(dim=-1)  # (B,)
+        bad = (~finite).tolist()
+        if any(bad):
+            logits = torch.where(finite[:, None], logits, torch.zeros_like(logits))
         temps = [r.sampling.temperature for r in reqs]
         if not any(temps):
             tokens = logits.argmax(dim=-1)
         else:
             tokens = sample_rows(logits, temps, [r.sampling.top_p for r in reqs], [r.generator for r in reqs])
-        return tokens, tokens.tolist()
+        return tokens, tokens.tolist(), bad
+
+    def _fail_nonfinite(self, req: _Request) -> bool:
+        """Fail one row whose logits were NaN/Inf (the others in the batch go on); True: it finished."""
+        self.metrics.inc("nonfinite_rows")
+        adapter = req.levels[-1][:12] if req.levels else "none (the base)"
+        self._finish(req, "error", error=f"{NONFINITE}: the model's logits became NaN/Inf for this request "
+                                         f"(adapter {adapter}); its weights are corrupt or mis-scaled")
+        return True
 
     def _on_token(self, req: _Request, token: int) -> bool:
         """Record a generated token, stream its text; returns True if the request finished."""

@@ -13,6 +13,7 @@ COUNTERS = (
     "requests_finished",
     "requests_failed",
     "requests_cancelled",
+    "nonfinite_rows",  # rows failed because their logits became NaN/Inf (an adapter that overflows)
     "prompt_tokens",
     "tokens_generated",
     "decode_steps",

@@ -226,13 +226,25 @@ class JobQueue:
 
     def heartbeat(self, job_id: int, worker_id: str, *, lease_seconds: float, step: int, loss: float | None,
                   losses: list, checkpoint_digest: str | None = None, report: dict | None = None) -> bool:
+        """Renew the lease and record progress; False when the lease was lost (or the job deleted: its user was
+        forgotten). A new ``checkpoint_digest`` supersedes the previous one, whose blob is deleted at once (nothing
+        else needs it, and a forgotten user's older checkpoints must not linger unreferenced); so is the new one
+        when the update is refused."""
         values = {"lease_until": utcnow() + timedelta(seconds=lease_seconds), "step": step, "loss": loss,
                   "losses": losses}
-        if checkpoint_digest is not None:
-            values["checkpoint_digest"] = checkpoint_digest
         if report is not None:
             values["report"] = report
-        return self._owned_update(job_id, worker_id, **values)
+        if checkpoint_digest is None:
+            return self._owned_update(job_id, worker_id, **values)
+        values.update(checkpoint_digest=checkpoint_digest, updated_at=utcnow())
+        with regdb.write_tx(self.engine) as conn:
+            old = conn.execute(sa.select(jobs.c.checkpoint_digest).where(jobs.c.id == job_id)).scalar()
+            owned = conn.execute(jobs.update().where(
+                jobs.c.id == job_id, jobs.c.worker_id == worker_id, jobs.c.state == "running").values(**values)
+            ).rowcount == 1
+        stale = {old} - {checkpoint_digest} if owned else {checkpoint_digest}
+        self.registry.discard_blobs(stale)
+        return owned
 
     def cancel_requested(self, job_id: int) -> bool:
         with regdb.read_tx(self.engine) as conn:

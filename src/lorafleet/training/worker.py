@@ -18,8 +18,8 @@ import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from lorafleet.adapters import LoraAdapter, from_bytes, to_bytes
-from lorafleet.registry import NotFoundError, Provenance, Registry
+from lorafleet.adapters import AdapterError, LoraAdapter, from_bytes, to_bytes
+from lorafleet.registry import KeyConflictError, NotFoundError, Provenance, Registry
 from lorafleet.registry.blobstore import sha256_hex
 from lorafleet.training.checkpoint import checkpoint_from_bytes, checkpoint_to_bytes
 from lorafleet.training.data import dataset_from_records
@@ -82,6 +82,11 @@ class Worker:
     # ---------------------------------------------------------------- lifecycle of one job
 
     def _start(self, job: Job) -> None:
+        done = self._revision_of_job(job)
+        if done is not None:  # an earlier attempt committed, then died before marking the job finished
+            log.info("job %d already committed %s#%d; finishing it without training again", job.id, job.ref, done)
+            self._finish(job.id, "succeeded", result_number=done, report=job.report)
+            return
         try:
             records = _jsonl_records(self.registry.read_blob(job.dataset_digest))
             dataset = dataset_from_records(records, job.method, source=f"job {job.id} dataset")
@@ -143,9 +148,15 @@ class Worker:
         if not all(math.isfinite(v) for v in track.losses):
             self._finish(job_id, "failed", error="training diverged: the loss became NaN/Inf")
             return
+        try:  # finite but absurd weights would serve NaN: refuse them as a commit (as an upload is refused)
+            track.adapter.check_delta_norms(self.base)
+        except AdapterError as exc:
+            self._finish(job_id, "failed", error=f"training diverged: {exc}")
+            return
         try:
             existing = self._commit(job, run, track)
         except NotFoundError as exc:  # the adapter was deleted (its user forgotten) while training
+            self.registry.discard_blobs([sha256_hex(to_bytes(track.adapter))])  # the refused commit's blob
             self._finish(job_id, "failed", error=str(exc))
             return
         self._finish(job_id, "succeeded", result_number=existing, report=_report(track))
@@ -164,16 +175,19 @@ class Worker:
                              **job.spec.get("provenance", {})},
                 dataset_digest=run.dataset_digest, example_count=job.example_count, creator=job.creator,
             )
-            existing = self.registry.commit(job.ref, blob, provenance, creator=job.creator, aliases=("candidate",),
-                                            create=False).number
+            try:
+                existing = self.registry.commit(job.ref, blob, provenance, creator=job.creator,
+                                                aliases=("candidate",), create=False, key=job_key(job.id)).number
+            except KeyConflictError:  # another attempt of this job committed first (other bytes): that one counts
+                self.registry.discard_blobs([sha256_hex(blob)])
+                existing = self._revision_of_job(job)
         return existing
 
     def _revision_of_job(self, job: Job) -> int | None:
-        """A revision this job already committed (the worker died between commit and finish)."""
-        for rev in reversed(self.registry.history(job.ref)[-5:]):
-            if rev.provenance.hyperparams.get("job_id") == job.id:
-                return rev.number
-        return None
+        """The revision this job committed, if any (the worker died between commit and finish): recorded under the
+        job's commit key in the commit's own transaction, so it is found however many revisions came since."""
+        found = self.registry.keyed(*job_key(job.id))
+        return found[1].number if found is not None and found[0] == job.ref else None
 
     def _finish(self, job_id: int, state: str, *, result_number=None, error=None, report=None) -> None:
         self.trainer.users.pop(self._key(job_id), None)
@@ -245,6 +259,11 @@ class Worker:
                 self._complete(job_id)
         if self._kill_after is not None and self.global_steps >= self._kill_after:
             os.kill(os.getpid(), signal.SIGKILL)
+
+
+def job_key(job_id: int) -> tuple[str, str]:
+    """The commit key of a job's revision (see ``Registry.commit``'s ``key``)."""
+    return ("job", str(job_id))
 
 
 def _report(track) -> dict:

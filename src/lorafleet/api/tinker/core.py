@@ -9,10 +9,12 @@ served through the OpenAI API like any other revision.
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import json
 import re
 import secrets
 import threading
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -65,11 +67,9 @@ class TinkerService:
     """State and operations behind the routes; one per app (``app.state.tinker``)."""
 
     def __init__(self, service, config: TinkerConfig | None = None, home: Path | None = None) -> None:
-        from lorafleet.config import data_dir  # noqa: PLC0415
-
         self.service, self.config = service, config or TinkerConfig()
         self.base, self.registry = service.base, service.registry
-        self.home = home or data_dir() / "tinker"
+        self.home = home or default_home()
         self.sessions: dict[str, str | None] = {}  # session_id -> tenant
         self.runs: dict[str, Run] = {}
         self.samplers: dict[str, SamplerSession] = {}
@@ -81,6 +81,11 @@ class TinkerService:
             pack_wait_s=self.config.pack_wait_s)
         self._lock = threading.Lock()
         self._adapters: dict[str, LoraAdapter] = {}  # digest -> parsed adapter, for sampled log-probs
+        # future -> the adapter ref whose data its result holds (so forgetting a user drops their results)
+        self._future_refs: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+        # Held while something of a run is persisted (checkpoint file, revision) and while a user is forgotten:
+        # a save either finishes before the forget (which then deletes it) or sees the run forgotten and refuses.
+        self._persist_lock = threading.Lock()
         self.vocab = self.base.model.get_input_embeddings().num_embeddings
         self.max_seq_len = int(getattr(self.base.config, "max_position_embeddings", 2048))
 
@@ -296,7 +301,9 @@ class TinkerService:
     def _submit(self, run: Run, seq_id, kind: str, payload: dict) -> concurrent.futures.Future:
         run.last_request = utcnow()
         seq = int(seq_id) if isinstance(seq_id, int) and not isinstance(seq_id, bool) and seq_id > 0 else None
-        return self.scheduler.submit(Op(run=run, seq_id=seq, kind=kind, payload=payload))
+        fut = self.scheduler.submit(Op(run=run, seq_id=seq, kind=kind, payload=payload))
+        self._future_refs[fut] = run.ref
+        return fut
 
     # ------------------------------------------------------------------ training ops (scheduler thread)
 
@@ -385,7 +392,16 @@ class TinkerService:
     def _path(self, run: Run, kind: str, name: str) -> str:
         return f"tinker://{run.run_id}/{'sampler_weights' if kind == 'sampler' else 'weights'}/{name}"
 
+    def _refuse_forgotten(self, run: Run) -> None:
+        if run.forgotten:
+            raise TinkerNotFoundError(f"training run {run.run_id!r} does not exist (its user was forgotten)")
+
     def _save_state(self, op: Op) -> dict:
+        with self._persist_lock:
+            self._refuse_forgotten(op.run)
+            return self._save_state_locked(op)
+
+    def _save_state_locked(self, op: Op) -> dict:
         run, name = op.run, op.payload["name"]
         if run.checkpoint("training", name) is not None:
             raise _user(f"checkpoint {name!r} already exists in run {run.run_id}; pick another name")
@@ -427,12 +443,20 @@ class TinkerService:
         return LoraAdapter(spec=run.adapter.spec, weights=weights, base_name=self.base.name)
 
     def _save_sampler(self, op: Op) -> dict:
+        with self._persist_lock:
+            self._refuse_forgotten(op.run)
+            return self._save_sampler_locked(op)
+
+    def _save_sampler_locked(self, op: Op) -> dict:
         run, name = op.run, op.payload["name"]
-        data = to_bytes(self._snapshot(run))
+        snapshot = self._snapshot(run)
+        snapshot.check_delta_norms(self.base)  # AdapterError (a user error): weights too large to serve
+        data = to_bytes(snapshot)
         if name is None:  # save_weights_and_get_sampling_client: an ephemeral sampler, no revision
             digest = digest_of(data)
             self.registry.blobs.put(digest, data)  # content-addressed; the engine fetches it by digest
-            sampler = self._new_sampler(run.tenant, None, digest)
+            run.ephemeral_digests.add(digest)  # no revision references it: forgetting the user deletes it
+            sampler = self._new_sampler(run.tenant, None, digest, ref=run.ref)
             return {"sampling_session_id": sampler.sampler_id, "type": "save_weights_for_sampler"}
         if run.checkpoint("sampler", name) is not None:
             raise _user(f"sampler checkpoint {name!r} already exists in run {run.run_id}; pick another name")
@@ -475,8 +499,9 @@ class TinkerService:
                 return Checkpoint(f"weights/{name}", "training", path, utcnow(), file.stat().st_size, file=str(file))
         raise TinkerNotFoundError(f"checkpoint {path!r} does not exist")
 
-    def _new_sampler(self, tenant: str | None, model_path: str | None, digest: str | None) -> SamplerSession:
-        sampler = SamplerSession(new_id("sampler"), tenant, self.base.name, model_path, digest)
+    def _new_sampler(self, tenant: str | None, model_path: str | None, digest: str | None, *,
+                     ref: str | None = None) -> SamplerSession:
+        sampler = SamplerSession(new_id("sampler"), tenant, self.base.name, model_path, digest, ref)
         with self._lock:
             self.samplers[sampler.sampler_id] = sampler
         return sampler
@@ -492,13 +517,14 @@ class TinkerService:
             return self._new_sampler(None, None, None)
         if str(path).startswith("tinker://"):
             ckpt = self.find_checkpoint(key, str(path), "sampler")  # also checks the run is this tenant's
-            return self._new_sampler(self.runs[str(path).split("/")[2]].tenant, str(path), ckpt.digest)
+            run = self.runs[str(path).split("/")[2]]
+            return self._new_sampler(run.tenant, str(path), ckpt.digest, ref=run.ref)
         # A registry address (tenant/user/adapter, @alias or #N): sample any revision the key may use.
         addr = parse_address(str(path))
         if not key.is_admin and addr.tenant != key.tenant:
             raise TinkerNotFoundError(f"model_path {path!r} does not exist")
         rev = self.registry.resolve(str(path))
-        return self._new_sampler(addr.tenant, str(path), rev.digest)
+        return self._new_sampler(addr.tenant, str(path), rev.digest, ref=addr.ref)
 
     def sampler_of(self, key: ApiKey, sampler_id: str) -> SamplerSession:
         sampler = self.samplers.get(sampler_id)
@@ -575,6 +601,8 @@ class TinkerService:
                 fut.set_exception(exc)
 
         threading.Thread(target=collect, name="lorafleet-tinker-sample", daemon=True).start()
+        if sampler.ref is not None:
+            self._future_refs[fut] = sampler.ref
         return fut, n
 
     @torch.no_grad()
@@ -622,3 +650,72 @@ class TinkerService:
         runs.sort(key=lambda r: r.created, reverse=True)
         return {"training_runs": [r.to_dict() for r in runs[offset: offset + limit]],
                 "cursor": {"offset": offset, "limit": limit, "total_count": len(runs)}}
+
+    # ------------------------------------------------------------------ forgetting a user (lorafleet.forget)
+
+    def forget_user(self, tenant: str, user: str) -> tuple[dict, set[str]]:
+        """Drop this process's state of ``tenant/user``'s adapters: their training runs (marked forgotten, so a
+        save in flight refuses), sampling sessions, futures (their results hold the user's outputs) and the
+        blobs of ephemeral samplers (returned, for the caller to delete). Checkpoint files: see
+        :func:`forget_checkpoint_files` (under the same lock, so no save lands after it)."""
+        mine = _owned_by(tenant, user)
+        with self._persist_lock, self._lock:
+            runs = [r for r in self.runs.values() if mine(r.ref)]
+            for run in runs:
+                run.forgotten = True
+                del self.runs[run.run_id]
+            samplers = [s for s in self.samplers.values() if s.ref is not None and mine(s.ref)]
+            for s in samplers:
+                del self.samplers[s.sampler_id]
+            digests = {d for r in runs for d in r.ephemeral_digests}
+            futures = {f for f, ref in list(self._future_refs.items()) if mine(ref)}
+            files = forget_checkpoint_files(self.home, tenant, user)
+        dropped = self.futures.drop(futures)
+        return {"tinker_runs": len(runs), "tinker_samplers": len(samplers), "tinker_futures": dropped,
+                "tinker_checkpoint_files": files}, digests
+
+    def drop_cached(self, digests: set[str]) -> int:
+        """Drop parsed adapters of these digests from the sampled-log-probs cache."""
+        with self._lock:
+            hit = [d for d in digests if d in self._adapters]
+            for d in hit:
+                del self._adapters[d]
+        return len(hit)
+
+
+def default_home() -> Path:
+    """Where training checkpoints (``save_state``) live: ``$LORAFLEET_HOME/tinker``."""
+    from lorafleet.config import data_dir  # noqa: PLC0415
+
+    return data_dir() / "tinker"
+
+
+def _owned_by(tenant: str, user: str):
+    prefix = f"{tenant}/{user}/"
+    return lambda ref: isinstance(ref, str) and ref.startswith(prefix)
+
+
+def forget_checkpoint_files(home: Path, tenant: str, user: str) -> int:
+    """Delete every training checkpoint under ``home/<tenant>/<run>/`` whose sidecar names one of
+    ``tenant/user``'s adapters (``<name>.json`` + ``<name>.safetensors`` + a crash's ``<name>.tmp``), and the run
+    folders left empty. Works without a server (the files outlive the process). Returns the files deleted."""
+    mine = _owned_by(tenant, user)
+    folder = Path(home) / tenant
+    if not folder.is_dir():
+        return 0
+    deleted = 0
+    for sidecar in sorted(folder.glob("*/*.json")):
+        try:
+            ref = json.loads(sidecar.read_text()).get("ref")
+        except (OSError, ValueError, AttributeError):
+            continue  # not a checkpoint sidecar of ours
+        if not mine(ref):
+            continue
+        for suffix in (".safetensors", ".tmp", ".json"):
+            path = sidecar.with_suffix(suffix)
+            if path.exists():
+                path.unlink()
+                deleted += 1
+        with contextlib.suppress(OSError):
+            sidecar.parent.rmdir()  # only when empty: another user's checkpoints in the run stay
+    return deleted

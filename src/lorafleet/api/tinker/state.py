@@ -82,6 +82,8 @@ class Run:
     next_seq: int = 1
     last_revision: int | None = None
     checkpoints: list[Checkpoint] = field(default_factory=list)
+    forgotten: bool = False  # its user was forgotten: nothing more of it may be persisted
+    ephemeral_digests: set = field(default_factory=set)  # blobs of save_weights_and_get_sampling_client
 
     def params(self) -> list[torch.Tensor]:
         return [t for ab in self.adapter.weights.values() for t in ab]
@@ -106,6 +108,7 @@ class SamplerSession:
     base_model: str
     model_path: str | None
     digest: str | None  # the adapter blob the engine loads; None = the base alone
+    ref: str | None = None  # the adapter "tenant/user/name" it samples (None: the base)
 
 
 @dataclass
@@ -148,6 +151,14 @@ class FutureStore:
     def __len__(self) -> int:
         with self._lock:
             return len(self._items)
+
+    def drop(self, futures: set) -> int:
+        """Forget the entries of these futures (results included), cancelling those still pending."""
+        with self._lock:
+            doomed = [rid for rid, p in self._items.items() if p.future in futures]
+            for rid in doomed:
+                self._items.pop(rid).future.cancel()
+        return len(doomed)
 
 
 async def wait_for(future: concurrent.futures.Future, timeout: float) -> bool:
