@@ -36,6 +36,7 @@ import torch
 from torch import Tensor, nn
 
 from lorafleet.adapters import triton_lora  # imports triton lazily, on first kernel use
+from lorafleet.base.precision import QuantLinear  # a low-precision base's frozen linear (wrapped the same way)
 
 # From this many tokens per row on, the segmented path (one matmul pair per adapter over all its rows'
 # tokens) wins over per-row gathered weights; decode steps (T == 1) take the gather + bmm path.
@@ -180,6 +181,8 @@ class MultiLoraLinear(nn.Module):
 
     @property
     def weight(self) -> Tensor:  # transformers sometimes reads .weight (dtype/device checks)
+        if isinstance(self.base, QuantLinear):
+            raise AttributeError(f"{self.name} runs a {self.base.kind} base weight; it has no float .weight")
         return self.base.weight
 
     def forward(self, x: Tensor) -> Tensor:
@@ -211,7 +214,7 @@ class LoraHost:
         self.routing = LoraRouting()
         self.layers: dict[str, MultiLoraLinear] = {}
         for name, module in list(model.named_modules()):
-            if ".layers." not in name or not isinstance(module, nn.Linear):
+            if ".layers." not in name or not isinstance(module, (nn.Linear, QuantLinear)):
                 continue
             if name.rsplit(".", 1)[-1] not in projections:
                 continue

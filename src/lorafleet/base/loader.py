@@ -1,4 +1,4 @@
-"""Load the shared base: a float32 causal LM + tokenizer with its chat template, and a fingerprint.
+"""Load the shared base: a causal LM (float32, or the precision asked: see ``base/precision.py``) + tokenizer with its chat template, and a fingerprint.
 
 The fingerprint is sha256 over the weight file(s) and the architecture part of the config; an adapter
 made for one base is refused on another. GGUF bases are dequantized once and cached as safetensors
@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from lorafleet.base.precision import QuantLinear, apply_precision, logical_numel, resolve_precision
 from lorafleet.base.sources import BaseSource, resolve_source
 from lorafleet.base.tiny import tiny_model
 from lorafleet.config import data_dir
@@ -84,6 +85,8 @@ class BaseModel:
     load_seconds: float
     from_cache: bool
     extra: dict = field(default_factory=dict)
+    precision: str = "fp32"  # as asked (see lorafleet.base.precision); part of the serving configuration
+    precision_info: dict = field(default_factory=dict)  # what apply_precision did (effective precision, modules)
 
     @property
     def config(self):
@@ -95,13 +98,14 @@ class BaseModel:
 
     @property
     def num_parameters(self) -> int:
-        # Tied embeddings share storage; count each tensor once.
-        seen, total = set(), 0
-        for p in self.model.parameters():
-            if p.data_ptr() not in seen:
-                seen.add(p.data_ptr())
-                total += p.numel()
-        return total
+        # Tied embeddings share storage; count each tensor once. Quantized modules count their logical weights.
+        return logical_numel(self.model)
+
+    @property
+    def precision_label(self) -> str:
+        """``native``, ``int8``, … or ``native (fp32)`` where the asked precision means another one for this base."""
+        effective = self.precision_info.get("effective", self.precision)
+        return self.precision if effective == self.precision else f"{self.precision} ({effective})"
 
     def linear_modules(self) -> dict[str, nn.Linear]:
         """Targetable linear layers inside the transformer blocks, by full module name."""
@@ -110,7 +114,7 @@ class BaseModel:
             if ".layers." not in name or name.endswith(".base"):
                 continue  # ".base" is the inner linear of a LoRA wrapper, reported under the wrapper's name
             linear = getattr(module, "base", module)
-            if isinstance(linear, nn.Linear):
+            if isinstance(linear, (nn.Linear, QuantLinear)):
                 out[name] = linear
         return out
 
@@ -129,6 +133,9 @@ class BaseModel:
             "vocab_size": cfg.vocab_size,
             "dtype": str(next(self.model.parameters()).dtype).replace("torch.", ""),
             "device": str(self.device),
+            "precision": self.precision_label,
+            "precision_modules": dict(self.precision_info.get("modules", {})),
+            "weight_bytes": self.precision_info.get("weight_bytes"),
             "fingerprint": self.fingerprint,
             "load_seconds": round(self.load_seconds, 3),
             "from_cache": self.from_cache,
@@ -240,9 +247,17 @@ def _ensure_chat_template(model: nn.Module, tokenizer) -> None:
         gen.eos_token_id = [*eos, end_of_turn] if end_of_turn not in eos else eos
 
 
-def load_base(name_or_path: str | None = None, *, device: str | torch.device = "cpu", use_cache: bool = True) -> BaseModel:
-    """Load a base by name or path (see :func:`resolve_source`), frozen, float32, in eval mode."""
+def load_base(name_or_path: str | None = None, *, device: str | torch.device = "cpu", use_cache: bool = True,
+              precision: str | None = None) -> BaseModel:
+    """Load a base by name or path (see :func:`resolve_source`), frozen, in eval mode.
+
+    ``precision`` (default ``$LORAFLEET_BASE_DTYPE``, else ``fp32``): one of
+    :data:`lorafleet.base.precision.PRECISIONS`; an unknown one or one this base cannot take raises
+    :class:`lorafleet.base.precision.BasePrecisionError` before anything loads (or, for a damaged GGUF, before the
+    model is returned). The fingerprint is the shipped weights' whatever the precision.
+    """
     start = time.perf_counter()
+    precision = resolve_precision(precision)
     source = resolve_source(name_or_path)
     from_cache = False
     if source.kind == "tiny":
@@ -255,7 +270,10 @@ def load_base(name_or_path: str | None = None, *, device: str | torch.device = "
         tokenizer.pad_token = tokenizer.eos_token
     _ensure_chat_template(model, tokenizer)
     model = _freeze(model, device)
+    precision_info = apply_precision(model, precision, source_kind=source.kind, source_path=source.path, device=device)
     return BaseModel(
+        precision=precision,
+        precision_info=precision_info,
         name=source.name,
         source=source,
         model=model,

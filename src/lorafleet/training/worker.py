@@ -170,6 +170,7 @@ class Worker:
                 base_fingerprint=self.base.fingerprint, parent=run.parent, parent_digest=run.parent_digest,
                 method=job.method,
                 hyperparams={**job.lora_spec.to_dict(), **job.train_config.to_dict(), "job_id": job.id,
+                             "base_precision": getattr(self.base, "precision_label", "fp32"),
                              "final_loss": track.losses[-1] if track.losses else None,
                              **({"stack_parents": job.stack_parents} if job.stack_parents else {}),
                              **job.spec.get("provenance", {})},

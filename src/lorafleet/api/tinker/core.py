@@ -465,6 +465,7 @@ class TinkerService:
                  "rank": run.adapter.spec.rank, "alpha": run.adapter.spec.alpha,
                  "target_modules": list(run.adapter.spec.target_modules), "adam": run.last_adam,
                  "train_loss": run.losses[-1] if run.losses else None, "tinker_run": run.run_id,
+                 "base_precision": getattr(self.base, "precision_label", "fp32"),
                  "tinker_path": path, "train_unembed_requested": run.unembed_requested,
                  "sdk_protocol": "tinker 0.38.0", "server": f"lorafleet {__version__}"}
         prov = Provenance(base_fingerprint=self.base.fingerprint, parent=run.last_revision, method="tinker",

@@ -1,0 +1,468 @@
+r"""The shared base's precision: ``native``, ``int4``, ``int8``, ``bf16`` or ``fp32`` (the numerical reference).
+
+``fp32`` is the loader's plain path: every weight dequantized to float32. The other choices replace each
+``nn.Linear`` of the transformer blocks with a frozen :class:`QuantLinear` (and the token embedding / the tied
+``lm_head`` with :class:`QuantEmbedding` / an int8 :class:`QuantLinear`):
+
+=========  ===============================================================================================
+``native`` GGUF bases keep the shipped quantization. Q4_1 blocks (32 weights, fp16 scale ``d`` and min ``m``,
+           ``w = q*d + m``) run as torch's group-wise int4 op with the file's own 4-bit codes — no
+           re-quantization. The op computes ``w = (q - 8)*scale + zero``, so ``scale = d`` and
+           ``zero = m + 8d``; the op keeps scale and zero in bfloat16, so ``d`` and ``m + 8d`` are rounded to
+           bf16 (the only deviation from the file: < 2^-9 relative per group, measured in the tests).
+           Q8_0 tensors (SmolLM2's token embedding, tied to ``lm_head``) have per-32 scales the int8 op cannot
+           take; they are re-quantized per row to int8 (documented, not exact). F32 tensors stay float32.
+           Any other GGUF type (Q4_K, Q6_K, … e.g. Gemma's Q4_K_M) → :class:`BasePrecisionError`: use int4.
+           A tiny or Hugging Face directory base ships float weights: ``native`` means ``fp32`` there, and
+           :meth:`lorafleet.base.BaseModel.info` says so (``native (fp32)``).
+``int4``   any base, quantized at load: group-wise (32) asymmetric 4-bit from the fp32 weights (re-quantization
+           error on a GGUF, measured by ``benchmarks/base_precision.py``); embedding / lm_head int8 per row.
+``int8``   any base, weight-only int8 per output channel (``torch.ops.aten._weight_int8pack_mm``).
+``bf16``   bfloat16 weights, bfloat16 matmul for small batches.
+``fp32``   today's path.
+=========  ===============================================================================================
+
+Activations, norms, the residual stream, LoRA deltas (the one operator) and the KV cache stay float32: each
+:class:`QuantLinear` takes and returns float32 and converts to bf16 only around the op. Batches of more than
+:data:`OP_MAX_ROWS` rows (per kind) run a float32 matmul over the weight dequantized on the fly (transient, not cached; activations and results rounded to bf16 as the op does,
+so a row's result does not depend on its batch):
+torch's CPU int4/int8/bf16 kernels are built for decode-sized batches and lose to fp32 GEMM beyond that
+(measured, see ``docs/results/base_precision.md``).
+
+Training over a low-precision base works QLoRA-style: :class:`QuantLinear`'s backward computes the input
+gradient through the dequantized weight and gives the frozen weight no gradient.
+
+The packed weights are rebuilt from the GGUF (or the fp32 weights) at each load, verified against the fp32
+reference before anything is replaced; there is no quantized cache file. A damaged GGUF block (wrong size,
+non-finite scale, codes that disagree with the verified fp32 cache) is a :class:`BasePrecisionError` and the
+model is left untouched.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+PRECISIONS = ("native", "int4", "int8", "bf16", "fp32")
+ENV_VAR = "LORAFLEET_BASE_DTYPE"
+DEFAULT_PRECISION = "fp32"
+GROUP = 32  # int4 group size along the input dimension (Q4_1's block)
+# At most this many rows (tokens) per call go through torch's low-precision op; more rows take an fp32 GEMM over
+# the weight dequantized on the fly. Measured on the shared 2-core AVX-512 machine (1 thread, a 1536x576 weight):
+# int4/int8 ops lead up to ~64 rows and lose at 256; the bf16 matmul loses to fp32 from 8 rows on.
+OP_MAX_ROWS = {"int4": 128, "int8": 128, "bf16": 4}
+
+# GGUF tensor names of a llama block -> the transformers module path under model.layers.{i}.
+_GGUF_TO_HF = {
+    "attn_q": "self_attn.q_proj",
+    "attn_k": "self_attn.k_proj",
+    "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj",
+    "ffn_gate": "mlp.gate_proj",
+    "ffn_up": "mlp.up_proj",
+    "ffn_down": "mlp.down_proj",
+}
+
+
+class BasePrecisionError(ValueError):
+    """The requested base precision is unknown, or the base cannot run at it."""
+
+
+def resolve_precision(value: str | None) -> str:
+    """``value``, else ``$LORAFLEET_BASE_DTYPE``, else :data:`DEFAULT_PRECISION`; checked against the choices."""
+    raw = value if value is not None else os.environ.get(ENV_VAR) or DEFAULT_PRECISION
+    name = str(raw).strip().lower()
+    if name not in PRECISIONS:
+        where = f" (from ${ENV_VAR})" if value is None else ""
+        raise BasePrecisionError(f"unknown base precision {raw!r}{where}; choose one of: {', '.join(PRECISIONS)}")
+    return name
+
+
+def _bf16_round(t: Tensor) -> Tensor:
+    return t.to(torch.bfloat16).to(torch.float32)
+
+
+# ------------------------------------------------------------------------------------------------ the modules
+
+
+class _QuantMatmul(torch.autograd.Function):
+    """``y = x @ W.T`` for a frozen quantized ``W``; backward gives ``x`` its gradient through the dequantized W."""
+
+    @staticmethod
+    def forward(ctx, x2d: Tensor, layer: QuantLinear) -> Tensor:
+        ctx.layer = layer
+        return layer._matmul(x2d)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        w = ctx.layer.dequantize()  # (out, in) float32, transient
+        return grad.to(w.dtype) @ w, None
+
+
+def _unpack_int4(packed: Tensor, n: int, k: int) -> Tensor:
+    """Codes ``(n, k)`` uint8 in 0..15 from torch's CPU int4 pack ``(n, k/2)``.
+
+    Layout (probed, torch 2.13): rows in blocks of 32; byte ``[32*nb + kk, 16*kpar + i]`` holds row ``32*nb + i``
+    in its low nibble and row ``32*nb + 16 + i`` in its high nibble, both at column ``2*kk + kpar``.
+    """
+    p = packed.view(n // 32, k // 2, 2, 16)
+    lo, hi = p & 15, p >> 4
+    codes = torch.stack((lo, hi), dim=1)  # (n/32, 2[lo,hi], k/2, 2[kpar], 16[i])
+    return codes.permute(0, 1, 4, 2, 3).reshape(n, k)
+
+
+class QuantLinear(nn.Module):
+    """A frozen linear whose weight is int4 (group-wise), int8 (per channel) or bf16; float32 in and out.
+
+    Holds buffers only (no parameters): nothing to train, nothing for an optimizer to find.
+    """
+
+    def __init__(self, kind: str, in_features: int, out_features: int, bias: Tensor | None = None) -> None:
+        super().__init__()
+        if kind not in ("int4", "int8", "bf16"):
+            raise BasePrecisionError(f"QuantLinear kind must be int4, int8 or bf16, got {kind!r}")
+        self.kind, self.in_features, self.out_features = kind, in_features, out_features
+        self.note = kind  # how the weight got here (shown by BaseModel.info)
+        self.register_buffer("bias", None if bias is None else bias.detach().float().clone())
+
+    # -- construction ----------------------------------------------------------------------------------------
+
+    @classmethod
+    def _int4(cls, codes: Tensor, scale: Tensor, zero: Tensor, bias: Tensor | None, note: str) -> QuantLinear:
+        """``codes: (n, k)`` ints 0..15, ``scale``/``zero``: ``(n, k/GROUP)``, ``w = (q - 8)*scale + zero``."""
+        n, k = codes.shape
+        if n % 32 or k % GROUP:
+            raise BasePrecisionError(f"int4 needs out_features % 32 == 0 and in_features % {GROUP} == 0, got {n}x{k}")
+        layer = cls("int4", k, n, bias)
+        layer.register_buffer("packed", torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes.to(torch.int32), 1))
+        sz = torch.stack((scale.t(), zero.t()), dim=-1)  # (k/G, n, 2)
+        layer.register_buffer("scales_zeros", sz.to(torch.bfloat16).contiguous())
+        layer.note = note
+        return layer
+
+    @classmethod
+    def from_q4_1(cls, codes: Tensor, d: Tensor, m: Tensor, bias: Tensor | None = None) -> QuantLinear:
+        """Q4_1 blocks as shipped: ``codes (n, k)`` 0..15, ``d``/``m`` ``(n, k/32)`` with ``w = q*d + m``."""
+        d, m = d.float(), m.float()
+        return cls._int4(codes, d, m + 8.0 * d, bias, "int4 (Q4_1 codes as shipped)")
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, kind: str) -> QuantLinear:
+        """Quantize a float linear at load (``int4``: group-wise asymmetric, ``int8``: per channel, ``bf16``)."""
+        w = linear.weight.detach().float()
+        bias = linear.bias
+        n, k = w.shape
+        if kind == "int4":
+            if k % GROUP or n % 32:
+                raise BasePrecisionError(f"int4 needs in_features % {GROUP} == 0 and out_features % 32 == 0, "
+                                         f"got a {n}x{k} weight")
+            g = w.view(n, k // GROUP, GROUP)
+            lo, hi = g.amin(-1), g.amax(-1)
+            scale = _bf16_round(((hi - lo) / 15.0).clamp_min(1e-8))
+            zero = _bf16_round(lo + 8.0 * scale)
+            codes = torch.round((g - zero[..., None]) / scale[..., None] + 8.0).clamp_(0, 15).view(n, k)
+            return cls._int4(codes, scale, zero, bias, "int4 (quantized at load, group 32)")
+        if kind == "int8":
+            return cls._int8(w, bias, "int8 (quantized at load, per channel)")
+        if kind == "bf16":
+            layer = cls("bf16", k, n, bias)
+            layer.register_buffer("weight_bf16", w.to(torch.bfloat16).contiguous())
+            return layer
+        raise BasePrecisionError(f"cannot build a {kind!r} QuantLinear")
+
+    @classmethod
+    def _int8(cls, w: Tensor, bias: Tensor | None, note: str, *, q: Tensor | None = None,
+              scale: Tensor | None = None) -> QuantLinear:
+        n, k = w.shape if q is None else q.shape
+        layer = cls("int8", k, n, bias)
+        if q is None:
+            q, scale = quantize_int8_rows(w)
+        layer.register_buffer("qweight", q)  # (n, k) int8
+        layer.register_buffer("scale", scale)  # (n,) float32, bf16-representable
+        layer.register_buffer("scale_bf16", scale.to(torch.bfloat16))
+        layer.note = note
+        return layer
+
+    # -- math ------------------------------------------------------------------------------------------------
+
+    @property
+    def nbytes(self) -> int:
+        return sum(b.numel() * b.element_size() for name, b in self.named_buffers() if name != "scale_bf16")
+
+    def numel(self) -> int:
+        return self.in_features * self.out_features + (0 if self.bias is None else self.bias.numel())
+
+    @torch.no_grad()
+    def dequantize(self) -> Tensor:
+        """The weight ``(out, in)`` in float32, exactly as the op sees it."""
+        n, k = self.out_features, self.in_features
+        if self.kind == "int4":
+            q = _unpack_int4(self.packed, n, k).float().view(n, k // GROUP, GROUP)
+            sz = self.scales_zeros.float()  # (k/G, n, 2)
+            scale, zero = sz[..., 0].t(), sz[..., 1].t()  # (n, k/G)
+            return ((q - 8.0) * scale[..., None] + zero[..., None]).view(n, k)
+        if self.kind == "int8":
+            return self.qweight.float() * self.scale[:, None]
+        return self.weight_bf16.float()
+
+    def _matmul(self, x2d: Tensor) -> Tensor:
+        xb = x2d.to(torch.bfloat16)
+        if x2d.shape[0] > OP_MAX_ROWS[self.kind]:
+            # the same math as the op (bf16-rounded activations, the same weight values, fp32 accumulation, a bf16
+            # result), so a row's result does not depend on how many rows share its batch
+            return (xb.to(x2d.dtype) @ self.dequantize().t()).to(torch.bfloat16).to(x2d.dtype)
+        if self.kind == "int4":
+            y = torch.ops.aten._weight_int4pack_mm_for_cpu(xb, self.packed, GROUP, self.scales_zeros)
+        elif self.kind == "int8":
+            y = torch.ops.aten._weight_int8pack_mm(xb, self.qweight, self.scale_bf16)
+        else:
+            y = xb @ self.weight_bf16.t()
+        return y.to(x2d.dtype)
+
+    def forward(self, x: Tensor) -> Tensor:
+        shape = x.shape
+        x2d = x.reshape(-1, shape[-1])
+        if x2d.dtype != torch.float32:
+            x2d = x2d.float()
+        y = _QuantMatmul.apply(x2d, self) if torch.is_grad_enabled() and x2d.requires_grad else self._matmul(x2d)
+        if self.bias is not None:
+            y = y + self.bias
+        return y.view(*shape[:-1], self.out_features)
+
+    def extra_repr(self) -> str:
+        return f"{self.in_features}, {self.out_features}, {self.note}"
+
+
+def quantize_int8_rows(w: Tensor) -> tuple[Tensor, Tensor]:
+    """Symmetric int8 per row: ``w ≈ q * scale[:, None]``, ``scale`` rounded up to a bf16 value (the op's dtype)."""
+    w = w.float()
+    amax = w.abs().amax(dim=1).clamp_min(1e-8)
+    scale = (amax / 127.0).to(torch.bfloat16).float()
+    scale = torch.where(scale * 127.0 < amax, torch.nextafter(scale.to(torch.bfloat16), torch.tensor(
+        math.inf, dtype=torch.bfloat16)).float(), scale)
+    q = torch.round(w / scale[:, None]).clamp_(-127, 127).to(torch.int8)
+    return q.contiguous(), scale.contiguous()
+
+
+class QuantEmbedding(nn.Module):
+    """A frozen token embedding held as int8 per row (``w = q * scale``) or bf16; looks up float32 rows."""
+
+    def __init__(self, weight: Tensor, kind: str, padding_idx: int | None = None) -> None:
+        super().__init__()
+        self.kind, self.padding_idx = kind, padding_idx
+        self.num_embeddings, self.embedding_dim = weight.shape
+        if kind == "int8":
+            q, scale = quantize_int8_rows(weight)
+            self.register_buffer("qweight", q)
+            self.register_buffer("scale", scale)
+        elif kind == "bf16":
+            self.register_buffer("weight_bf16", weight.detach().to(torch.bfloat16).contiguous())
+        else:
+            raise BasePrecisionError(f"QuantEmbedding kind must be int8 or bf16, got {kind!r}")
+
+    @property
+    def nbytes(self) -> int:
+        return sum(b.numel() * b.element_size() for b in self.buffers())
+
+    def numel(self) -> int:
+        return self.num_embeddings * self.embedding_dim
+
+    def forward(self, ids: Tensor) -> Tensor:
+        if self.kind == "int8":
+            return self.qweight[ids].float() * self.scale[ids].unsqueeze(-1)
+        return self.weight_bf16[ids].float()
+
+    def as_linear(self, note: str) -> QuantLinear:
+        """The tied ``lm_head``: the same storage read as a linear (no copy)."""
+        if self.kind == "int8":
+            return QuantLinear._int8(None, None, note, q=self.qweight, scale=self.scale)
+        layer = QuantLinear("bf16", self.embedding_dim, self.num_embeddings)
+        layer.register_buffer("weight_bf16", self.weight_bf16)
+        layer.note = note
+        return layer
+
+    def extra_repr(self) -> str:
+        return f"{self.num_embeddings}, {self.embedding_dim}, {self.kind}"
+
+
+# ------------------------------------------------------------------------------------------------ GGUF blocks
+
+_Q4_1_BLOCK = 20  # bytes: fp16 d, fp16 m, 16 bytes of nibbles (weights j and j+16 share byte j)
+
+
+def q4_1_blocks(raw: np.ndarray, n: int, k: int, name: str = "tensor") -> tuple[Tensor, Tensor, Tensor]:
+    """Decode Q4_1 data of an ``(n, k)`` weight: ``codes (n, k)`` uint8, ``d``/``m`` ``(n, k/32)`` float32."""
+    raw = np.ascontiguousarray(raw).view(np.uint8).reshape(-1)
+    want = n * (k // 32) * _Q4_1_BLOCK
+    if k % 32 or raw.size != want:
+        raise BasePrecisionError(f"GGUF tensor {name}: Q4_1 data of {raw.size} bytes, expected {want} for {n}x{k}; "
+                                 "the file is damaged or truncated")
+    blocks = raw.reshape(n, k // 32, _Q4_1_BLOCK)
+    d = torch.from_numpy(blocks[..., 0:2].copy().view(np.float16)[..., 0].astype(np.float32))
+    m = torch.from_numpy(blocks[..., 2:4].copy().view(np.float16)[..., 0].astype(np.float32))
+    if not (torch.isfinite(d).all() and torch.isfinite(m).all()):
+        raise BasePrecisionError(f"GGUF tensor {name}: non-finite Q4_1 scales; the file is damaged")
+    qs = torch.from_numpy(blocks[..., 4:].copy())  # (n, k/32, 16)
+    codes = torch.cat((qs & 15, qs >> 4), dim=-1).reshape(n, k)
+    return codes, d, m
+
+
+def _reverse_permute_rows(n: int, n_head: int) -> np.ndarray:
+    """Row order transformers applies to llama q/k weights read from a GGUF (undoing llama.cpp's rotary permute)."""
+    dim = n // n_head // 2
+    return np.arange(n).reshape(n_head, dim, 2).swapaxes(2, 1).reshape(n)
+
+
+def _gguf_tensors(path) -> dict:
+    try:
+        import gguf  # noqa: PLC0415 - only for native GGUF loads
+        reader = gguf.GGUFReader(str(path))
+    except Exception as exc:  # noqa: BLE001 - any parse failure is a damaged or foreign file
+        raise BasePrecisionError(f"cannot read the GGUF {path} for native precision: {exc}") from exc
+    return {t.name: t for t in reader.tensors}
+
+
+# ------------------------------------------------------------------------------------------------ applying
+
+
+def _block_linears(model: nn.Module) -> dict[str, nn.Linear]:
+    return {name: m for name, m in model.named_modules() if ".layers." in name and isinstance(m, nn.Linear)}
+
+
+def _hf_to_gguf_name(name: str) -> str | None:
+    # model.layers.{i}.self_attn.q_proj -> blk.{i}.attn_q.weight
+    head, sep, tail = name.partition(".layers.")
+    if not sep:
+        return None
+    idx, _, rest = tail.partition(".")
+    for g, hf in _GGUF_TO_HF.items():
+        if rest == hf:
+            return f"blk.{idx}.{g}.weight"
+    return None
+
+
+def _native_gguf_linears(model: nn.Module, path, linears: dict[str, nn.Linear]) -> dict[str, nn.Module]:
+    tensors = _gguf_tensors(path)
+    cfg = model.config
+    out: dict[str, nn.Module] = {}
+    unsupported: dict[str, str] = {}
+    for name, lin in linears.items():
+        gname = _hf_to_gguf_name(name)
+        t = tensors.get(gname) if gname else None
+        if t is None:
+            raise BasePrecisionError(f"native precision: no GGUF tensor for {name} (looked for {gname!r})")
+        kind = t.tensor_type.name
+        n, k = lin.out_features, lin.in_features
+        if kind == "Q4_1":
+            codes, d, m = q4_1_blocks(t.data, n, k, gname)
+            if name.endswith("q_proj") or name.endswith("k_proj"):
+                heads = cfg.num_attention_heads if name.endswith("q_proj") else cfg.num_key_value_heads
+                perm = torch.from_numpy(_reverse_permute_rows(n, heads))
+                codes, d, m = codes[perm], d[perm], m[perm]
+            # the verified fp32 weights are these same blocks dequantized: a mismatch means damage or a mapping bug
+            ref = lin.weight.detach()
+            exact = (codes.float().view(n, k // 32, 32) * d[..., None] + m[..., None]).view(n, k)
+            err = float((exact - ref).abs().max())
+            if not err <= 1e-6 * max(1.0, float(ref.abs().max())):
+                raise BasePrecisionError(f"GGUF tensor {gname}: its Q4_1 blocks disagree with the verified base "
+                                         f"weights (max diff {err:.3g}); the GGUF or the base cache is damaged")
+            out[name] = QuantLinear.from_q4_1(codes, d, m, lin.bias)
+        elif kind == "Q8_0":
+            out[name] = QuantLinear._int8(lin.weight.detach(), lin.bias, "int8 (Q8_0 re-quantized per channel)")
+        elif kind in ("F32", "F16", "BF16"):
+            continue  # float tensors stay as the loader made them (fp32)
+        else:
+            unsupported[gname] = kind
+    if unsupported:
+        kinds = ", ".join(sorted(set(unsupported.values())))
+        raise BasePrecisionError(f"native precision runs Q4_1 (int4) and Q8_0 (int8) GGUF tensors; this base ships "
+                                 f"{kinds} (e.g. {next(iter(unsupported))}): choose one of int4, int8, bf16, fp32")
+    return out
+
+
+def apply_precision(model: nn.Module, precision: str, *, source_kind: str, source_path=None,
+                    device: str | torch.device = "cpu") -> dict:
+    """Replace the base's linears (and embedding / lm_head) for ``precision``; returns what was done.
+
+    All replacements are built first and swapped in only when every one succeeded: an error leaves ``model``
+    as it was.
+    """
+    precision = resolve_precision(precision)
+    effective = precision
+    if precision == "native" and source_kind != "gguf":
+        effective = "fp32"  # tiny / HF directories ship float weights: native is their float32 path
+    summary = {"precision": precision, "effective": effective, "modules": {}, "weight_bytes": None}
+    if effective == "fp32":
+        summary["weight_bytes"] = _weight_bytes(model)
+        return summary
+    if torch.device(device).type != "cpu" and effective in ("native", "int4", "int8"):
+        raise BasePrecisionError(f"base precision {precision!r} runs on the CPU only (torch's int4/int8 ops); "
+                                 f"on {device} choose bf16 or fp32")
+    linears = _block_linears(model)
+    if effective == "native":
+        new = _native_gguf_linears(model, source_path, linears)
+    else:
+        new = {name: QuantLinear.from_linear(lin, effective) for name, lin in linears.items()}
+    emb = model.get_input_embeddings()
+    head = model.get_output_embeddings()
+    tied = head is not None and isinstance(emb, nn.Embedding) and head.weight is emb.weight
+    emb_kind = "bf16" if effective == "bf16" else "int8"
+    new_emb = QuantEmbedding(emb.weight.detach(), emb_kind, emb.padding_idx) if isinstance(emb, nn.Embedding) else None
+    note = ("int8 (Q8_0 re-quantized per row)" if effective == "native" else f"{emb_kind} (per row)")
+    new_head = None
+    if head is not None and isinstance(head, nn.Linear):
+        if tied and new_emb is not None:
+            new_head = new_emb.as_linear(f"{note}, tied to the embedding")
+        else:
+            new_head = (QuantLinear._int8(head.weight.detach(), head.bias, f"int8 ({note})") if emb_kind == "int8"
+                        else QuantLinear.from_linear(head, "bf16"))
+    # swap (nothing above touched the model)
+    for name, module in new.items():
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent), child, module)
+    if new_emb is not None:
+        model.set_input_embeddings(new_emb)
+    if new_head is not None:
+        model.set_output_embeddings(new_head)
+    counts: dict[str, int] = {}
+    for module in new.values():
+        counts[module.note] = counts.get(module.note, 0) + 1
+    if new_emb is not None:
+        counts[f"embedding {note}"] = 1
+    if new_head is not None:
+        counts[f"lm_head {new_head.note}"] = 1
+    summary["modules"] = counts
+    summary["weight_bytes"] = _weight_bytes(model)
+    return summary
+
+
+def _weight_bytes(model: nn.Module) -> int:
+    """Resident bytes of the base's weights (parameters and buffers, shared storage counted once)."""
+    seen, total = set(), 0
+    for t in [*model.parameters(), *model.buffers()]:
+        key = t.untyped_storage().data_ptr()
+        if key in seen:
+            continue
+        seen.add(key)
+        total += t.untyped_storage().nbytes()
+    return total
+
+
+def logical_numel(model: nn.Module) -> int:
+    """Parameters the base computes with: float parameters plus every quantized module's weight, once each."""
+    seen, total = set(), 0
+    for p in model.parameters():
+        if p.data_ptr() not in seen:
+            seen.add(p.data_ptr())
+            total += p.numel()
+    for m in model.modules():
+        if isinstance(m, (QuantLinear, QuantEmbedding)):
+            key = next(iter(m.buffers())).data_ptr()
+            if key not in seen:
+                seen.add(key)
+                total += m.numel()
+    return total
