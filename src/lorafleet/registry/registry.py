@@ -418,6 +418,11 @@ class Registry:
                aliases: Sequence[str] = (CANDIDATE,), create: bool = True) -> RevisionInfo:
         """Store ``blob`` as the next revision of ``ref`` and point ``aliases`` at it.
 
+        ``blob`` must be a canonical adapter blob (:func:`lorafleet.adapters.to_bytes`): anything else (a raw
+        PEFT safetensors file, arbitrary bytes) is refused with :class:`InvalidArgumentError` before anything is
+        written, since a revision that cannot be decoded would fail every request that uses it. To bring in a
+        PEFT folder, use :func:`lorafleet.registry.imports.import_adapters`.
+
         The blob is written first (content-addressed, deduplicated), then one transaction
         allocates the number and inserts the revision, alias moves and audit rows.
         """
@@ -440,6 +445,7 @@ class Registry:
         provenance = replace(provenance, hyperparams=copy.deepcopy(provenance.hyperparams),
                              metrics=copy.deepcopy(provenance.metrics))
         blob = bytes(blob)
+        check_adapter_blob(blob)
         digest = sha256_hex(blob)
 
         self.blobs.put(digest, blob)
@@ -689,6 +695,20 @@ class Registry:
         other revisions, then every unreferenced blob older than ``grace_s`` seconds (and stale
         temp files). See ``retention.py``."""
         return run_gc(self, keep_last=keep_last, dry_run=dry_run, grace_s=grace_s)
+
+
+def check_adapter_blob(blob: bytes) -> None:
+    """Refuse bytes that are not a canonical adapter blob (they would fail every load later)."""
+    from lorafleet.adapters.errors import AdapterError  # noqa: PLC0415 - torch only when committing
+    from lorafleet.adapters.peft_io import decode_blob  # noqa: PLC0415
+
+    try:
+        decode_blob(blob)
+    except AdapterError as exc:
+        raise InvalidArgumentError(
+            f"blob is not a canonical lorafleet adapter blob ({exc}); write it with lorafleet.adapters.to_bytes, "
+            "or import a PEFT folder with `lorafleet adapters import`"
+        ) from None
 
 
 def live_stack(moves: Iterable[tuple[str, int | None]]) -> list[int | None]:
