@@ -8,7 +8,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse
 
 from lorafleet import __version__
-from lorafleet.api import errors, feedback, management, tinker
+from lorafleet.api import errors, feedback, management, tinker, vllm_routes
 from lorafleet.api.service import Service
 
 
@@ -33,6 +33,7 @@ def create_app(service: Service, *, manage_lifecycle: bool = True) -> FastAPI:
     app.include_router(management.router)
     app.include_router(feedback.router)
     app.include_router(tinker.router)
+    app.include_router(vllm_routes.router)
     try:
         from lorafleet.api import openai_routes  # noqa: PLC0415
 

@@ -1,7 +1,8 @@
 """OpenAI-compatible inference: ``/v1/chat/completions``, ``/v1/completions``, ``/v1/models``.
 
 ``model`` names a personal adapter — ``tenant/user/adapter`` (its ``live`` revision), ``...@alias``,
-``...#N`` — or the base model's name for no adapter. A key only reaches its own tenant's adapters: any
+``...#N``, or a bare vLLM-style lora name (``sql-lora`` = ``local/lora/sql-lora``) — or the base model's name for
+no adapter. A key only reaches its own tenant's adapters: any
 other tenant's adapter answers 404 exactly like one that does not exist, resident or not.
 
 A stacked adapter (``lorafleet adapters create ... --parent``) is served with every level of its stack: the
@@ -29,6 +30,7 @@ from lorafleet.api.feedback import capture
 from lorafleet.api.keys import ApiKey
 from lorafleet.registry import NotFoundError
 from lorafleet.registry.errors import InvalidNameError
+from lorafleet.registry.imports import DEFAULT_PREFIX
 from lorafleet.registry.names import parse_address
 
 router = APIRouter(prefix="/v1", tags=["openai"])
@@ -91,14 +93,15 @@ def resolve_model(request: Request, key: ApiKey, model: str) -> Target:
         return Target(model, None, None)
     missing = ApiError(404, f"The model '{model}' does not exist or you do not have access to it.",
                        code="model_not_found", param="model")
+    address = model if "/" in model else f"{DEFAULT_PREFIX}/{model}"  # a bare vLLM-style lora name
     try:
-        addr = parse_address(model)
+        addr = parse_address(address)
     except InvalidNameError:
         raise missing from None
     if not can_use(key, addr.tenant):
         raise missing  # the same answer as a missing adapter: existence does not leak across tenants
     try:
-        revs = svc.registry.resolve_stack(model)
+        revs = svc.registry.resolve_stack(address)
     except NotFoundError:
         raise missing from None
     for rev in revs:
@@ -233,7 +236,8 @@ def list_models(request: Request, key: Key, limit: int = Query(1000, ge=1, le=10
                                                    cursor=cursor)
         for a in items:
             if "live" in a.aliases:
-                data.append({"id": a.ref, "object": "model", "created": int(a.created_at.timestamp()),
+                bare = a.ref.startswith(f"{DEFAULT_PREFIX}/")  # loaded by a bare vLLM-style name
+                data.append({"id": a.name if bare else a.ref, "object": "model", "created": int(a.created_at.timestamp()),
                              "owned_by": a.tenant})
         left -= len(items)
         if cursor is None:

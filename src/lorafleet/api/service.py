@@ -11,7 +11,7 @@ from lorafleet.adapters import LoraAdapter, from_bytes, peft_io, to_bytes
 from lorafleet.api.errors import ApiError
 from lorafleet.api.keys import KeyStore
 from lorafleet.api.metrics import RequestCounter
-from lorafleet.registry import Provenance, Registry
+from lorafleet.registry import NotFoundError, Provenance, Registry
 from lorafleet.registry.memory import MemoryStore
 from lorafleet.training.jobs import JobQueue
 
@@ -111,6 +111,37 @@ class Service:
         provenance = Provenance(base_fingerprint=self.base.fingerprint, method="upload",
                                 hyperparams=adapter.spec.to_dict(), creator=creator)
         return self.registry.commit(ref, to_bytes(adapter), provenance, creator=creator, aliases=(alias,), create=False)
+
+    def load_lora(self, lora_name: str, lora_path: str, *, creator: str, replace: bool = False):
+        """vLLM's ``load_lora_adapter`` / ``--lora-modules``: import the PEFT folder at ``lora_path`` as the
+        adapter ``lora_name`` stands for and point ``live`` at it. A name already live is refused unless
+        ``replace`` (vLLM's ``load_inplace``); the same weights again are a no-op."""
+        from lorafleet.registry import imports  # noqa: PLC0415
+
+        ref = imports.lora_ref(lora_name)
+        try:
+            live = self.registry.get_adapter(ref).aliases.get("live")
+        except NotFoundError:
+            live = None
+        if live is not None and not replace:
+            raise ApiError(400, f"The lora adapter '{lora_name}' has already been loaded ({ref}#{live}); pass "
+                                "load_inplace=true to replace it", code="already_loaded", param="lora_name")
+        return imports.import_path(self.registry, self.base, lora_path, ref, alias="live", creator=creator,
+                                   max_bytes=self.limits.max_upload_bytes)
+
+    def unload_lora(self, lora_name: str, *, actor: str):
+        """vLLM's ``unload_lora_adapter``: remove the ``live`` alias (audited); the revisions stay."""
+        from lorafleet.registry import imports  # noqa: PLC0415
+
+        ref = imports.lora_ref(lora_name)
+        try:
+            info = self.registry.get_adapter(ref)
+        except NotFoundError:
+            info = None
+        if info is None or "live" not in info.aliases:
+            raise ApiError(404, f"The lora adapter '{lora_name}' cannot be found.", type_="not_found_error",
+                           code="not_found", param="lora_name")
+        return self.registry.delete_alias(ref, "live", actor=actor, reason="unload_lora_adapter")
 
     # ---------------------------------------------------------------- serving
 

@@ -207,3 +207,46 @@ def import_adapters(registry, base, paths: Sequence[str], *, as_ref: str | None 
         if progress is not None:
             progress(result)
     return results
+
+
+def lora_ref(lora_name: str) -> str:
+    """The ref a vLLM-style ``lora_name`` stands for: a full ``t/u/a`` as is, a bare name under
+    :data:`DEFAULT_PREFIX` (so ``model="sql-lora"`` works like in vLLM)."""
+    if "/" in lora_name:
+        parse_ref(lora_name)
+        return lora_name
+    check_segment(lora_name, "adapter", lora_name)
+    return f"{DEFAULT_PREFIX}/{lora_name}"
+
+
+def import_path(registry, base, path: str, ref: str, *, alias: str = CANDIDATE, creator: str = "cli",
+                max_bytes: int | None = None) -> ImportResult:
+    """Import the one PEFT folder at ``path`` (local or an fsspec URL) as ``ref``; errors raise."""
+    parse_ref(ref)
+    found = find_adapters([path])
+    if len(found) != 1:
+        raise InvalidNameError(f"{path} holds {len(found)} adapters; give the folder of one")
+    adapter = read_adapter(found[0], base, max_bytes=max_bytes)
+    status, rev = commit_adapter(registry, base, ref, adapter, source=found[0].source, alias=alias, creator=creator)
+    return ImportResult(source=found[0].source, ref=ref, status=status, number=rev.number, digest=rev.digest,
+                        size=rev.size, ignored=list(adapter.meta.get("ignored", [])))
+
+
+def parse_lora_module(text: str) -> tuple[str, str]:
+    """One ``--lora-modules`` value, as vLLM takes it: ``name=path`` or JSON ``{"name": ..., "path": ...}``."""
+    import json  # noqa: PLC0415
+
+    text = text.strip()
+    if text.startswith("{"):
+        try:
+            obj = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise InvalidNameError(f"--lora-modules {text!r}: invalid JSON ({exc})") from None
+        if not isinstance(obj, dict) or not isinstance(obj.get("name"), str) or not isinstance(obj.get("path"), str):
+            raise InvalidNameError(f"--lora-modules {text!r}: JSON needs string fields 'name' and 'path'")
+        name, path = obj["name"], obj["path"]
+    else:
+        name, sep, path = text.partition("=")
+        if not sep or not name or not path:
+            raise InvalidNameError(f"--lora-modules {text!r}: expected name=path or a JSON object")
+    return name, path
