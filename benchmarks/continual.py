@@ -57,8 +57,9 @@ def main() -> int:
     from lorafleet.api.app import create_app
     from lorafleet.api.service import Service
     from lorafleet.base import load_base
-    from lorafleet.cli_common import quiet_libraries
-    from lorafleet.demo import _engine_backend
+    from lorafleet.cli.common import quiet_libraries
+    from lorafleet.cli.demo import _engine_backend
+    from lorafleet.continual.schedule import Scheduler
     from lorafleet.evaluation import gate as gatemod
     from lorafleet.evaluation import generation
     from lorafleet.evaluation.metrics import EvalSet, evaluate_revisions
@@ -67,7 +68,6 @@ def main() -> int:
     from lorafleet.serving.engine import Engine
     from lorafleet.serving.params import EngineConfig
     from lorafleet.training.jobs import JobQueue
-    from lorafleet.training.schedule import Scheduler
     from lorafleet.training.trainer import TrainConfig
     from lorafleet.training.worker import Worker
 

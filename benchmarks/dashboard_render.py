@@ -32,13 +32,13 @@ from _common import console, markdown_table, show, write_result  # noqa: E402
 
 from lorafleet.adapters import LoraAdapter, LoraSpec, to_bytes  # noqa: E402
 from lorafleet.api.service import Service  # noqa: E402
-from lorafleet.api.ui.harness import LoopbackServer, bulk_seed, launch_chromium  # noqa: E402
 from lorafleet.base import load_base  # noqa: E402
 from lorafleet.registry import Provenance, Registry  # noqa: E402
 from lorafleet.registry.registry import encode_cursor  # noqa: E402
 from lorafleet.serving.engine import Engine  # noqa: E402
 from lorafleet.serving.params import EngineConfig  # noqa: E402
 from lorafleet.serving.sources import registry_fetch  # noqa: E402
+from lorafleet.testing.harness import LoopbackServer, bulk_seed, launch_chromium  # noqa: E402
 
 BUDGET_S = 1.0
 USERS_PER_TENANT = 10_000

@@ -21,7 +21,6 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests" / "api"))
 
 
 def main() -> None:
@@ -39,13 +38,14 @@ def main() -> None:
     import openai
     from _common import markdown_table, show, write_result
 
-    from conftest import Server, commit_live  # the test suite's loopback server harness
     from lorafleet.api.service import Service
     from lorafleet.base import load_base
     from lorafleet.registry import Registry
     from lorafleet.serving.engine import Engine
     from lorafleet.serving.params import EngineConfig
     from lorafleet.serving.sources import registry_fetch
+    from lorafleet.testing.harness import LoopbackServer as Server
+    from lorafleet.testing.harness import commit_live
 
     tmp = Path(tempfile.mkdtemp(prefix="lorafleet-load-"))
     reg = Registry(f"sqlite:///{tmp / 'reg.db'}", str(tmp / "blobs"))

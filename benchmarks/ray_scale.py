@@ -141,7 +141,7 @@ def wait_http(url: str, timeout: float = 600) -> None:
 
 
 def run_local(args, db_url: str, blob_url: str, admin: str, key: str, refs: list[str], engine_cfg) -> dict:
-    from lorafleet.registry.pgtest import free_port
+    from lorafleet.testing.pgtest import free_port
 
     port = free_port()
     env = {**os.environ, "LORAFLEET_DB_URL": db_url, "LORAFLEET_BLOB_URL": blob_url, "LORAFLEET_ADMIN_KEY": admin,
@@ -169,7 +169,7 @@ def run_ray(args, replicas: int, db_url: str, blob_url: str, admin: str, key: st
     from lorafleet.cluster.config import ClusterConfig
     from lorafleet.cluster.launch import deploy
     from lorafleet.cluster.ray_app import APP_NAME
-    from lorafleet.registry.pgtest import free_port
+    from lorafleet.testing.pgtest import free_port
 
     config = ClusterConfig(db_url=db_url, blob_url=blob_url, base=args.base, replicas=replicas, replica_cpus=1.0,
                            ingress_cpus=0.5, max_ongoing_requests=math.ceil(args.clients / replicas),
@@ -351,8 +351,8 @@ def main() -> None:
     from lorafleet.base import load_base
     from lorafleet.cluster.launch import connect
     from lorafleet.registry import Provenance, Registry
-    from lorafleet.registry.pgtest import TempPostgres
     from lorafleet.serving.params import EngineConfig
+    from lorafleet.testing.pgtest import TempPostgres
 
     t_all = time.monotonic()
     tmp = Path(tempfile.mkdtemp(prefix="lorafleet-ray-scale-"))

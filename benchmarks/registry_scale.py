@@ -42,9 +42,9 @@ from rich.table import Table
 from lorafleet.adapters import LoraAdapter, LoraSpec, to_bytes
 from lorafleet.registry import Provenance, Registry
 from lorafleet.registry.blobstore import sha256_hex
-from lorafleet.registry.pgtest import TempPostgres
 from lorafleet.registry.registry import encode_cursor
 from lorafleet.registry.schema import adapters, aliases, audit, revisions
+from lorafleet.testing.pgtest import TempPostgres
 
 BASE_FP = "bench-base-fingerprint"
 ADAPTERS_PER_USER = 10

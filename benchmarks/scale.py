@@ -3,7 +3,7 @@
     python benchmarks/scale.py            # both on the real bases; writes docs/results/scale_down.md, scale_up.md + PNGs
     python benchmarks/scale.py --quick    # tiny-model smoke runs (written to a temp dir)
 
-The logic lives in lorafleet.evaluation.scale (see docs/scale.md); this only runs the commands.
+The logic lives in lorafleet.bench.scale (see docs/scale.md); this only runs the commands.
 """
 
 from __future__ import annotations

@@ -26,7 +26,6 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests" / "api"))
 
 
 def main() -> None:
@@ -47,7 +46,6 @@ def main() -> None:
     from _common import console, markdown_table, show, write_result
     from tinker import types
 
-    from conftest import Server  # the test suite's loopback server harness (uvicorn in a thread)
     from lorafleet.adapters import LoraAdapter, LoraSpec, from_bytes
     from lorafleet.api.service import Service
     from lorafleet.api.tinker import TinkerConfig, TinkerService
@@ -57,6 +55,7 @@ def main() -> None:
     from lorafleet.serving.engine import Engine
     from lorafleet.serving.params import EngineConfig
     from lorafleet.serving.sources import registry_fetch
+    from lorafleet.testing.harness import LoopbackServer as Server  # uvicorn in a thread on loopback
     from lorafleet.training.data import IGNORE, dataset_from_records, tokenize_sft
     from lorafleet.training.trainer import MultiTenantTrainer, TrainConfig, sft_eval_loss
 

@@ -14,7 +14,7 @@ os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest
 
-from lorafleet.registry import pgtest
+from lorafleet.testing import pgtest
 
 _db_counter = itertools.count(1)
 

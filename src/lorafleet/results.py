@@ -41,3 +41,21 @@ def write_markdown(path: Path, title: str, sections: list[tuple[str, str]], note
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("\n".join(body))
     return path
+
+
+PLOTS_MISSING = "plots need matplotlib, an optional extra: pip install 'lorafleet[plots]'"
+
+
+def pyplot():
+    """``matplotlib.pyplot`` on the Agg backend; matplotlib is the optional ``plots`` extra, imported only here.
+
+    Raises ImportError with the install line when it is missing."""
+    try:
+        import matplotlib  # noqa: PLC0415 - optional extra, only for the reports that draw
+    except ImportError as exc:
+        raise ImportError(PLOTS_MISSING) from exc
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt  # noqa: PLC0415
+
+    return plt
+

@@ -5,29 +5,16 @@ from __future__ import annotations
 import httpx
 import pytest
 
-from lorafleet.adapters import LoraAdapter, LoraSpec, to_bytes
 from lorafleet.api.service import Limits, Service
-from lorafleet.api.ui.harness import LoopbackServer
 from lorafleet.base import load_base
-from lorafleet.registry import Provenance, Registry
+from lorafleet.registry import Registry
 from lorafleet.serving.engine import Engine
 from lorafleet.serving.params import EngineConfig
 from lorafleet.serving.sources import registry_fetch
+from lorafleet.testing.harness import LoopbackServer, commit_live
 
 # A real uvicorn server on loopback: the one the dashboard tests and benchmarks use too.
 Server = LoopbackServer
-
-
-def commit_live(reg: Registry, base, ref: str, seed: int, rank: int = 4) -> str:
-    adapter = LoraAdapter.create(base, LoraSpec(rank=rank, alpha=2 * rank, target_modules="all"), seed=seed,
-                                 init="random")
-    for _, B in adapter.weights.values():
-        B.mul_(100.0)  # strong enough to change the tiny random model's greedy output
-    reg.create_adapter(ref, exist_ok=True)
-    rev = reg.commit(ref, to_bytes(adapter), Provenance(base_fingerprint=base.fingerprint, method="test"),
-                     aliases=("candidate",))
-    reg.set_alias(ref, "live", rev.number, reason="test")
-    return rev.digest
 
 
 @pytest.fixture(scope="module")

@@ -10,11 +10,11 @@ from lorafleet.adapters import LoraAdapter, LoraSpec, to_bytes
 from lorafleet.api.app import create_app
 from lorafleet.api.service import Service
 from lorafleet.base import load_base
+from lorafleet.continual.schedule import Scheduler
 from lorafleet.registry import NotFoundError, Provenance, Registry
 from lorafleet.serving.engine import Engine
 from lorafleet.serving.params import EngineConfig
 from lorafleet.serving.sources import registry_fetch
-from lorafleet.training.schedule import Scheduler
 from lorafleet.training.worker import Worker
 
 REF = "acme/alice/assistant"

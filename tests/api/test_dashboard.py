@@ -12,9 +12,9 @@ from fastapi.testclient import TestClient
 from lorafleet.adapters import LoraAdapter, LoraSpec, to_bytes
 from lorafleet.api.app import create_app
 from lorafleet.api.ui import STATIC, fleet
-from lorafleet.api.ui.harness import bulk_seed
 from lorafleet.api.ui.routes import FORGET_PATHS
 from lorafleet.registry import Provenance
+from lorafleet.testing.harness import bulk_seed
 
 GOOD = {"eval_set": "s", "eval_digest": "d1", "adherence": 0.9, "eval_loss": 1.0, "probe_ppl_ratio": 1.05,
         "probe_retention": 1.0, "base_adherence": 0.0, "base_eval_loss": 2.0}

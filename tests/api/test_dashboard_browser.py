@@ -16,12 +16,12 @@ import pytest
 
 from lorafleet.adapters import LoraAdapter, LoraSpec, to_bytes
 from lorafleet.api.service import Service
-from lorafleet.api.ui.harness import CHROMIUM, LoopbackServer, bulk_seed, launch_chromium
 from lorafleet.base import load_base
 from lorafleet.registry import Provenance, Registry
 from lorafleet.serving.engine import Engine
 from lorafleet.serving.params import EngineConfig
 from lorafleet.serving.sources import registry_fetch
+from lorafleet.testing.harness import CHROMIUM, LoopbackServer, bulk_seed, launch_chromium
 
 if not Path(CHROMIUM).exists():
     if os.environ.get("CI"):

@@ -10,7 +10,7 @@ import time
 import pytest
 from _cluster import TENANT, adapter_refs, commit_live
 
-from lorafleet.registry.pgtest import free_port
+from lorafleet.testing.pgtest import free_port
 
 MATCHING_TIMEOUT_ENV = "RAY_SERVE_MULTIPLEXED_MODEL_ID_MATCHING_TIMEOUT_S"
 

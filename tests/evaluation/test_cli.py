@@ -9,8 +9,8 @@ import typer
 from typer.testing import CliRunner
 
 from lorafleet.adapters import LoraAdapter, LoraSpec, to_bytes
+from lorafleet.cli.evaluate import register
 from lorafleet.evaluation import generation
-from lorafleet.evaluation.cli import register
 from lorafleet.registry import Provenance, Registry
 
 REF = "acme/alice/assistant"

@@ -4,13 +4,14 @@ and bad input refused with exit code 2."""
 from __future__ import annotations
 
 import math
+import sys
 
 import pytest
 from typer.testing import CliRunner
 
+from lorafleet.bench.scale import Format, ScaleSettings, examples_to_reach, smallest_keeping, summarize_scale_down
 from lorafleet.cli import app
 from lorafleet.evaluation.errors import EvaluationError
-from lorafleet.evaluation.scale import Format, ScaleSettings, examples_to_reach, smallest_keeping, summarize_scale_down
 
 runner = CliRunner()
 
@@ -56,6 +57,15 @@ def test_bad_input_exits_2_with_the_reason(args, match, tmp_path):
     assert res.exit_code == 2, res.output
     assert match in res.output
     assert not any(tmp_path.iterdir())  # nothing written
+
+
+def test_without_matplotlib_it_stops_before_training_with_the_install_line(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # the optional `plots` extra not installed
+    for command in ("scale-down", "scale-up"):
+        res = runner.invoke(app, ["bench", command, "--quick", "--out", str(tmp_path)])
+        assert res.exit_code == 2, res.output
+        assert "pip install 'lorafleet[plots]'" in res.output
+    assert not any(tmp_path.iterdir())
 
 
 def test_format_parse_round_trips():

@@ -7,7 +7,7 @@ import os
 import pytest
 
 from lorafleet.registry import Registry
-from lorafleet.registry.pgtest import free_port
+from lorafleet.testing.pgtest import free_port
 
 
 @pytest.fixture

@@ -8,8 +8,8 @@ import pytest
 from registry_helpers import REF, blob, prov
 from typer.testing import CliRunner
 
+from lorafleet.cli.adapters import app
 from lorafleet.registry import Registry
-from lorafleet.registry.cli import app
 
 runner = CliRunner()
 

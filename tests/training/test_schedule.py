@@ -8,9 +8,9 @@ from datetime import UTC, datetime, timedelta
 import pytest
 
 from lorafleet.adapters import LoraAdapter, LoraSpec, to_bytes
+from lorafleet.continual.schedule import PolicyError, Scheduler, UpdatePolicy, due, is_heldout, plan_update
 from lorafleet.registry import Provenance, Registry
 from lorafleet.registry.memory import MemorySettings, MemoryStore
-from lorafleet.training.schedule import PolicyError, Scheduler, UpdatePolicy, due, is_heldout, plan_update
 from lorafleet.training.worker import Worker
 
 REF = "acme/alice/assistant"

@@ -52,7 +52,7 @@ class Service:
         if self.engine is not None and hasattr(self.engine, "start"):
             self.engine.start()
         if self.run_worker:
-            from lorafleet.training.schedule import Scheduler  # noqa: PLC0415
+            from lorafleet.continual.schedule import Scheduler  # noqa: PLC0415
             from lorafleet.training.worker import Worker  # noqa: PLC0415
 
             scheduler = Scheduler(self.registry, self.base, memory=self.memory, min_interval_s=5.0)

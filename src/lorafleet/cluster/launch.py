@@ -82,7 +82,7 @@ def serve_ray(*, base: str | None, engine, replicas: int, replica_cpus: float, h
     """``lorafleet serve --cluster ray``: check the config, make sure an admin key exists, run until Ctrl-C."""
     import typer  # noqa: PLC0415
 
-    from lorafleet.cli_common import console  # noqa: PLC0415
+    from lorafleet.cli.common import console  # noqa: PLC0415
 
     try:
         config = config_from_env(base=base or os.environ.get("LORAFLEET_BASE"), replicas=replicas,

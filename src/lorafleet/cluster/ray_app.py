@@ -72,7 +72,7 @@ class AdapterLease:
 def _setup_process(threads: int) -> None:
     import torch  # noqa: PLC0415
 
-    from lorafleet.cli_common import quiet_libraries  # noqa: PLC0415
+    from lorafleet.cli.common import quiet_libraries  # noqa: PLC0415
 
     torch.set_num_threads(threads)
     quiet_libraries()

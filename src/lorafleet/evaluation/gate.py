@@ -12,7 +12,7 @@ set (same ``eval_digest``):
 3. Optionally ``adherence >= min_adherence``.
 4. **Drift guard** (when the candidate carries ``metrics["drift"]``: the habits the user already had, i.e. their
    earlier eval sets, measured on the candidate and on the reference side by side — see
-   :mod:`lorafleet.training.schedule`): on every earlier set, adherence may fall at most ``max_habit_drop`` below
+   :mod:`lorafleet.continual.schedule`): on every earlier set, adherence may fall at most ``max_habit_drop`` below
    the reference's, and (sets without a habit checker) held-out loss may rise at most ``max_habit_loss_rise``.
    A revision that learns the new preference but loses an old one is refused, the lost habit named in the reason.
 

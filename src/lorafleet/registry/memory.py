@@ -6,7 +6,7 @@
     POST /v1/feedback ──► feedback: rating ≥ 1          -> SFT example (the answer as served)
                                     rewrite             -> SFT example (prompt + the user's rewrite)
                                     choice of 2 answers -> DPO pair (chosen / rejected, same prompt)
-    scheduler (lorafleet.training.schedule) reads feedback ids > watermark as "new examples"
+    scheduler (lorafleet.continual.schedule) reads feedback ids > watermark as "new examples"
 
 Capture is opt-in per adapter (``capture`` in the adapter's memory settings, off by default). Both tables are
 size-bounded per user: past ``max_interactions`` / ``max_feedback`` rows the oldest are deleted on insert.
@@ -53,7 +53,7 @@ class MemorySettings:
     ref: str
     capture: bool = False
     enabled: bool = False  # scheduled updates on
-    policy: dict = field(default_factory=dict)  # lorafleet.training.schedule.UpdatePolicy.to_dict()
+    policy: dict = field(default_factory=dict)  # lorafleet.continual.schedule.UpdatePolicy.to_dict()
     watermark: int = 0  # feedback ids <= watermark were trained on already
     pending_job: int | None = None
     pending_watermark: int | None = None

@@ -19,9 +19,9 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from .errors import RegistryError
-from .records import AdapterInfo, AuditEntry, RevisionInfo
-from .registry import Registry
+from lorafleet.registry.errors import RegistryError
+from lorafleet.registry.records import AdapterInfo, AuditEntry, RevisionInfo
+from lorafleet.registry.registry import Registry
 
 app = typer.Typer(
     help="Adapter registry: identities, immutable revisions, aliases (live/candidate/...), audit log and gc.",

@@ -10,6 +10,7 @@ import warnings
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 # Piped output (CI logs, transcripts) gets 120 columns instead of rich's 80, so tables stay readable.
 console = Console(width=None if sys.stdout.isatty() else 120)
@@ -56,7 +57,7 @@ def handle_errors(fn):
         try:
             return fn(*args, **kwargs)
         except user_errors() as exc:
-            err_console.print(f"[bold red]error:[/] {exc}", highlight=False)
+            err_console.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False)
             raise typer.Exit(2) from None
 
     return wrapper

@@ -10,10 +10,12 @@ from datetime import UTC, datetime
 import sqlalchemy as sa
 import uvicorn
 
+from lorafleet.adapters import LoraAdapter, LoraSpec, to_bytes
+from lorafleet.registry import Provenance
 from lorafleet.registry import db as regdb
-from lorafleet.registry.pgtest import free_port
 from lorafleet.registry.records import default_code_version
 from lorafleet.registry.schema import adapters, aliases, revisions
+from lorafleet.testing.pgtest import free_port
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
@@ -105,3 +107,16 @@ def bulk_seed(registry, n: int, *, digest: str, size: int, base_fingerprint: str
         with regdb.write_tx(registry.engine) as conn:
             conn.execute(sa.text("SELECT setval(pg_get_serial_sequence('adapters', 'id'), (SELECT max(id) FROM adapters))"))
     return done
+
+
+def commit_live(reg, base, ref: str, seed: int, rank: int = 4) -> str:
+    """Commit a random adapter strong enough to change the tiny model's output and make it ``live``; its digest."""
+    adapter = LoraAdapter.create(base, LoraSpec(rank=rank, alpha=2 * rank, target_modules="all"), seed=seed,
+                                 init="random")
+    for _, B in adapter.weights.values():
+        B.mul_(100.0)  # strong enough to change the tiny random model's greedy output
+    reg.create_adapter(ref, exist_ok=True)
+    rev = reg.commit(ref, to_bytes(adapter), Provenance(base_fingerprint=base.fingerprint, method="test"),
+                     aliases=("candidate",))
+    reg.set_alias(ref, "live", rev.number, reason="test")
+    return rev.digest

@@ -13,9 +13,10 @@ import os
 from pathlib import Path
 
 import typer
+from rich.markup import escape
 from rich.table import Table
 
-from lorafleet.cli_common import console, err_console, handle_errors, print_json, quiet_libraries
+from lorafleet.cli.common import console, err_console, handle_errors, print_json, quiet_libraries
 from lorafleet.evaluation.errors import EvaluationError
 
 personas_app = typer.Typer(help="Synthetic personas with checkable habits (train/eval data).", no_args_is_help=True)
@@ -44,7 +45,7 @@ def _command(fn):
         try:
             return fn(*args, **kwargs)
         except EvaluationError as exc:
-            err_console.print(f"[bold red]error:[/] {exc}", highlight=False)
+            err_console.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False)
             raise typer.Exit(2) from None
 
     return handle_errors(wrapper)

@@ -1,4 +1,4 @@
-"""``lorafleet`` — the command line. Each room of the package adds its commands here."""
+"""``lorafleet`` — the command line: the root app; every command group is a module of this package."""
 
 from __future__ import annotations
 
@@ -8,7 +8,9 @@ from pathlib import Path
 import typer
 from rich.table import Table
 
-from lorafleet.cli_common import console, handle_errors, print_json, quiet_libraries
+from lorafleet.cli import adapters, bench, continual, evaluate, serve, train
+from lorafleet.cli.common import console, handle_errors, print_json, quiet_libraries
+from lorafleet.cli.demo import run_demo
 
 app = typer.Typer(help="lorafleet: one shared base LLM, many persistent personal models.", no_args_is_help=True)
 base_app = typer.Typer(help="The shared base model.", no_args_is_help=True)
@@ -17,24 +19,12 @@ app.add_typer(base_app, name="base")
 app.add_typer(lora_app, name="lora")
 
 
-def _mount_rooms() -> None:
-    """Each room of the package owns its commands; they are mounted here."""
-    from lorafleet.api.cli import register as register_api  # noqa: PLC0415
-    from lorafleet.evaluation.cli import register as register_evaluation  # noqa: PLC0415
-    from lorafleet.evaluation.scale_cli import register as register_bench  # noqa: PLC0415
-    from lorafleet.registry.cli import app as registry_app  # noqa: PLC0415
-    from lorafleet.training.cli import register as register_training  # noqa: PLC0415
-    from lorafleet.training.continual_cli import register as register_continual  # noqa: PLC0415
-
-    app.add_typer(registry_app, name="adapters", help="The adapter registry: identities, revisions, aliases.")
-    register_training(app)
-    register_evaluation(app)  # eval, promote, rollback, report, stack-report, personas
-    register_api(app)
-    register_continual(app)
-    register_bench(app)
-
-
-_mount_rooms()
+app.add_typer(adapters.app, name="adapters", help="The adapter registry: identities, revisions, aliases.")
+train.register(app)
+evaluate.register(app)  # eval, promote, rollback, report, stack-report, personas
+serve.register(app)
+continual.register(app)
+bench.register(app)
 
 BaseOpt = typer.Option(None, "--base", help="base name or path (default: $LORAFLEET_BASE or smollm2-135m-instruct)")
 
@@ -155,14 +145,9 @@ def demo_cmd(
 ) -> None:
     """The end-to-end tour: load the base, make a personal adapter, generate with and without it."""
     quiet_libraries()
-    from lorafleet.demo import run_demo  # noqa: PLC0415
-
     run_demo(quick=quick, base=_base_name(base))
 
 
 def main() -> None:
     app()
 
-
-if __name__ == "__main__":
-    main()

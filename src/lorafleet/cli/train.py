@@ -10,7 +10,7 @@ import typer
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from lorafleet.cli_common import console, handle_errors, print_json, quiet_libraries
+from lorafleet.cli.common import console, handle_errors, print_json, quiet_libraries
 
 jobs_app = typer.Typer(help="Training jobs: list, show, cancel.", no_args_is_help=True)
 
@@ -132,7 +132,7 @@ def register(app: typer.Typer) -> None:
                                        help="also run scheduled personal updates (see `lorafleet schedule`)"),
     ) -> None:
         """Take training jobs from the queue and train them, several users per step."""
-        from lorafleet.training.schedule import Scheduler  # noqa: PLC0415
+        from lorafleet.continual.schedule import Scheduler  # noqa: PLC0415
         from lorafleet.training.worker import WorkerConfig  # noqa: PLC0415
 
         config = WorkerConfig(max_jobs=max_jobs, lease_seconds=lease, checkpoint_every=checkpoint_every)

@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 
 from lorafleet.evaluation.errors import EvaluationError
-from lorafleet.results import markdown_table, write_markdown
+from lorafleet.results import markdown_table, pyplot, write_markdown
 
 DEFAULT_PERSONAS = ("ahab",)  # the sign-off habit: learned fastest; more with --personas (slower)
 LORA_RANKS = (1, 2, 4, 8, 16)
@@ -255,8 +255,17 @@ def _train_groups(trainer, say: Say, label: str) -> float:
 
 # --------------------------------------------------------------------------------------------- scale-down
 
+def _pyplot():
+    """matplotlib (the ``plots`` extra), or a user error naming the install line — checked before any training."""
+    try:
+        return pyplot()
+    except ImportError as exc:
+        raise EvaluationError(str(exc)) from None
+
+
 def run_scale_down(s: ScaleSettings, out_dir: Path, say: Say = print) -> dict:
     """Train every format x persona x seed packed, store under every codec, evaluate; write results + plots."""
+    _pyplot()
     from lorafleet.adapters import to_bytes  # noqa: PLC0415
     from lorafleet.adapters.peft_io import decode_blob  # noqa: PLC0415
     from lorafleet.adapters.vera import as_lora  # noqa: PLC0415
@@ -406,10 +415,7 @@ NOTES_DOWN = """\
 
 
 def _plot_scale_down(summary: list[dict], out_dir: Path) -> list[Path]:
-    import matplotlib  # noqa: PLC0415
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt  # noqa: PLC0415
+    plt = _pyplot()
 
     out_dir.mkdir(parents=True, exist_ok=True)
     marker = {"fp16": "o", "int8": "s", "q4": "^", "fp32": "D"}
@@ -523,6 +529,7 @@ def examples_to_reach(curve: list[dict], target: float = 0.8, persona: str | Non
 
 def run_scale_up(s: ScaleSettings, out_dir: Path, say: Say = print, fmt: Format | None = None) -> dict:
     """The same personas and format on each base of ``s.bases``; a base that cannot load is reported, not fatal."""
+    _pyplot()
     fmt = fmt or Format.parse(REFERENCE)
     t0 = time.perf_counter()
     per_base, blocked = [], {}
@@ -585,10 +592,7 @@ NOTES_UP = """\
 
 
 def _plot_scale_up(result: dict, out_dir: Path) -> list[Path]:
-    import matplotlib  # noqa: PLC0415
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt  # noqa: PLC0415
+    plt = _pyplot()
 
     out_dir.mkdir(parents=True, exist_ok=True)
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4.5))

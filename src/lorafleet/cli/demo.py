@@ -21,7 +21,8 @@ from pathlib import Path
 
 from rich.table import Table
 
-from lorafleet.cli_common import console
+from lorafleet.cli.common import console
+from lorafleet.results import PLOTS_MISSING, pyplot
 
 TENANT = "demo"
 DEMO_PERSONAS = ("ahab", "greta", "lister", "quiet", "wxbot", "splendid")
@@ -91,7 +92,7 @@ def _reusable(registry, ref: str, dataset_digest: str, hyper: dict):
 def _train(registry, base, personas, settings: DemoSettings, *, warm_start: str = "none") -> dict:
     """Submit one job per persona that needs one, run them packed in this process; returns ref -> revision."""
     from lorafleet.adapters import LoraSpec  # noqa: PLC0415
-    from lorafleet.training.cli import run_worker_with_progress  # noqa: PLC0415
+    from lorafleet.cli.train import run_worker_with_progress  # noqa: PLC0415
     from lorafleet.training.jobs import JobQueue  # noqa: PLC0415
     from lorafleet.training.trainer import TrainConfig  # noqa: PLC0415
 
@@ -170,16 +171,9 @@ def _pct(x) -> str:
     return "n/a" if x is None else f"{x:.0%}"
 
 
-def _write_report(out_dir: Path, base, personas, metrics, decisions, sizes, batch_rows, lifecycle, seconds) -> Path:
-    import matplotlib  # noqa: PLC0415
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt  # noqa: PLC0415
-
-    out_dir.mkdir(parents=True, exist_ok=True)
-    names = [p.name for p, _ in personas]
-    base_adh = [metrics[r].get("base_adherence") or 0.0 for _, r in personas]
-    own_adh = [metrics[r].get("adherence") or 0.0 for _, r in personas]
+def _draw_chart(path: Path, base, names, base_adh, own_adh) -> str:
+    """The adherence bar chart (needs the ``plots`` extra); the report's markdown line for it."""
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(8, 4))
     xs = range(len(names))
     ax.bar([x - 0.2 for x in xs], [100 * v for v in base_adh], width=0.4, label="base", color="#bbbbbb")
@@ -190,13 +184,23 @@ def _write_report(out_dir: Path, base, personas, metrics, decisions, sizes, batc
     ax.set_title(f"One base ({base.name}), {len(names)} personal models")
     ax.legend(loc="upper left", ncol=2)
     fig.tight_layout()
-    chart = out_dir / "adherence.png"
-    fig.savefig(chart, dpi=120)
+    fig.savefig(path, dpi=120)
     plt.close(fig)
+    return f"![adherence per user]({path.name})"
 
+
+def _write_report(out_dir: Path, base, personas, metrics, decisions, sizes, batch_rows, lifecycle, seconds) -> Path:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    names = [p.name for p, _ in personas]
+    base_adh = [metrics[r].get("base_adherence") or 0.0 for _, r in personas]
+    own_adh = [metrics[r].get("adherence") or 0.0 for _, r in personas]
+    try:
+        chart_line = _draw_chart(out_dir / "adherence.png", base, names, base_adh, own_adh)
+    except ImportError as exc:  # matplotlib is the optional `plots` extra: the report goes on without the chart
+        chart_line = f"(no chart: {exc})"
     lines = [f"# lorafleet demo — {datetime.now(UTC).strftime('%Y-%m-%d %H:%M UTC')}", "",
              f"Base: {base.name} ({base.num_parameters:,} parameters, fingerprint `{base.fingerprint[:16]}…`). "
-             f"Wall time {seconds:.0f} s.", "", "![adherence per user](adherence.png)", "",
+             f"Wall time {seconds:.0f} s.", "", chart_line, "",
              "| user | habit | base adherence | personal adherence | competence probe | adapter | % of base | gate |",
              "|---|---|---|---|---|---|---|---|"]
     for persona, ref in personas:
@@ -283,7 +287,8 @@ def run_demo(*, quick: bool = False, base: str | None = None, settings: DemoSett
     console.rule("6. report")
     out_dir = data_dir() / "reports" / f"demo-{datetime.now(UTC).strftime('%Y%m%d-%H%M%S')}"
     report = _write_report(out_dir, b, personas, metrics, decisions, sizes, batch_rows, lifecycle, seconds)
-    console.print(f"report: {report}\nchart:  {out_dir / 'adherence.png'}")
+    chart = out_dir / "adherence.png"
+    console.print(f"report: {report}\nchart:  {chart if chart.exists() else 'none (' + PLOTS_MISSING + ')'}")
     console.rule("7. serve them")
     console.print("everything is in the registry; serve the same users with:\n"
                   "  lorafleet keys create --tenant demo\n  lorafleet serve\n"

@@ -9,7 +9,8 @@ from pathlib import Path
 import typer
 from rich.table import Table
 
-from lorafleet.cli_common import console, handle_errors, print_json
+from lorafleet.cli.common import console, handle_errors, print_json
+from lorafleet.cli.serve import ADMIN_KEY_ENV
 
 memory_app = typer.Typer(help="What lorafleet remembers of a user: conversations, feedback; forgetting.",
                          no_args_is_help=True)
@@ -89,7 +90,6 @@ def forget(user: str, *, yes: bool, server: str | None) -> None:
     if server:
         import httpx  # noqa: PLC0415
 
-        from lorafleet.api.cli import ADMIN_KEY_ENV  # noqa: PLC0415
         from lorafleet.registry import InvalidArgumentError  # noqa: PLC0415
 
         key = os.environ.get(ADMIN_KEY_ENV)
@@ -122,7 +122,7 @@ def memory_forget(user: str = typer.Argument(..., help="tenant/user"),
 
 
 def _parse_gate(items: list[str]) -> dict:
-    from lorafleet.training.schedule import PolicyError  # noqa: PLC0415
+    from lorafleet.continual.schedule import PolicyError  # noqa: PLC0415
 
     out = {}
     for item in items:
@@ -154,7 +154,7 @@ def schedule_set(
     as_json: bool = JsonOpt,
 ) -> None:
     """Set an adapter's update policy (only the options given change), capture, and whether it runs."""
-    from lorafleet.training.schedule import UpdatePolicy  # noqa: PLC0415
+    from lorafleet.continual.schedule import UpdatePolicy  # noqa: PLC0415
 
     store = _store()
     current = store.settings(ref).policy
@@ -182,7 +182,7 @@ def schedule_show(ref: str = typer.Argument(..., help="tenant/user/adapter"), as
 
 
 def _print_settings(settings, as_json: bool) -> None:
-    from lorafleet.training.schedule import UpdatePolicy  # noqa: PLC0415
+    from lorafleet.continual.schedule import UpdatePolicy  # noqa: PLC0415
 
     data = settings.to_dict()
     data["policy"] = UpdatePolicy.from_dict(settings.policy).to_dict()

@@ -7,7 +7,7 @@ import os
 import typer
 from rich.table import Table
 
-from lorafleet.cli_common import console, handle_errors, print_json, quiet_libraries
+from lorafleet.cli.common import console, handle_errors, print_json, quiet_libraries
 
 keys_app = typer.Typer(help="API keys of the HTTP service (stored hashed).", no_args_is_help=True)
 ADMIN_KEY_ENV = "LORAFLEET_ADMIN_KEY"

@@ -1,4 +1,4 @@
-"""``lorafleet bench scale-down`` / ``scale-up``: the commands; the logic is in :mod:`lorafleet.evaluation.scale`."""
+"""``lorafleet bench scale-down`` / ``scale-up``: the commands; the logic is in :mod:`lorafleet.bench.scale`."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ from pathlib import Path
 
 import typer
 
-from lorafleet.cli_common import console, quiet_libraries
-from lorafleet.evaluation.cli import _command
+from lorafleet.cli.common import console, quiet_libraries
+from lorafleet.cli.evaluate import _command
 
 bench_app = typer.Typer(help="Benchmarks that answer a question with a table and plots.", no_args_is_help=True)
 
@@ -35,7 +35,7 @@ def _out_dir(out: Path | None, name: str) -> Path:
 
 
 def _settings(quick: bool, **given):
-    from lorafleet.evaluation.scale import ScaleSettings  # noqa: PLC0415
+    from lorafleet.bench.scale import ScaleSettings  # noqa: PLC0415
 
     overrides = {k: v for k, v in given.items() if v is not None}
     if "personas" in overrides:
@@ -67,7 +67,7 @@ def scale_down(
 ) -> None:
     """How small can a personal model be: bytes per user vs habit adherence, held-out loss, seed spread."""
     quiet_libraries()
-    from lorafleet.evaluation.scale import Format, full_formats, run_scale_down, smallest_keeping  # noqa: PLC0415
+    from lorafleet.bench.scale import Format, full_formats, run_scale_down, smallest_keeping  # noqa: PLC0415
 
     fmts = tuple(Format.parse(f) for f in formats.split(",") if f.strip()) if formats else None
     if full_grid:
@@ -107,8 +107,8 @@ def scale_up(
 ) -> None:
     """Does a stronger base make it better: adherence, held-out loss, examples to reach 80%, per base."""
     quiet_libraries()
+    from lorafleet.bench.scale import Format, examples_to_reach, run_scale_up  # noqa: PLC0415
     from lorafleet.evaluation.errors import EvaluationError  # noqa: PLC0415
-    from lorafleet.evaluation.scale import Format, examples_to_reach, run_scale_up  # noqa: PLC0415
 
     cps = None
     if checkpoints:
