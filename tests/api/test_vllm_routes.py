@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import copy
+import json
 
 import httpx
 import openai
@@ -104,3 +105,65 @@ def test_bad_adapter_folder_is_refused(server, peft_folder, tmp_path):
     assert r.status_code == 422 and "NaN or Inf" in r.json()["error"]["message"]
     with pytest.raises(Exception, match="does not exist"):
         server.registry.get_adapter("local/lora/nan-lora")
+
+
+def test_serve_lora_modules_imports_at_start(peft_folder, tmp_path):
+    """``lorafleet serve --lora-modules name=path`` as a real process: the adapter answers by its bare name, and a
+    restart with the same folder adds no revision."""
+    import os
+    import subprocess
+    import sys
+    import time
+
+    from lorafleet.registry import Registry
+    from lorafleet.testing.pgtest import free_port
+
+    env = {**os.environ, "LORAFLEET_HOME": str(tmp_path / "home"), "LORAFLEET_ADMIN_KEY": "lf-admin-test-secret-0123",
+           "LORAFLEET_BASE": "tiny", "OMP_NUM_THREADS": "1"}
+    env.pop("LORAFLEET_DB_URL", None)
+    env.pop("LORAFLEET_BLOB_URL", None)
+
+    def serve():
+        port = free_port()
+        proc = subprocess.Popen([sys.executable, "-m", "lorafleet.cli", "serve", "--port", str(port), "--no-worker",
+                                 "--lora-modules", f"sql-lora={peft_folder}",
+                                 "--lora-modules", json.dumps({"name": "other", "path": str(peft_folder)})],
+                                env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        url = f"http://127.0.0.1:{port}"
+        for _ in range(300):
+            try:
+                if httpx.get(f"{url}/health", timeout=1).status_code == 200:
+                    return proc, url
+            except httpx.HTTPError:
+                pass
+            if proc.poll() is not None:
+                raise AssertionError(proc.stdout.read())
+            time.sleep(0.2)
+        proc.kill()
+        raise AssertionError("server did not start")
+
+    for _ in range(2):  # start, stop, start again
+        proc, url = serve()
+        try:
+            c = openai.OpenAI(base_url=f"{url}/v1", api_key=env["LORAFLEET_ADMIN_KEY"], max_retries=0, timeout=60)
+            out = c.chat.completions.create(model="sql-lora", messages=MSGS, max_tokens=4, temperature=0)
+            assert out.model_extra["lorafleet"]["revision"] == "local/lora/sql-lora#1"
+            assert {"sql-lora", "other"} <= {m.id for m in c.models.list()}
+        finally:
+            proc.terminate()
+            proc.wait(timeout=60)
+    with Registry(f"sqlite:///{tmp_path / 'home' / 'registry.db'}", str(tmp_path / "home" / "blobs")) as reg:
+        assert [r.number for r in reg.history("local/lora/sql-lora")] == [1]
+
+
+def test_serve_lora_modules_bad_value_is_one_error_line(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "LORAFLEET_HOME": str(tmp_path / "home"), "LORAFLEET_BASE": "tiny"}
+    for value, msg in [("no-equals-sign", "expected name=path"), (f"x={tmp_path / 'missing'}", "does not exist")]:
+        proc = subprocess.run([sys.executable, "-m", "lorafleet.cli", "serve", "--no-worker", "--lora-modules", value],
+                              env=env, capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 2 and msg in proc.stderr, proc.stderr[-2000:]
+        assert proc.stderr.count("error:") == 1
