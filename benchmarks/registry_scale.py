@@ -34,10 +34,12 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import sqlalchemy as sa
+import torch
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from lorafleet.adapters import LoraAdapter, LoraSpec, to_bytes
 from lorafleet.registry import Provenance, Registry
 from lorafleet.registry.blobstore import sha256_hex
 from lorafleet.registry.registry import encode_cursor
@@ -167,7 +169,11 @@ def measure(reg: Registry, n: int, lookups: int, commits: int, seed: int) -> dic
 
     def commit() -> object:
         idx = rng.randrange(n)
-        blob = rng.randbytes(16 * 1024) + next(counter).to_bytes(8, "little")
+        # a canonical adapter blob (commit refuses anything else) of ~16 KiB, unique per call
+        values = torch.frombuffer(bytearray(rng.randbytes(4 * 1024)), dtype=torch.uint8).float().view(4, -1)
+        values[0, 0] = next(counter)
+        blob = to_bytes(LoraAdapter(LoraSpec(rank=4, target_modules="q_proj"),
+                                    {"model.layers.0.self_attn.q_proj": (values, torch.zeros(8, 4))}))
         return reg.commit(addr(idx), blob, Provenance(base_fingerprint=BASE_FP, method="sft"), creator="bench")
 
     results["commit (16 KiB blob)"] = timed(commit, commits, warmup=10)

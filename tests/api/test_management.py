@@ -10,6 +10,7 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
 from lorafleet.adapters import LoraAdapter, LoraSpec, peft_io, to_bytes
+from lorafleet.base import load_base
 
 
 def _peft_files(base, **overrides):
@@ -94,7 +95,7 @@ def _bad(kind, base):
         ("nan", 422, "NaN or Inf"),
         ("huge", 422, "over the bound of 1000x"),
         ("wrong_base", 422, "made for base"),
-        ("path_trick", 422, "unexpected file"),
+        ("path_trick", 422, "no adapter_model.safetensors"),
         ("empty_raw", 400, "empty upload"),
         ("too_large", 413, "over the limit"),
     ],
@@ -118,6 +119,26 @@ def test_bad_uploads_commit_nothing(server, admin_client, kind, status, match):
     assert r.status_code == status, r.text
     assert match in r.json()["error"]["message"]
     assert admin_client.get(f"/v1/adapters/{ref}/revisions").json()["data"] == before
+
+
+def test_upload_of_a_save_pretrained_folder_ignores_readme(server, admin_client, tmp_path):
+    """The exact folder ``peft.save_pretrained`` writes (README.md included) uploads; the extras are listed."""
+    import copy
+
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(5)
+    model = get_peft_model(copy.deepcopy(load_base("tiny").model),
+                           LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+    model.save_pretrained(tmp_path / "p")
+    files = {p.name: p.read_bytes() for p in (tmp_path / "p").iterdir()}
+    assert "README.md" in files
+    ref = "initech/pat/peft"
+    admin_client.post("/v1/adapters", json={"ref": ref})
+    r = _upload(admin_client, ref, files)
+    assert r.status_code == 201, r.text
+    assert r.json()["ignored_files"] == sorted(set(files) - {"adapter_config.json", "adapter_model.safetensors"})
+    assert "README.md" in r.json()["ignored_files"]
 
 
 def test_jobs_over_http(server, admin_client):

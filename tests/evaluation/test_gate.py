@@ -67,7 +67,15 @@ def test_bad_config(kwargs, match):
         GateConfig(**kwargs)
 
 
-def _commit(registry, metrics: dict | None, blob: bytes) -> str:
+def _commit(registry, metrics: dict | None, tag: bytes) -> str:
+    """Commit a small canonical adapter blob standing for ``tag`` (the gate reads only metrics)."""
+    import torch
+
+    from lorafleet.adapters import LoraAdapter, LoraSpec, to_bytes
+
+    a = torch.tensor([list(tag)], dtype=torch.float32)
+    blob = to_bytes(LoraAdapter(LoraSpec(rank=1, target_modules="q_proj"),
+                                {"model.layers.0.self_attn.q_proj": (a, torch.zeros(1, 1))}))
     rev = registry.commit(REF, blob, Provenance(base_fingerprint=FP, metrics=metrics or {}), creator="test")
     return rev.address
 

@@ -11,6 +11,19 @@ BASE = "base-fp-1"
 REF = "acme/alice/assistant"
 
 
+def blob(tag: bytes | str) -> bytes:
+    """A canonical adapter blob (``Registry.commit`` accepts nothing else) standing for ``tag``: the same tag
+    gives the same bytes, another tag other bytes, and a longer tag a bigger blob (one value per tag byte)."""
+    import torch  # noqa: PLC0415
+
+    from lorafleet.adapters import LoraAdapter, LoraSpec, to_bytes  # noqa: PLC0415
+
+    raw = tag.encode() if isinstance(tag, str) else bytes(tag)
+    a = torch.tensor([list(raw) or [0]], dtype=torch.float32)  # (1, len(tag))
+    spec = LoraSpec(rank=1, alpha=1.0, target_modules=("q_proj",))
+    return to_bytes(LoraAdapter(spec=spec, weights={"model.layers.0.self_attn.q_proj": (a, torch.zeros(1, 1))}))
+
+
 def prov(**kwargs) -> Provenance:
     kwargs.setdefault("base_fingerprint", BASE)
     return Provenance(**kwargs)
@@ -23,7 +36,7 @@ def commit_worker(db_url: str, blob_url: str, ref: str, worker: int, count: int,
         start.wait(timeout=120)  # every worker has opened the registry: go together
         numbers = []
         for i in range(count):
-            rev = reg.commit(ref, f"worker {worker} blob {i}".encode(), prov(), creator=f"w{worker}")
+            rev = reg.commit(ref, blob(f"worker {worker} blob {i}".encode()), prov(), creator=f"w{worker}")
             numbers.append(rev.number)
         return numbers
     finally:

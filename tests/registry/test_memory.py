@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 import sqlalchemy as sa
+from registry_helpers import blob
 
 from lorafleet.adapters import LoraAdapter, LoraSpec, to_bytes
 from lorafleet.base import load_base
@@ -189,9 +190,9 @@ def test_forget_on_both_databases(registry_url, tmp_path):
     reg = Registry(registry_url, str(tmp_path / "blobs"))
     store = MemoryStore(reg)
     prov = Provenance(base_fingerprint=FP)
-    own = reg.commit(REF, b"alice only", prov, aliases=("live",))
-    shared = reg.commit(REF, b"shared bytes", prov)
-    reg.commit("acme/bob/assistant", b"shared bytes", prov, aliases=("live",))
+    own = reg.commit(REF, blob(b"alice only"), prov, aliases=("live",))
+    shared = reg.commit(REF, blob(b"shared bytes"), prov)
+    reg.commit("acme/bob/assistant", blob(b"shared bytes"), prov, aliases=("live",))
     store.configure(REF, capture=True)
     _capture(store, "resp-1", SECRET)
     store.add_feedback("resp-1", rating=1)

@@ -6,7 +6,7 @@ import hashlib
 from datetime import UTC, datetime
 
 import pytest
-from registry_helpers import BASE, REF, prov
+from registry_helpers import BASE, REF, blob, prov
 
 from lorafleet.registry import (
     AlreadyExistsError,
@@ -31,19 +31,36 @@ def test_create_get_and_exist_ok(registry):
     assert registry.create_adapter(REF, exist_ok=True) == info
 
 
+@pytest.mark.parametrize("kind", ["raw", "peft_safetensors", "empty"])
+def test_commit_refuses_bytes_that_are_not_adapter_blobs(registry, kind):
+    """A raw PEFT safetensors (or any bytes) committed would fail every later load: refused, nothing stored."""
+    import torch
+    from safetensors.torch import save
+
+    data = {"raw": b"weights", "empty": b"",
+            "peft_safetensors": save({"base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight": torch.ones(1, 4),
+                                      "base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight": torch.ones(4, 1)})}[kind]
+    with pytest.raises(InvalidArgumentError, match="not a canonical lorafleet adapter blob"):
+        registry.commit(REF, data, prov())
+    with pytest.raises(NotFoundError):
+        registry.get_adapter(REF)
+    assert list(registry.blobs.iter_digests()) == []
+    assert registry.commit(REF, blob(b"ok"), prov()).number == 1
+
+
 def test_get_missing_adapter(registry):
     with pytest.raises(NotFoundError, match="adapter 'acme/bob/x' does not exist"):
         registry.get_adapter("acme/bob/x")
 
 
 def test_commit_numbers_are_gapless_and_content_addressed(registry):
-    revs = [registry.commit(REF, f"blob {i}".encode(), prov()) for i in range(3)]
+    revs = [registry.commit(REF, blob(f"blob {i}".encode()), prov()) for i in range(3)]
     assert [r.number for r in revs] == [1, 2, 3]
     for i, rev in enumerate(revs):
-        assert rev.digest == hashlib.sha256(f"blob {i}".encode()).hexdigest()
-        assert rev.size == len(f"blob {i}")
+        assert rev.digest == hashlib.sha256(blob(f"blob {i}")).hexdigest()
+        assert rev.size == len(blob(f"blob {i}"))
         assert rev.address == f"{REF}#{rev.number}"
-        assert registry.read_blob(rev.digest) == f"blob {i}".encode()
+        assert registry.read_blob(rev.digest) == blob(f"blob {i}")
     assert registry.get_adapter(REF).latest == 3
     # candidate follows the newest commit by default
     assert registry.resolve(f"{REF}@candidate").number == 3
@@ -51,23 +68,23 @@ def test_commit_numbers_are_gapless_and_content_addressed(registry):
 
 
 def test_identical_bytes_share_one_blob(registry, blob_url):
-    a = registry.commit(REF, b"same bytes", prov())
-    b = registry.commit("acme/bob/other", b"same bytes", prov())
+    a = registry.commit(REF, blob(b"same bytes"), prov())
+    b = registry.commit("acme/bob/other", blob(b"same bytes"), prov())
     assert a.digest == b.digest and (a.number, b.number) == (1, 1)
     assert list(registry.blobs.iter_digests()) == [a.digest]
 
 
 def test_commit_without_create_needs_existing_adapter(registry):
     with pytest.raises(NotFoundError, match="does not exist"):
-        registry.commit(REF, b"x", prov(), create=False)
+        registry.commit(REF, blob(b"x"), prov(), create=False)
     registry.create_adapter(REF)
-    assert registry.commit(REF, b"x", prov(), create=False).number == 1
+    assert registry.commit(REF, blob(b"x"), prov(), create=False).number == 1
 
 
 def test_resolve_forms(registry):
-    registry.commit(REF, b"one", prov())
-    registry.commit(REF, b"two", prov(), aliases=["candidate", "live", "beta"])
-    registry.commit(REF, b"three", prov())
+    registry.commit(REF, blob(b"one"), prov())
+    registry.commit(REF, blob(b"two"), prov(), aliases=["candidate", "live", "beta"])
+    registry.commit(REF, blob(b"three"), prov())
     assert registry.resolve(REF).number == 2
     assert registry.resolve(f"{REF}@live").number == 2
     assert registry.resolve(f"{REF}@beta").number == 2
@@ -88,15 +105,15 @@ RESOLVE_ERRORS = [
 
 @pytest.mark.parametrize(("address", "message"), RESOLVE_ERRORS)
 def test_resolve_errors_name_the_problem(registry, address, message):
-    registry.commit(REF, b"one", prov())
+    registry.commit(REF, blob(b"one"), prov())
     with pytest.raises((NotFoundError, InvalidNameError), match=message):
         registry.resolve(address)
 
 
 def test_provenance_is_recorded_and_parent_digest_filled(registry):
-    first = registry.commit(REF, b"v1", prov(method="sft", hyperparams={"r": 8, "lr": 1e-4}, example_count=10,
+    first = registry.commit(REF, blob(b"v1"), prov(method="sft", hyperparams={"r": 8, "lr": 1e-4}, example_count=10,
                                              dataset_digest="d" * 64), creator="trainer")
-    second = registry.commit(REF, b"v2", prov(parent=1, method="dpo"))
+    second = registry.commit(REF, blob(b"v2"), prov(parent=1, method="dpo"))
     got = registry.resolve(f"{REF}#1").provenance
     assert got.method == "sft" and got.hyperparams == {"r": 8, "lr": 1e-4}
     assert got.example_count == 10 and got.dataset_digest == "d" * 64
@@ -120,9 +137,9 @@ PROVENANCE_ERRORS = [
 
 @pytest.mark.parametrize(("kwargs", "error", "message"), PROVENANCE_ERRORS)
 def test_bad_provenance_is_refused_and_nothing_is_committed(registry, kwargs, error, message):
-    registry.commit(REF, b"v1", prov())
+    registry.commit(REF, blob(b"v1"), prov())
     with pytest.raises(error, match=message):
-        registry.commit(REF, b"v2", prov(**kwargs))
+        registry.commit(REF, blob(b"v2"), prov(**kwargs))
     assert registry.get_adapter(REF).latest == 1
     assert [r.number for r in registry.history(REF)] == [1]
 
@@ -138,15 +155,15 @@ def test_provenance_round_trips_through_dict():
 
 
 def test_load_refuses_other_base(registry):
-    registry.commit(REF, b"weights", prov(), aliases=["live"])
+    registry.commit(REF, blob(b"weights"), prov(), aliases=["live"])
     rev, data = registry.load(REF, base_fingerprint=BASE)
-    assert data == b"weights" and rev.number == 1
+    assert data == blob(b"weights") and rev.number == 1
     with pytest.raises(BaseMismatchError, match=r"#1 .* was trained for base 'base-fp-1', not the loaded base 'gemma'"):
         registry.load(REF, base_fingerprint="gemma")
 
 
 def test_update_metrics_merges_and_leaves_rest_immutable(registry):
-    rev = registry.commit(REF, b"w", prov(metrics={"train_loss": 1.5}))
+    rev = registry.commit(REF, blob(b"w"), prov(metrics={"train_loss": 1.5}))
     updated = registry.update_metrics(f"{REF}#1", {"heldout_acc": 0.8})
     assert updated.provenance.metrics == {"train_loss": 1.5, "heldout_acc": 0.8}
     updated = registry.update_metrics(f"{REF}@candidate", {"train_loss": 1.4})
@@ -161,7 +178,7 @@ def test_update_metrics_merges_and_leaves_rest_immutable(registry):
 
 def test_set_alias_records_audit_chain(registry):
     for i in range(3):
-        registry.commit(REF, f"b{i}".encode(), prov(), aliases=())
+        registry.commit(REF, blob(f"b{i}".encode()), prov(), aliases=())
     e1 = registry.set_alias(REF, "live", 1, actor="gate", reason="first")
     e2 = registry.set_alias(REF, "live", 3, actor="gate", reason="better")
     assert (e1.from_number, e1.to_number, e1.actor, e1.reason, e1.action) == (None, 1, "gate", "first", "alias.set")
@@ -179,7 +196,7 @@ def test_set_alias_records_audit_chain(registry):
 
 
 def test_delete_alias(registry):
-    registry.commit(REF, b"x", prov(), aliases=["candidate", "beta"])
+    registry.commit(REF, blob(b"x"), prov(), aliases=["candidate", "beta"])
     entry = registry.delete_alias(REF, "beta", actor="ops", reason="done")
     assert (entry.action, entry.from_number, entry.to_number) == ("alias.delete", 1, None)
     assert registry.get_adapter(REF).aliases == {"candidate": 1}
@@ -189,7 +206,7 @@ def test_delete_alias(registry):
 
 def test_rollback_walks_back_through_live_history(registry):
     for i in range(4):
-        registry.commit(REF, f"b{i}".encode(), prov())
+        registry.commit(REF, blob(f"b{i}".encode()), prov())
     for n in (1, 2, 3):
         registry.set_alias(REF, "live", n, actor="gate")
     e = registry.rollback(REF, actor="oncall", reason="regression")
@@ -208,7 +225,7 @@ def test_rollback_walks_back_through_live_history(registry):
 
 
 def test_rollback_without_live_history(registry):
-    registry.commit(REF, b"x", prov())
+    registry.commit(REF, blob(b"x"), prov())
     with pytest.raises(NotFoundError, match="no earlier live revision"):
         registry.rollback(REF)
 
@@ -217,7 +234,7 @@ def test_list_adapters_keyset_pagination_and_filters(registry):
     refs = [f"{t}/{u}/a{i}" for t in ("acme", "beta", "ac_me") for u in ("al", "bo") for i in range(3)]
     for ref in refs:
         registry.create_adapter(ref)
-    registry.commit("acme/al/a0", b"x", prov(), aliases=["live"])
+    registry.commit("acme/al/a0", blob(b"x"), prov(), aliases=["live"])
     seen, cursor, pages = [], None, 0
     while True:
         page, cursor = registry.list_adapters(limit=4, cursor=cursor)
@@ -254,8 +271,8 @@ def test_list_adapters_errors(registry, kwargs, error, message):
 
 
 def test_audit_across_adapters_and_limit(registry):
-    registry.commit("t/u/a", b"1", prov())
-    registry.commit("t/u/b", b"2", prov())
+    registry.commit("t/u/a", blob(b"1"), prov())
+    registry.commit("t/u/b", blob(b"2"), prov())
     entries = registry.audit()
     assert [e.ref for e in entries] == ["t/u/b", "t/u/a"]
     assert len(registry.audit(limit=1)) == 1
@@ -265,10 +282,10 @@ def test_audit_across_adapters_and_limit(registry):
 
 def test_reopen_keeps_everything(registry_url, blob_url):
     with Registry(registry_url, blob_url) as reg:
-        reg.commit(REF, b"persist me", prov(), aliases=["live"])
+        reg.commit(REF, blob(b"persist me"), prov(), aliases=["live"])
     with Registry(registry_url, blob_url) as reg:
         rev, data = reg.load(REF, base_fingerprint=BASE)
-        assert data == b"persist me" and rev.aliases == ["live"]
+        assert data == blob(b"persist me") and rev.aliases == ["live"]
 
 
 def test_open_default_honours_env(tmp_path, monkeypatch):
@@ -276,14 +293,14 @@ def test_open_default_honours_env(tmp_path, monkeypatch):
     monkeypatch.delenv("LORAFLEET_DB_URL", raising=False)
     monkeypatch.delenv("LORAFLEET_BLOB_URL", raising=False)
     with Registry.open_default() as reg:
-        reg.commit(REF, b"x", prov())
+        reg.commit(REF, blob(b"x"), prov())
     assert (tmp_path / "home" / "registry.db").exists()
     assert any((tmp_path / "home" / "blobs").iterdir())
     monkeypatch.setenv("LORAFLEET_DB_URL", f"sqlite:///{tmp_path / 'other.db'}")
     monkeypatch.setenv("LORAFLEET_BLOB_URL", str(tmp_path / "other-blobs"))
     with Registry.open_default() as reg:
         assert reg.list_adapters()[0] == []
-        reg.commit(REF, b"y", prov())
+        reg.commit(REF, blob(b"y"), prov())
     assert (tmp_path / "other.db").exists() and (tmp_path / "other-blobs").is_dir()
 
 

@@ -7,7 +7,7 @@ import hashlib
 import os
 
 import pytest
-from registry_helpers import BASE, REF, prov
+from registry_helpers import BASE, REF, blob, prov
 
 from lorafleet.registry import (
     CorruptBlobError,
@@ -55,7 +55,7 @@ CORRUPTIONS = [
 
 @pytest.mark.parametrize(("kind", "mutate"), CORRUPTIONS, ids=[c[0] for c in CORRUPTIONS])
 def test_corrupt_blob_is_detected_and_never_returned(registry, kind, mutate):
-    rev = registry.commit(REF, b"adapter weights " * 100, prov(), aliases=["live"])
+    rev = registry.commit(REF, blob(b"adapter weights " * 100), prov(), aliases=["live"])
     path = registry.blobs.path(rev.digest)
     path.write_bytes(mutate(path.read_bytes()))
     with pytest.raises(CorruptBlobError, match=f"blob {rev.digest} .* is corrupt: its .* bytes hash to"):
@@ -63,12 +63,12 @@ def test_corrupt_blob_is_detected_and_never_returned(registry, kind, mutate):
     with pytest.raises(CorruptBlobError, match="commit the adapter again"):
         registry.load(REF, base_fingerprint=BASE)
     # committing the same bytes again repairs the store
-    registry.commit(REF, b"adapter weights " * 100, prov())
-    assert registry.load(REF, base_fingerprint=BASE)[1] == b"adapter weights " * 100
+    registry.commit(REF, blob(b"adapter weights " * 100), prov())
+    assert registry.load(REF, base_fingerprint=BASE)[1] == blob(b"adapter weights " * 100)
 
 
 def test_missing_blob_is_a_clear_error(registry):
-    rev = registry.commit(REF, b"w", prov(), aliases=["live"])
+    rev = registry.commit(REF, blob(b"w"), prov(), aliases=["live"])
     os.unlink(registry.blobs.path(rev.digest))
     with pytest.raises(MissingBlobError, match=f"blob {rev.digest} is missing from the blob store"):
         registry.load(REF, base_fingerprint=BASE)
@@ -83,7 +83,7 @@ def test_read_blob_validates_digest(registry):
 
 @pytest.mark.parametrize("partial", [False, True], ids=["immediately", "half-written"])
 def test_enospc_during_blob_write_makes_nothing_visible(registry, monkeypatch, partial):
-    registry.commit(REF, b"first", prov(), aliases=["live"])
+    registry.commit(REF, blob(b"first"), prov(), aliases=["live"])
     real = blobstore_mod._write_all
 
     def full_disk(fd, data):
@@ -93,7 +93,7 @@ def test_enospc_during_blob_write_makes_nothing_visible(registry, monkeypatch, p
 
     monkeypatch.setattr(blobstore_mod, "_write_all", full_disk)
     with pytest.raises(StorageFullError, match="no space left .* free space there .* nothing was made visible"):
-        registry.commit(REF, b"second, bigger" * 1000, prov(), aliases=["live"])
+        registry.commit(REF, blob(b"second, bigger" * 1000), prov(), aliases=["live"])
     monkeypatch.undo()
     assert registry.get_adapter(REF).latest == 1
     assert registry.resolve(REF).number == 1
@@ -102,7 +102,7 @@ def test_enospc_during_blob_write_makes_nothing_visible(registry, monkeypatch, p
     leftovers = [p for p in blob_root.rglob("*") if p.is_file()]
     assert [p.name for p in leftovers] == [registry.resolve(REF).digest[2:]]  # no temp or partial files
     # and the registry still works afterwards
-    assert registry.commit(REF, b"second, bigger" * 1000, prov()).number == 2
+    assert registry.commit(REF, blob(b"second, bigger" * 1000), prov()).number == 2
 
 
 def test_database_full_makes_nothing_visible(sqlite_registry):
@@ -110,7 +110,7 @@ def test_database_full_makes_nothing_visible(sqlite_registry):
     from sqlalchemy import event
 
     reg = sqlite_registry
-    reg.commit(REF, b"first", prov())
+    reg.commit(REF, blob(b"first"), prov())
     engine = reg.engine
     engine.dispose()
     with engine.connect() as conn:
@@ -124,7 +124,7 @@ def test_database_full_makes_nothing_visible(sqlite_registry):
     try:
         with pytest.raises(StorageFullError, match="registry database .* is full"):
             for i in range(200):  # fill the remaining free pages, then hit the cap
-                reg.commit(REF, b"more", prov(hyperparams={"pad": "x" * 2000, "i": i}))
+                reg.commit(REF, blob(b"more"), prov(hyperparams={"pad": "x" * 2000, "i": i}))
     finally:
         event.remove(engine, "connect", cap)
         engine.dispose()
@@ -167,10 +167,10 @@ def test_s3_blob_store_end_to_end(s3_env, tmp_path):
     _make_bucket(s3_env, "lorafleet-test")
     reg = Registry(f"sqlite:///{tmp_path / 'r.db'}", "s3://lorafleet-test/blobs")
     try:
-        rev = reg.commit(REF, b"s3 weights", prov(), aliases=["live"])
-        again = reg.commit("acme/bob/x", b"s3 weights", prov())
+        rev = reg.commit(REF, blob(b"s3 weights"), prov(), aliases=["live"])
+        again = reg.commit("acme/bob/x", blob(b"s3 weights"), prov())
         assert again.digest == rev.digest
-        assert reg.load(REF, base_fingerprint=BASE)[1] == b"s3 weights"
+        assert reg.load(REF, base_fingerprint=BASE)[1] == blob(b"s3 weights")
         assert list(reg.blobs.iter_digests()) == [rev.digest]
         fs = reg.blobs.fs
         key = reg.blobs.path(rev.digest)
@@ -186,9 +186,9 @@ def test_s3_blob_store_end_to_end(s3_env, tmp_path):
         # an orphan (as after a crash between blob and metadata) is removed by gc; referenced ones stay
         orphan = b"orphan"
         reg.blobs.put(hashlib.sha256(orphan).hexdigest(), orphan)
-        kept = reg.commit(REF, b"kept", prov())
+        kept = reg.commit(REF, blob(b"kept"), prov())
         report = reg.gc(keep_last=5, grace_s=0)
         assert report.deleted_blobs == [hashlib.sha256(orphan).hexdigest()]
-        assert reg.read_blob(kept.digest) == b"kept"
+        assert reg.read_blob(kept.digest) == blob(b"kept")
     finally:
         reg.close()

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from registry_helpers import REF, prov
+from registry_helpers import REF, blob, prov
 from typer.testing import CliRunner
 
 from lorafleet.cli.adapters import app
@@ -22,7 +22,7 @@ def env(tmp_path, monkeypatch):
     monkeypatch.setenv("COLUMNS", "240")  # rich sizes tables to the terminal
     with Registry.open_default() as reg:
         for i in range(3):
-            reg.commit(REF, f"w{i}".encode(), prov(method="sft"))
+            reg.commit(REF, blob(f"w{i}".encode()), prov(method="sft"))
         reg.set_alias(REF, "live", 2, actor="gate", reason="passed")
     return tmp_path
 
@@ -114,7 +114,7 @@ def test_stack_commands(env):
     res = invoke("create", "acme/_org/support")
     assert res.exit_code == 0
     with Registry.open_default() as reg:
-        org = reg.commit("acme/_org/support", b"org", prov())
+        org = reg.commit("acme/_org/support", blob(b"org"), prov())
         reg.set_alias("acme/_org/support", "live", org.number)
     res = invoke("create", "acme/carol/assistant", "--parent", "acme/_org/support")
     assert res.exit_code == 0 and "on top of acme/_org/support" in res.stdout
@@ -127,7 +127,7 @@ def test_stack_commands(env):
     res = invoke("parent", REF)
     assert res.exit_code == 2 and "PARENT or --detach" in res.stderr
     with Registry.open_default() as reg:
-        carol = reg.commit("acme/carol/assistant", b"carol", prov())
+        carol = reg.commit("acme/carol/assistant", blob(b"carol"), prov())
         reg.set_alias("acme/carol/assistant", "live", carol.number)
     levels = json.loads(invoke("stack", REF, "--json").stdout)
     assert [lvl["address"] for lvl in levels] == ["acme/_org/support#1", "acme/carol/assistant#1", f"{REF}#2"]

@@ -12,21 +12,23 @@ import sys
 import time
 
 import pytest
-from registry_helpers import BASE, REF, prov
+from registry_helpers import BASE, REF, blob, prov
 
 from lorafleet.registry import Registry
 from lorafleet.registry.faults import POINTS
 
 COMMIT_SCRIPT = """
 import sys
+sys.path.insert(0, HERE)
+from registry_helpers import blob
 from lorafleet.registry import Provenance, Registry
 db_url, blob_url, ref, count = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
 reg = Registry(db_url, blob_url)
 print("READY", flush=True)
 for i in range(count):
-    rev = reg.commit(ref, b"crash payload %d" % i, Provenance(base_fingerprint="base-fp-1"))
+    rev = reg.commit(ref, blob(b"crash payload %d" % i), Provenance(base_fingerprint="base-fp-1"))
     print("ACK", rev.number, rev.digest, flush=True)
-"""
+""".replace("HERE", repr(os.path.dirname(os.path.abspath(__file__))))
 
 
 def _spawn(db_url: str, blob_url: str, count: int, fault: str | None) -> subprocess.Popen:
@@ -60,17 +62,17 @@ def _check_consistent(reg: Registry) -> list[int]:
 @pytest.mark.parametrize("point", POINTS)
 def test_kill_at_injected_point_is_all_or_nothing(registry_url, blob_url, point):
     with Registry(registry_url, blob_url) as reg:
-        first = reg.commit(REF, b"acknowledged", prov())
+        first = reg.commit(REF, blob(b"acknowledged"), prov())
 
     proc = _spawn(registry_url, blob_url, 1, point)
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == -signal.SIGKILL, err
     assert "ACK" not in out  # the caller never got an answer
-    payload_digest = hashlib.sha256(b"crash payload 0").hexdigest()
+    payload_digest = hashlib.sha256(blob(b"crash payload 0")).hexdigest()
 
     with Registry(registry_url, blob_url) as reg:
         numbers = _check_consistent(reg)
-        assert reg.read_blob(first.digest) == b"acknowledged"
+        assert reg.read_blob(first.digest) == blob(b"acknowledged")
         if point == "after_db_commit":
             assert numbers == [1, 2]  # committed but unacknowledged: whole revision present
             rev = reg.resolve(f"{REF}#2")
@@ -85,7 +87,7 @@ def test_kill_at_injected_point_is_all_or_nothing(registry_url, blob_url, point)
                 assert reg.gc(grace_s=0).deleted_blobs == [payload_digest]
                 assert not reg.blobs.exists(payload_digest)
         # the adapter keeps working with the next gapless number
-        assert reg.commit(REF, b"after the crash", prov()).number == numbers[-1] + 1
+        assert reg.commit(REF, blob(b"after the crash"), prov()).number == numbers[-1] + 1
         _check_consistent(reg)
 
 
@@ -109,4 +111,4 @@ def test_kill_at_random_moment_keeps_every_acknowledged_revision(registry_url, b
         for number, digest in acked.items():
             assert reg.resolve(f"{REF}#{number}").digest == digest
         for rev in reg.history(REF):
-            assert reg.read_blob(rev.digest) == b"crash payload %d" % (rev.number - 1)
+            assert reg.read_blob(rev.digest) == blob(b"crash payload %d" % (rev.number - 1))

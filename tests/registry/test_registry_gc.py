@@ -7,7 +7,7 @@ import os
 import time
 
 import pytest
-from registry_helpers import REF, prov
+from registry_helpers import REF, blob, prov
 
 from lorafleet.registry import InvalidArgumentError, NotFoundError, retention
 from lorafleet.registry.schema import revisions
@@ -19,39 +19,39 @@ def _digest(data: bytes) -> str:
 
 def test_gc_keeps_last_n_and_aliased_and_deletes_unreferenced_blobs(registry):
     for i in range(1, 7):
-        registry.commit(REF, f"rev {i}".encode(), prov(), aliases=["candidate"])
+        registry.commit(REF, blob(f"rev {i}".encode()), prov(), aliases=["candidate"])
     registry.set_alias(REF, "live", 2)
     registry.set_alias(REF, "pinned", 1)
-    registry.commit("acme/bob/other", b"rev 3", prov())  # shares a blob with REF#3
+    registry.commit("acme/bob/other", blob(b"rev 3"), prov())  # shares a blob with REF#3
     orphan = b"uploaded, then the process crashed"
     registry.blobs.put(_digest(orphan), orphan)
 
     dry = registry.gc(keep_last=2, dry_run=True, grace_s=0)
     assert dry.dry_run and dry.deleted_revisions == [f"{REF}#3", f"{REF}#4"]
-    assert sorted(dry.deleted_blobs) == sorted([_digest(b"rev 4"), _digest(orphan)])
+    assert sorted(dry.deleted_blobs) == sorted([_digest(blob(b"rev 4")), _digest(orphan)])
     assert len(registry.history(REF)) == 6 and registry.blobs.exists(_digest(orphan))  # dry run changed nothing
 
     report = registry.gc(keep_last=2, grace_s=0)
     assert not report.dry_run
     assert report.deleted_revisions == dry.deleted_revisions
     assert sorted(report.deleted_blobs) == sorted(dry.deleted_blobs)
-    assert report.freed_bytes == len(b"rev 4") + len(orphan)
+    assert report.freed_bytes == len(blob(b"rev 4")) + len(orphan)
     assert report.kept_revisions == 5
     assert [r.number for r in registry.history(REF)] == [1, 2, 5, 6]
-    assert registry.read_blob(_digest(b"rev 3")) == b"rev 3"  # still referenced by acme/bob/other
-    assert not registry.blobs.exists(_digest(b"rev 4"))
+    assert registry.read_blob(_digest(blob(b"rev 3"))) == blob(b"rev 3")  # still referenced by acme/bob/other
+    assert not registry.blobs.exists(_digest(blob(b"rev 4")))
     with pytest.raises(NotFoundError, match="#3 was removed by retention"):
         registry.resolve(f"{REF}#3")
     deletions = [e for e in registry.audit(REF) if e.action == "revision.delete"]
     assert sorted(e.from_number for e in deletions) == [3, 4] and {e.actor for e in deletions} == {"gc"}
 
     # numbers are never reused after gc
-    assert registry.commit(REF, b"rev 7", prov()).number == 7
+    assert registry.commit(REF, blob(b"rev 7"), prov()).number == 7
     assert registry.gc(keep_last=2).deleted_revisions == [f"{REF}#5"]
 
 
 def test_gc_is_idempotent_and_validates(registry):
-    registry.commit(REF, b"only", prov())
+    registry.commit(REF, blob(b"only"), prov())
     assert registry.gc().deleted_revisions == [] and registry.gc().deleted_blobs == []
     assert registry.gc(keep_last=1).kept_revisions == 1
     with pytest.raises(InvalidArgumentError, match="keep_last must be an integer >= 1"):
@@ -60,7 +60,7 @@ def test_gc_is_idempotent_and_validates(registry):
 
 def test_rollback_skips_revisions_removed_by_gc(registry):
     for i in range(1, 5):
-        registry.commit(REF, f"r{i}".encode(), prov())
+        registry.commit(REF, blob(f"r{i}".encode()), prov())
     for n in (1, 2, 3, 4):
         registry.set_alias(REF, "live", n)
     registry.gc(keep_last=1)  # 4 is live and newest; 1..3 go
@@ -70,7 +70,7 @@ def test_rollback_skips_revisions_removed_by_gc(registry):
 
 def test_gc_removes_stale_temp_files_only(sqlite_registry):
     reg = sqlite_registry
-    rev = reg.commit(REF, b"x", prov())
+    rev = reg.commit(REF, blob(b"x"), prov())
     folder = reg.blobs.path(rev.digest).parent
     stale, fresh = folder / ".tmp-stale", folder / ".tmp-fresh"
     stale.write_bytes(b"partial")
@@ -80,13 +80,13 @@ def test_gc_removes_stale_temp_files_only(sqlite_registry):
     report = reg.gc()
     assert report.removed_temp_files == 1
     assert not stale.exists() and fresh.exists()
-    assert reg.read_blob(rev.digest) == b"x"
+    assert reg.read_blob(rev.digest) == blob(b"x")
 
 
 def test_commit_rewrites_blob_swept_by_a_racing_gc(registry, monkeypatch):
     """If gc deletes a just-written (still unreferenced) blob before the commit's transaction,
     the commit notices under the lock and writes it again: no revision without its blob."""
-    data = b"racing"
+    data = blob(b"racing")
     real_put = registry.blobs.put
     swept = {"done": False}
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+from registry_helpers import blob
 
 from lorafleet.registry import NotFoundError, Provenance
 from lorafleet.registry.errors import BaseMismatchError, InvalidArgumentError
@@ -12,7 +13,7 @@ FP = "fp-test"
 
 
 def _commit(reg, ref: str, payload: bytes, live: bool = True):
-    rev = reg.commit(ref, payload, Provenance(base_fingerprint=FP))
+    rev = reg.commit(ref, blob(payload), Provenance(base_fingerprint=FP))
     if live:
         reg.set_alias(ref, "live", rev.number)
     return rev
@@ -56,7 +57,7 @@ def test_a_parent_without_live_revision_names_the_level(stacked):
 
 def test_load_stack_refuses_a_level_for_another_base(stacked):
     reg = stacked
-    rev = reg.commit("acme/_org/support", b"org-x", Provenance(base_fingerprint="other-base"))
+    rev = reg.commit("acme/_org/support", blob(b"org-x"), Provenance(base_fingerprint="other-base"))
     reg.set_alias("acme/_org/support", "live", rev.number)
     _commit(reg, "acme/bob/assistant", b"bob-1")
     with pytest.raises(BaseMismatchError, match="acme/_org/support#1"):

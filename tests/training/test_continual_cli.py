@@ -5,8 +5,10 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 from typer.testing import CliRunner
 
+from lorafleet.adapters import LoraAdapter, LoraSpec, to_bytes
 from lorafleet.cli import app
 from lorafleet.registry import Provenance, Registry
 from lorafleet.registry.memory import MemoryStore
@@ -21,7 +23,8 @@ def home(tmp_path, monkeypatch):
     monkeypatch.delenv("LORAFLEET_DB_URL", raising=False)
     monkeypatch.delenv("LORAFLEET_BLOB_URL", raising=False)
     reg = Registry()
-    reg.commit(REF, b"weights", Provenance(base_fingerprint="f" * 64), aliases=("live",))
+    weights = {"model.layers.0.self_attn.q_proj": (torch.ones(1, 4), torch.zeros(4, 1))}
+    reg.commit(REF, to_bytes(LoraAdapter(LoraSpec(rank=1, target_modules="q_proj"), weights)), Provenance(base_fingerprint="f" * 64), aliases=("live",))
     yield reg
     reg.close()
 

@@ -182,39 +182,71 @@ def save_peft(adapter: LoraAdapter | VeraAdapter, directory: str | Path) -> Path
     return directory
 
 
+def peft_folder_files(names, where: str) -> list[str]:
+    """Check the file names of a PEFT folder (as ``peft.save_pretrained`` writes it); return those ignored.
+
+    ``adapter_config.json`` and ``adapter_model.safetensors`` are read; everything else (``README.md``,
+    ``training_args.bin``, tokenizer files, sub-folders) is ignored and never opened — the caller lists it.
+    Pickle weights without a safetensors file are refused by name (never unpickled).
+    """
+    names = set(names)
+    if WEIGHTS_FILE not in names:
+        pickles = sorted(n for n in names if n.endswith(PICKLE_SUFFIXES))
+        if pickles:
+            raise AdapterError(
+                f"{where} holds pickle weights ({', '.join(pickles)}), which are never loaded (unsafe); "
+                f"convert them to {WEIGHTS_FILE}"
+            )
+        raise AdapterError(f"{where} has no {WEIGHTS_FILE} (missing file)")
+    if CONFIG_FILE not in names:
+        raise AdapterError(f"{where} has no {CONFIG_FILE} (missing file)")
+    return sorted(names - {CONFIG_FILE, WEIGHTS_FILE})
+
+
+def parse_peft(config_bytes: bytes, weights_bytes: bytes, base=None, *, max_bytes: int = MAX_ADAPTER_BYTES,
+               where: str = "the adapter") -> LoraAdapter:
+    """Validate a PEFT adapter given its two files' bytes; with ``base``, also check that it fits that base.
+
+    The one validation every way in shares: a directory (:func:`load_peft`), an HTTP upload, an import
+    from any fsspec URL (:mod:`lorafleet.registry.imports`).
+    """
+    try:
+        config = json.loads(config_bytes)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise AdapterError(f"{where}/{CONFIG_FILE} is not valid JSON: {exc}") from exc
+    except RecursionError:
+        raise AdapterError(f"{where}/{CONFIG_FILE} is nested too deeply to be an adapter config") from None
+    spec = spec_from_config(config)
+    if len(weights_bytes) > max_bytes:
+        raise AdapterError(f"{where}/{WEIGHTS_FILE} is {len(weights_bytes)} bytes, over the limit of {max_bytes}")
+    tensors = _read_safetensors(weights_bytes, f"{where}/{WEIGHTS_FILE}")
+    adapter = LoraAdapter(spec=spec, weights=_tensors_to_weights(tensors, spec),
+                          base_name=config.get("base_model_name_or_path"))
+    if base is not None:
+        adapter.check_fits(base)
+    return adapter
+
+
 def load_peft(directory: str | Path, base=None, *, max_bytes: int = MAX_ADAPTER_BYTES) -> LoraAdapter:
-    """Read and validate a PEFT adapter directory; with ``base``, also check that it fits that base."""
+    """Read and validate a PEFT adapter directory; with ``base``, also check that it fits that base.
+
+    Files other than the config and the weights are ignored; their names are in ``adapter.meta["ignored"]``.
+    """
     directory = Path(directory)
     if not directory.exists():
         raise AdapterError(f"adapter directory {str(directory)!r} does not exist")
     if not directory.is_dir():
         raise AdapterError(f"{str(directory)!r} is not a directory; an adapter is a PEFT directory")
-    weights_path, config_path = directory / WEIGHTS_FILE, directory / CONFIG_FILE
+    ignored = peft_folder_files((p.name for p in directory.iterdir()), str(directory))
+    weights_path = directory / WEIGHTS_FILE
     if not weights_path.is_file():
-        pickles = sorted(p.name for p in directory.iterdir() if p.suffix in PICKLE_SUFFIXES)
-        if pickles:
-            raise AdapterError(
-                f"{directory} holds pickle weights ({', '.join(pickles)}), which are never loaded (unsafe); "
-                f"convert them to {WEIGHTS_FILE}"
-            )
-        raise AdapterError(f"{directory} has no {WEIGHTS_FILE} (missing file)")
-    if not config_path.is_file():
-        raise AdapterError(f"{directory} has no {CONFIG_FILE} (missing file)")
-    try:
-        config = json.loads(config_path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise AdapterError(f"{config_path} is not valid JSON: {exc}") from exc
-    except RecursionError:
-        raise AdapterError(f"{config_path} is nested too deeply to be an adapter config") from None
-    spec = spec_from_config(config)
+        raise AdapterError(f"{weights_path} is not a file")
     size = weights_path.stat().st_size
     if size > max_bytes:
         raise AdapterError(f"{weights_path} is {size} bytes, over the limit of {max_bytes}")
-    tensors = _read_safetensors(weights_path.read_bytes(), str(weights_path))
-    adapter = LoraAdapter(spec=spec, weights=_tensors_to_weights(tensors, spec),
-                          base_name=config.get("base_model_name_or_path"))
-    if base is not None:
-        adapter.check_fits(base)
+    adapter = parse_peft((directory / CONFIG_FILE).read_bytes(), weights_path.read_bytes(), base,
+                         max_bytes=max_bytes, where=str(directory))
+    adapter.meta["ignored"] = ignored
     return adapter
 
 

@@ -10,7 +10,7 @@ from fastapi.responses import PlainTextResponse
 from pydantic import BaseModel
 
 from lorafleet import __version__
-from lorafleet.api import errors, feedback, management, tinker
+from lorafleet.api import errors, feedback, management, tinker, vllm_routes
 from lorafleet.api.auth import admin_key, current_key
 from lorafleet.api.body_limit import BodyLimitMiddleware
 from lorafleet.api.service import Service
@@ -45,6 +45,7 @@ def create_app(service: Service, *, manage_lifecycle: bool = True) -> FastAPI:
     app.include_router(management.router)
     app.include_router(feedback.router)
     app.include_router(tinker.router)
+    app.include_router(vllm_routes.router)
     try:
         from lorafleet.api import openai_routes  # noqa: PLC0415
 

@@ -98,8 +98,10 @@ def install(app: FastAPI) -> None:
         first = exc.errors()[0] if exc.errors() else {}
         where = ".".join(str(p) for p in first.get("loc", ()) if p != "body")
         message = f"{where}: {first.get('msg', 'invalid request')}" if where else first.get("msg", "invalid request")
-        return JSONResponse(error_body(message, "invalid_request_error", "invalid_request", where or None),
-                            status_code=400)
+        code = "invalid_request"
+        if first.get("type") == "extra_forbidden":  # a field this server does not implement: refused, never ignored
+            message, code = f"{where}: this parameter is not supported by this server", "unsupported_parameter"
+        return JSONResponse(error_body(message, "invalid_request_error", code, where or None), status_code=400)
 
     async def _library(_: Request, exc: Exception):
         status, type_, code = _status_for(exc)

@@ -139,7 +139,7 @@ async def upload_revision(tenant: Name, user: Name, name: Name, request: Request
     limit = svc.limits.max_upload_bytes
     if request.headers.get("content-type", "").startswith("multipart/form-data"):
         _check_declared(request, limit)
-        form = await request.form(max_files=4, max_fields=4, max_part_size=limit)
+        form = await request.form(max_files=16, max_fields=4, max_part_size=limit)  # a save_pretrained folder + extras
         files = {f.filename or "": await f.read(limit + 1) for _, f in form.multi_items() if hasattr(f, "read")}
         adapter = svc.validate_peft_files(files, base_fingerprint)
     else:
@@ -150,7 +150,7 @@ async def upload_revision(tenant: Name, user: Name, name: Name, request: Request
     if replayed:
         response.status_code = 200
         response.headers["idempotent-replayed"] = "true"
-    return info.to_dict()
+    return {**info.to_dict(), "ignored_files": adapter.meta.get("ignored", [])}
 
 
 def _check_declared(request: Request, limit: int) -> None:

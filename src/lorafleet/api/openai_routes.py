@@ -1,7 +1,8 @@
 """OpenAI-compatible inference: ``/v1/chat/completions``, ``/v1/completions``, ``/v1/models``.
 
 ``model`` names a personal adapter — ``tenant/user/adapter`` (its ``live`` revision), ``...@alias``,
-``...#N`` — or the base model's name for no adapter. A key only reaches its own tenant's adapters: any
+``...#N``, or a bare vLLM-style lora name (``sql-lora`` = ``local/lora/sql-lora``) — or the base model's name for
+no adapter. A key only reaches its own tenant's adapters: any
 other tenant's adapter answers 404 exactly like one that does not exist, resident or not.
 
 A stacked adapter (``lorafleet adapters create ... --parent``) is served with every level of its stack: the
@@ -15,12 +16,12 @@ from __future__ import annotations
 import json
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Annotated, Literal
 
 from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import StreamingResponse
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 from starlette.concurrency import iterate_in_threadpool, run_in_threadpool
 
 from lorafleet.api.auth import can_use, current_key
@@ -29,6 +30,7 @@ from lorafleet.api.feedback import capture
 from lorafleet.api.keys import ApiKey
 from lorafleet.registry import NotFoundError
 from lorafleet.registry.errors import InvalidNameError
+from lorafleet.registry.imports import DEFAULT_PREFIX
 from lorafleet.registry.names import parse_address
 
 router = APIRouter(prefix="/v1", tags=["openai"])
@@ -44,7 +46,15 @@ class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
+MAX_N = 8  # completions per request (n)
+MAX_TOP_LOGPROBS = 20  # OpenAI's limit for chat; completions allow 5
+
+
 class _Sampling(BaseModel):
+    """OpenAI request fields. Every field lorafleet does not implement is refused (400 naming it), never ignored:
+    unknown fields by ``extra="forbid"``, known ones at a non-default value by :meth:`refuse_unsupported`."""
+
+    model_config = ConfigDict(extra="forbid")
     model: str = Field(..., min_length=1, max_length=300)
     max_tokens: int | None = Field(None, ge=1)
     max_completion_tokens: int | None = Field(None, ge=1)
@@ -54,16 +64,67 @@ class _Sampling(BaseModel):
     seed: int | None = Field(None, ge=0, le=2**63 - 1)
     stream: bool = False
     stream_options: StreamOptions | None = None
-    n: int = Field(1, ge=1, le=1)
+    n: int = Field(1, ge=1, le=MAX_N)
     user: str | None = Field(None, max_length=256)
+    # Accepted only at their no-op value (what some clients send by default).
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    logit_bias: dict | None = None
+
+    def refuse_unsupported(self) -> None:
+        for name in ("presence_penalty", "frequency_penalty"):
+            if getattr(self, name) not in (None, 0, 0.0):
+                raise ApiError(400, f"{name} is not supported by this server (only 0)", param=name,
+                               code="unsupported_parameter")
+        if self.logit_bias:
+            raise ApiError(400, "logit_bias is not supported by this server", param="logit_bias",
+                           code="unsupported_parameter")
+        if self.stream and self.n > 1:
+            raise ApiError(400, "n > 1 is not supported with stream=true; stream one completion per request",
+                           param="n", code="unsupported_parameter")
+        if self.stream and self.top_logprobs_wanted() is not None:
+            raise ApiError(400, "logprobs are not supported with stream=true", param="logprobs",
+                           code="unsupported_parameter")
+
+    def top_logprobs_wanted(self) -> int | None:
+        """How many alternatives per token to report; None = no logprobs."""
+        return None
 
 
 class ChatRequest(_Sampling):
     messages: list[ChatMessage] = Field(..., min_length=1, max_length=256)
+    logprobs: bool | None = None
+    top_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
+    response_format: dict | None = None
+    tools: list | None = None
+    tool_choice: str | dict | None = None
+    parallel_tool_calls: bool | None = None
+
+    def refuse_unsupported(self) -> None:
+        super().refuse_unsupported()
+        kind = (self.response_format or {}).get("type", "text")
+        if kind != "text":
+            raise ApiError(400, f"response_format {kind!r} is not supported by this server (constrained decoding is "
+                                "not implemented); only 'text'", param="response_format", code="unsupported_parameter")
+        if self.tools:
+            raise ApiError(400, "tools are not supported by this server (no tool-call parsing)", param="tools",
+                           code="unsupported_parameter")
+        if self.tool_choice not in (None, "none"):
+            raise ApiError(400, "tool_choice is not supported by this server (no tools)", param="tool_choice",
+                           code="unsupported_parameter")
+        if self.top_logprobs is not None and not self.logprobs:
+            raise ApiError(400, "top_logprobs needs logprobs=true", param="top_logprobs")
+
+    def top_logprobs_wanted(self) -> int | None:
+        return (self.top_logprobs or 0) if self.logprobs else None
 
 
 class CompletionRequest(_Sampling):
     prompt: str = Field(..., min_length=1, max_length=200_000)
+    logprobs: int | None = Field(None, ge=0, le=5)
+
+    def top_logprobs_wanted(self) -> int | None:
+        return self.logprobs
 
 
 @dataclass(frozen=True)
@@ -91,14 +152,15 @@ def resolve_model(request: Request, key: ApiKey, model: str) -> Target:
         return Target(model, None, None)
     missing = ApiError(404, f"The model '{model}' does not exist or you do not have access to it.",
                        code="model_not_found", param="model")
+    address = model if "/" in model else f"{DEFAULT_PREFIX}/{model}"  # a bare vLLM-style lora name
     try:
-        addr = parse_address(model)
+        addr = parse_address(address)
     except InvalidNameError:
         raise missing from None
     if not can_use(key, addr.tenant):
         raise missing  # the same answer as a missing adapter: existence does not leak across tenants
     try:
-        revs = svc.registry.resolve_stack(model)
+        revs = svc.registry.resolve_stack(address)
     except NotFoundError:
         raise missing from None
     for rev in revs:
@@ -142,18 +204,53 @@ def prompt_ids(svc, prompt: str | list[dict], param: str) -> list[int]:
     return ids
 
 
-def _submit(request: Request, target: Target, prompt, body: _Sampling):
-    """Check the limits, tokenize and queue the request (blocking: the routes run it in the thread pool)."""
+def _submit(request: Request, target: Target, prompt, body: _Sampling) -> list:
+    """Check the limits, tokenize and queue one engine request per choice (``n``); with a ``seed``, choice ``i``
+    uses ``seed + i``. Blocking: the routes run it in the thread pool."""
     svc = request.app.state.service
+    body.refuse_unsupported()
     if svc.engine is None:
         raise ApiError(503, "this server has no inference engine attached", type_="server_error")
     param = "messages" if isinstance(prompt, list) else "prompt"
     sampling = _sampling(svc, body)
     ids = prompt_ids(svc, prompt, param)
+    handles = []
     try:
-        return svc.engine.submit(ids, target.adapter, sampling, request_id=f"req-{uuid.uuid4().hex[:24]}")
-    except ValueError as exc:  # a prompt too long for the context, ...
+        for i in range(body.n):
+            params = sampling if body.seed is None or i == 0 else replace(sampling, seed=body.seed + i)
+            handles.append(svc.engine.submit(ids, target.adapter, params,
+                                             request_id=f"req-{uuid.uuid4().hex[:24]}"))
+    except ValueError as exc:  # a prompt too long for the context, empty, ...
+        for h in handles:
+            h.cancel()
         raise ApiError(400, str(exc), param=param) from exc
+    return handles
+
+
+def _results(handles) -> list:
+    results = [h.result() for h in handles]
+    for r in results:
+        if r.error is not None:
+            raise _failed(r)
+    return results
+
+
+def _logprobs(request: Request, target: Target, prompt, body: _Sampling, result, kind: str):
+    top = body.top_logprobs_wanted()
+    if top is None:
+        return None
+    from lorafleet.api import logprobs as lp  # noqa: PLC0415
+
+    svc = request.app.state.service
+    tokens = lp.returned_tokens(svc.base.tokenizer, list(result.token_ids), result.text)
+    entries = lp.token_logprobs(svc, tuple(d for _, d in target.stack), lp.prompt_ids(svc, prompt), tokens, top)
+    return lp.chat_logprobs(svc, entries) if kind == "chat" else lp.completion_logprobs(svc, entries)
+
+
+def _usage_all(results) -> dict:
+    completion = sum(r.completion_tokens for r in results)
+    return {"prompt_tokens": results[0].prompt_tokens, "completion_tokens": completion,
+            "total_tokens": results[0].prompt_tokens + completion}
 
 
 def _usage(result) -> dict:
@@ -218,34 +315,37 @@ def _sse(payload: dict) -> str:
 async def chat_completions(body: ChatRequest, request: Request, key: Key):
     target = await run_in_threadpool(resolve_model, request, key, body.model)
     messages = [m.model_dump() for m in body.messages]
-    handle = await run_in_threadpool(_submit, request, target, messages, body)
+    handles = await run_in_threadpool(_submit, request, target, messages, body)
     if body.stream:
-        return _stream(request, handle, target, "chat", bool(body.stream_options and body.stream_options.include_usage),
-                       messages)
-    result = await run_in_threadpool(handle.result)
-    if result.error is not None:
-        raise _failed(result)
-    await run_in_threadpool(capture, request, target, messages, result.text, result.request_id, "chat")
-    return {"id": result.request_id, "object": "chat.completion", "created": int(time.time()), "model": target.model,
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": result.text},
-                         "finish_reason": result.finish_reason, "logprobs": None}],
-            "usage": _usage(result), "lorafleet": target.metadata()}
+        return _stream(request, handles[0], target, "chat",
+                       bool(body.stream_options and body.stream_options.include_usage), messages)
+    results = await run_in_threadpool(_results, handles)
+    await run_in_threadpool(capture, request, target, messages, results[0].text, results[0].request_id, "chat")
+    choices = []
+    for i, result in enumerate(results):
+        logprobs = await run_in_threadpool(_logprobs, request, target, messages, body, result, "chat")
+        choices.append({"index": i, "message": {"role": "assistant", "content": result.text},
+                        "finish_reason": result.finish_reason, "logprobs": logprobs})
+    return {"id": results[0].request_id, "object": "chat.completion", "created": int(time.time()),
+            "model": target.model, "choices": choices, "usage": _usage_all(results), "lorafleet": target.metadata()}
 
 
 @router.post("/completions", summary="Text completion through a personal model (OpenAI-compatible)")
 async def completions(body: CompletionRequest, request: Request, key: Key):
     target = await run_in_threadpool(resolve_model, request, key, body.model)
-    handle = await run_in_threadpool(_submit, request, target, body.prompt, body)
+    handles = await run_in_threadpool(_submit, request, target, body.prompt, body)
     if body.stream:
-        return _stream(request, handle, target, "completion",
+        return _stream(request, handles[0], target, "completion",
                        bool(body.stream_options and body.stream_options.include_usage), body.prompt)
-    result = await run_in_threadpool(handle.result)
-    if result.error is not None:
-        raise _failed(result)
-    await run_in_threadpool(capture, request, target, body.prompt, result.text, result.request_id, "completion")
-    return {"id": result.request_id, "object": "text_completion", "created": int(time.time()), "model": target.model,
-            "choices": [{"index": 0, "text": result.text, "finish_reason": result.finish_reason, "logprobs": None}],
-            "usage": _usage(result), "lorafleet": target.metadata()}
+    results = await run_in_threadpool(_results, handles)
+    await run_in_threadpool(capture, request, target, body.prompt, results[0].text, results[0].request_id,
+                            "completion")
+    choices = []
+    for i, result in enumerate(results):
+        logprobs = await run_in_threadpool(_logprobs, request, target, body.prompt, body, result, "completion")
+        choices.append({"index": i, "text": result.text, "finish_reason": result.finish_reason, "logprobs": logprobs})
+    return {"id": results[0].request_id, "object": "text_completion", "created": int(time.time()),
+            "model": target.model, "choices": choices, "usage": _usage_all(results), "lorafleet": target.metadata()}
 
 
 @router.get("/models", summary="Models this key can use: the base and its tenant's adapters")
@@ -258,7 +358,8 @@ def list_models(request: Request, key: Key, limit: int = Query(1000, ge=1, le=10
                                                    cursor=cursor)
         for a in items:
             if "live" in a.aliases:
-                data.append({"id": a.ref, "object": "model", "created": int(a.created_at.timestamp()),
+                bare = a.ref.startswith(f"{DEFAULT_PREFIX}/")  # loaded by a bare vLLM-style name
+                data.append({"id": a.name if bare else a.ref, "object": "model", "created": int(a.created_at.timestamp()),
                              "owned_by": a.tenant})
         left -= len(items)
         if cursor is None:

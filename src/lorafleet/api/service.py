@@ -3,23 +3,20 @@
 from __future__ import annotations
 
 import logging
-import tempfile
 import threading
 from dataclasses import dataclass
 from pathlib import Path
 
-from lorafleet.adapters import AdapterError, LoraAdapter, from_bytes, load_peft, peft_io, to_bytes
+from lorafleet.adapters import LoraAdapter, from_bytes, peft_io, to_bytes
 from lorafleet.api.errors import ApiError
 from lorafleet.api.keys import KeyStore
 from lorafleet.api.metrics import RequestCounter
-from lorafleet.registry import Provenance, Registry
+from lorafleet.registry import NotFoundError, Provenance, Registry
 from lorafleet.registry.memory import MemoryStore
 from lorafleet.training.jobs import JobQueue
 
 log = logging.getLogger(__name__)
 
-# Files a PEFT upload may carry. Pickle names are accepted only so the loader can refuse them by name.
-UPLOAD_NAMES = {peft_io.CONFIG_FILE, peft_io.WEIGHTS_FILE} | {f"adapter_model{s}" for s in peft_io.PICKLE_SUFFIXES}
 
 
 @dataclass(frozen=True)
@@ -84,25 +81,27 @@ class Service:
                            code="base_mismatch", param="base_fingerprint")
 
     def validate_peft_files(self, files: dict[str, bytes], base_fingerprint: str | None) -> LoraAdapter:
-        """Validate a multipart PEFT upload (adapter_config.json + adapter_model.safetensors) fully in a temp dir."""
+        """Validate a multipart PEFT upload: the files of a folder as ``peft.save_pretrained`` writes it.
+
+        The same check as every other way in (:func:`lorafleet.adapters.peft_io.parse_peft`); files other than
+        adapter_config.json / adapter_model.safetensors (README.md, ...) are ignored, listed in ``meta["ignored"]``.
+        """
         self._check_base(base_fingerprint)
         if not files:
             raise ApiError(400, "no file uploaded: send adapter_config.json and adapter_model.safetensors as "
                                 "multipart files", code="invalid_upload")
-        with tempfile.TemporaryDirectory(prefix="lorafleet-upload-") as tmp:
-            for filename, data in files.items():
-                name = Path(filename).name  # never a path: no traversal out of the temp dir
-                if name not in UPLOAD_NAMES:
-                    raise ApiError(422, f"unexpected file {filename!r}: a PEFT upload holds "
-                                        f"{peft_io.CONFIG_FILE} and {peft_io.WEIGHTS_FILE}", code="invalid_upload")
-                if len(data) > self.limits.max_upload_bytes:
-                    raise ApiError(413, f"{name} is over the limit of {self.limits.max_upload_bytes} bytes",
-                                   code="too_large")
-                (Path(tmp) / name).write_bytes(data)
-            try:
-                return load_peft(tmp, self.base, max_bytes=self.limits.max_upload_bytes)
-            except AdapterError as exc:  # name the upload, not our temp dir
-                raise AdapterError(str(exc).replace(tmp, "the upload")) from None
+        named: dict[str, bytes] = {}
+        for filename, data in files.items():
+            name = Path(filename).name  # a file name, never a path
+            if len(data) > self.limits.max_upload_bytes:
+                raise ApiError(413, f"{name} is over the limit of {self.limits.max_upload_bytes} bytes",
+                               code="too_large")
+            named[name] = data
+        ignored = peft_io.peft_folder_files(named, "the upload")
+        adapter = peft_io.parse_peft(named[peft_io.CONFIG_FILE], named[peft_io.WEIGHTS_FILE], self.base,
+                                     max_bytes=self.limits.max_upload_bytes, where="the upload")
+        adapter.meta["ignored"] = ignored
+        return adapter
 
     def validate_blob(self, body: bytes, base_fingerprint: str | None) -> LoraAdapter:
         """Validate a raw body: lorafleet canonical adapter bytes (safetensors with the spec in its metadata)."""
@@ -131,6 +130,37 @@ class Service:
                                 hyperparams=adapter.spec.to_dict(), creator=creator)
         return self.registry.commit(ref, blob, provenance, creator=creator, aliases=(alias,), create=False,
                                     key=key), False
+
+    def load_lora(self, lora_name: str, lora_path: str, *, creator: str, replace: bool = False):
+        """vLLM's ``load_lora_adapter`` / ``--lora-modules``: import the PEFT folder at ``lora_path`` as the
+        adapter ``lora_name`` stands for and point ``live`` at it. A name already live is refused unless
+        ``replace`` (vLLM's ``load_inplace``); the same weights again are a no-op."""
+        from lorafleet.registry import imports  # noqa: PLC0415
+
+        ref = imports.lora_ref(lora_name)
+        try:
+            live = self.registry.get_adapter(ref).aliases.get("live")
+        except NotFoundError:
+            live = None
+        if live is not None and not replace:
+            raise ApiError(400, f"The lora adapter '{lora_name}' has already been loaded ({ref}#{live}); pass "
+                                "load_inplace=true to replace it", code="already_loaded", param="lora_name")
+        return imports.import_path(self.registry, self.base, lora_path, ref, alias="live", creator=creator,
+                                   max_bytes=self.limits.max_upload_bytes)
+
+    def unload_lora(self, lora_name: str, *, actor: str):
+        """vLLM's ``unload_lora_adapter``: remove the ``live`` alias (audited); the revisions stay."""
+        from lorafleet.registry import imports  # noqa: PLC0415
+
+        ref = imports.lora_ref(lora_name)
+        try:
+            info = self.registry.get_adapter(ref)
+        except NotFoundError:
+            info = None
+        if info is None or "live" not in info.aliases:
+            raise ApiError(404, f"The lora adapter '{lora_name}' cannot be found.", type_="not_found_error",
+                           code="not_found", param="lora_name")
+        return self.registry.delete_alias(ref, "live", actor=actor, reason="unload_lora_adapter")
 
     # ---------------------------------------------------------------- serving
 

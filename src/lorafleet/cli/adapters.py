@@ -17,8 +17,10 @@ from typing import Annotated, Any
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
+from lorafleet.cli.common import handle_errors
 from lorafleet.registry.errors import RegistryError
 from lorafleet.registry.records import AdapterInfo, AuditEntry, RevisionInfo
 from lorafleet.registry.registry import Registry
@@ -332,3 +334,102 @@ def audit_(
         _echo_json([e.to_dict() for e in entries])
     else:
         Console().print(_audit_table(entries))
+
+
+# ------------------------------------------------------------------ import / export (need the base)
+
+BaseOpt = Annotated[str | None, typer.Option(
+    "--base", help="base name or path (default: $LORAFLEET_BASE or smollm2-135m-instruct)")]
+
+
+def _load_base(base: str | None):
+    import os  # noqa: PLC0415
+
+    from lorafleet.base import load_base  # noqa: PLC0415 - torch import is slow; only when needed
+    from lorafleet.cli.common import console, quiet_libraries  # noqa: PLC0415
+
+    quiet_libraries()
+    with console.status("loading the base model…"):
+        return load_base(base or os.environ.get("LORAFLEET_BASE"))
+
+
+@app.command("import")
+@handle_errors
+def import_(
+    paths: Annotated[list[str], typer.Argument(help="PEFT folders, folders of them, or fsspec URLs (s3://…)")],
+    as_ref: Annotated[str | None, typer.Option(
+        "--as", help="tenant/user/adapter for one adapter, or tenant/user to name each after its folder "
+                     "(default: local/lora/<folder>)")] = None,
+    alias: Annotated[str, typer.Option("--alias", help="alias to point at each new revision: candidate or live")]
+    = "candidate",
+    recursive: Annotated[bool, typer.Option("--recursive", "-r", help="find adapters at any depth")] = False,
+    strict: Annotated[bool, typer.Option("--strict", help="stop at the first bad adapter")] = False,
+    base: BaseOpt = None,
+    actor: ActorOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Import PEFT adapter folders (as peft's save_pretrained writes them) as revisions, validated like an upload."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn  # noqa: PLC0415
+
+    from lorafleet.cli.common import console, err_console  # noqa: PLC0415
+    from lorafleet.registry import imports  # noqa: PLC0415
+
+    if alias not in ("candidate", "live"):
+        raise typer.BadParameter(f"must be 'candidate' or 'live', got {alias!r}", param_hint="--alias")
+    found = imports.find_adapters(paths, recursive=recursive)  # naming errors before loading the base
+    imports.plan_refs(found, as_ref)
+    b = _load_base(base)
+    with _open() as reg, Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                                  console=err_console, disable=as_json, transient=True) as bar:
+        task = bar.add_task("importing", total=len(found))
+
+        def step(result: imports.ImportResult) -> None:
+            bar.update(task, advance=1, description=f"importing {result.ref}")
+
+        results = imports.import_adapters(reg, b, paths, as_ref=as_ref, alias=alias, recursive=recursive,
+                                          strict=strict, creator=_actor(actor), progress=step)
+    failed = [r for r in results if r.status == "failed"]
+    if as_json:
+        _echo_json({"results": [r.to_dict() for r in results], "failed": len(failed)})
+    else:
+        table = Table(title=f"imported {len(results) - len(failed)} of {len(results)} adapter(s)")
+        for col in ("source", "ref", "status", "revision", "ignored files", "error"):
+            table.add_column(col, overflow="fold")
+        for r in results:
+            style = {"failed": "red", "unchanged": "dim"}.get(r.status, "green")
+            table.add_row(escape(r.source), r.ref or "-", f"[{style}]{r.status}[/{style}]",
+                          f"#{r.number}" if r.number else "-", escape(", ".join(r.ignored) or "-"),
+                          escape(r.error or ""))
+        console.print(table)
+    if failed:
+        err_console.print(f"error: {len(failed)} adapter(s) refused, nothing committed for them: "
+                          + "; ".join(r.error if r.source in (r.error or "") else f"{r.source}: {r.error}"
+                                      for r in failed), markup=False, highlight=False)
+        raise typer.Exit(2)
+
+
+@app.command("export")
+@handle_errors
+def export_(
+    address: Annotated[str, typer.Argument(help="tenant/user/adapter[@alias|#N] (default: its live revision)")],
+    directory: Annotated[str, typer.Argument(help="output folder")],
+    fmt: Annotated[str, typer.Option("--format", "-f", help="peft (peft, vLLM) or gguf (llama.cpp --lora)")] = "peft",
+    force: Annotated[bool, typer.Option("--force", help="write into a folder that is not empty")] = False,
+    base: BaseOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Export a revision as a PEFT folder or a llama.cpp GGUF LoRA file; never overwrites without --force."""
+    from lorafleet.cli.common import console  # noqa: PLC0415
+    from lorafleet.registry.exports import FORMATS, check_target, export_revision  # noqa: PLC0415
+
+    if fmt not in FORMATS:
+        raise typer.BadParameter(f"must be one of {', '.join(FORMATS)}, got {fmt!r}", param_hint="--format")
+    check_target(directory, force=force)  # before the (slow) base load
+    b = _load_base(base)
+    with _open() as reg:
+        out = export_revision(reg, b, address, directory, fmt=fmt, force=force)
+    if as_json:
+        _echo_json(out)
+    else:
+        console.print(f"exported [bold]{out['address']}[/bold] as {fmt} to {out['directory']}: "
+                      f"{', '.join(out['files'])} (rank {out['rank']}, {out['modules']} modules)")

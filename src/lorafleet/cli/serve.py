@@ -111,15 +111,25 @@ def register(app: typer.Typer) -> None:
                                                          help="--cluster ray: join this Ray cluster (default: "
                                                               "$RAY_ADDRESS, else start a local one)"),
                   metrics_public: bool = typer.Option(False, "--metrics-public", envvar="LORAFLEET_METRICS_PUBLIC",
-                                                      help="serve /metrics without a key (default: admin key)")
-                  ) -> None:
+                                                      help="serve /metrics without a key (default: admin key)"),
+                  lora_modules: list[str] | None = typer.Option(
+                      None, "--lora-modules",
+                      help="vLLM-style: name=path (or JSON {\"name\", \"path\"}) of a PEFT folder to import at "
+                           "start and serve as model 'name' (local/lora/name); repeat it")) -> None:
         """Serve the OpenAI-compatible API, the management API and /metrics over HTTP."""
         from lorafleet.serving.params import EngineConfig  # noqa: PLC0415
 
         config = EngineConfig(max_batch=max_batch, max_active=max_active, max_cached=max_cached, max_rank=max_rank)
         if cluster not in ("local", "ray"):
             raise typer.BadParameter(f"must be 'local' or 'ray', got {cluster!r}", param_hint="--cluster")
+        from lorafleet.registry.imports import parse_lora_module  # noqa: PLC0415
+
+        modules = [parse_lora_module(m) for m in lora_modules or []]  # malformed values fail before the base loads
         if cluster == "ray":
+            if modules:
+                raise typer.BadParameter("not supported with --cluster ray; import them first with "
+                                         "`lorafleet adapters import PATH --as local/lora/NAME --alias live`",
+                                         param_hint="--lora-modules")
             from lorafleet.cluster.launch import serve_ray  # noqa: PLC0415
 
             serve_ray(base=base, engine=config, replicas=replicas, replica_cpus=replica_cpus, host=host, port=port,
@@ -132,6 +142,10 @@ def register(app: typer.Typer) -> None:
         with console.status("loading the base and the registry…"):
             service = build_service(base, worker=worker, engine_config=config, metrics_public=metrics_public)
         bootstrap_admin_key(service.keys)
+        for name, path in modules:
+            res = service.load_lora(name, path, creator="cli:serve --lora-modules", replace=True)
+            console.print(f"--lora-modules: {name} = {res.ref}#{res.number} ({res.status}, from {res.source})",
+                          highlight=False, markup=False)
         console.print(f"serving {service.base.name} on http://{host}:{port}  (docs: /docs, metrics: /metrics"
                       f"{', public' if metrics_public else ', admin key'})")
         uvicorn.run(create_app(service), host=host, port=port, log_level="warning")

@@ -420,6 +420,11 @@ class Registry:
                key: tuple[str, str] | None = None) -> RevisionInfo:
         """Store ``blob`` as the next revision of ``ref`` and point ``aliases`` at it.
 
+        ``blob`` must be a canonical adapter blob (:func:`lorafleet.adapters.to_bytes`): anything else (a raw
+        PEFT safetensors file, arbitrary bytes) is refused with :class:`InvalidArgumentError` before anything is
+        written, since a revision that cannot be decoded would fail every request that uses it. To bring in a
+        PEFT folder, use :func:`lorafleet.registry.imports.import_adapters`.
+
         The blob is written first (content-addressed, deduplicated), then one transaction
         allocates the number and inserts the revision, alias moves and audit rows.
 
@@ -448,6 +453,7 @@ class Registry:
         provenance = replace(provenance, hyperparams=copy.deepcopy(provenance.hyperparams),
                              metrics=copy.deepcopy(provenance.metrics))
         blob = bytes(blob)
+        check_adapter_blob(blob)
         digest = sha256_hex(blob)
 
         self.blobs.put(digest, blob)
@@ -754,6 +760,20 @@ def same_or_conflict(key: tuple[str, str], done: tuple[str, RevisionInfo], ref: 
             f"key {key[1]!r} was already used for {done_ref}#{rev.number} (digest {rev.digest[:12]}…); this "
             f"request is {ref} with digest {digest[:12]}…: a retry must send the same content, a new upload a new key"
         )
+
+
+def check_adapter_blob(blob: bytes) -> None:
+    """Refuse bytes that are not a canonical adapter blob (they would fail every load later)."""
+    from lorafleet.adapters.errors import AdapterError  # noqa: PLC0415 - torch only when committing
+    from lorafleet.adapters.peft_io import decode_blob  # noqa: PLC0415
+
+    try:
+        decode_blob(blob)
+    except AdapterError as exc:
+        raise InvalidArgumentError(
+            f"blob is not a canonical lorafleet adapter blob ({exc}); write it with lorafleet.adapters.to_bytes, "
+            "or import a PEFT folder with `lorafleet adapters import`"
+        ) from None
 
 
 def live_stack(moves: Iterable[tuple[str, int | None]]) -> list[int | None]:

@@ -1,0 +1,143 @@
+"""Interop on the real base (SmolLM2-135M-Instruct), not only the tiny model: lorafleet -> PEFT loads in ``peft``
+and changes the output; a ``peft`` adapter imports and serves exactly as ``peft`` generates; the GGUF LoRA export
+names and shapes its tensors like the base GGUF, with q/k rows in the base GGUF's (RoPE-permuted) order."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+pytestmark = pytest.mark.slow
+
+MSGS = [{"role": "user", "content": "Name three colours of the rainbow."}]
+
+
+@pytest.fixture(scope="module")
+def base():
+    from lorafleet.base import load_base
+
+    return load_base(None)
+
+
+@pytest.fixture(scope="module")
+def plain():
+    """A second, unwrapped copy of the same base for ``peft`` to wrap."""
+    from lorafleet.base import load_base
+
+    return load_base(None).model
+
+
+@pytest.fixture
+def reg(tmp_path):
+    from lorafleet.registry import Registry
+
+    r = Registry(f"sqlite:///{tmp_path / 'r.db'}", str(tmp_path / "blobs"))
+    yield r
+    r.close()
+
+
+def _greedy_peft(model, ids: list[int], n: int) -> list[int]:
+    with torch.no_grad():
+        out = model.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                             max_new_tokens=n, do_sample=False, pad_token_id=0)
+    return out[0, len(ids):].tolist()
+
+
+def _engine(base, reg):
+    from lorafleet.serving.engine import Engine
+    from lorafleet.serving.params import EngineConfig
+    from lorafleet.serving.sources import registry_fetch
+
+    return Engine(base, registry_fetch(reg), EngineConfig(max_batch=2, max_active=1, max_cached=2, max_rank=16))
+
+
+def test_lorafleet_adapter_exported_to_peft_loads_and_changes_output(base, plain, reg, tmp_path):
+    from peft import PeftModel
+
+    from lorafleet.adapters import LoraAdapter, LoraSpec, to_bytes
+    from lorafleet.registry import Provenance
+    from lorafleet.registry.exports import export_revision
+    from lorafleet.serving.chat import chat_prompt_ids
+
+    adapter = LoraAdapter.create(base, LoraSpec(rank=8, alpha=16, target_modules="all"), seed=1, init="random")
+    for _, B in adapter.weights.values():
+        B.mul_(20.0)  # LoraAdapter's random B is small; make the change visible in greedy text
+    reg.commit("acme/alice/a", to_bytes(adapter), Provenance(base_fingerprint=base.fingerprint), aliases=("live",))
+    export_revision(reg, base, "acme/alice/a", tmp_path / "peft", fmt="peft")
+    peft_model = PeftModel.from_pretrained(copy.deepcopy(plain), tmp_path / "peft").eval()
+    ids = chat_prompt_ids(base.tokenizer, MSGS)
+    with_adapter = _greedy_peft(peft_model, ids, 12)
+    with peft_model.disable_adapter():
+        without = _greedy_peft(peft_model, ids, 12)
+    assert with_adapter != without  # the exported adapter changes the output in peft
+    engine = _engine(base, reg)
+    try:
+        from lorafleet.serving.params import SamplingParams
+
+        rev = reg.resolve("acme/alice/a")
+        ours = engine.generate([ids], [rev.digest], SamplingParams(max_tokens=12, ignore_eos=True))[0].token_ids
+    finally:
+        engine.close()
+    assert ours == with_adapter  # and peft generates what lorafleet serves
+
+
+def test_peft_adapter_imports_and_serves_like_peft(base, plain, reg, tmp_path):
+    from peft import LoraConfig, get_peft_model
+
+    from lorafleet.registry.imports import import_adapters
+    from lorafleet.serving.chat import chat_prompt_ids
+    from lorafleet.serving.params import SamplingParams
+
+    torch.manual_seed(3)
+    peft_model = get_peft_model(copy.deepcopy(plain), LoraConfig(r=8, lora_alpha=16, init_lora_weights=False,
+                                                                  target_modules=["q_proj", "k_proj", "v_proj",
+                                                                                  "o_proj", "down_proj"])).eval()
+    for name, p in peft_model.named_parameters():
+        if "lora_B" in name:
+            p.data.mul_(20.0)  # peft's non-default init is small; make it matter
+    peft_model.save_pretrained(tmp_path / "from-peft")
+    [res] = import_adapters(reg, base, [str(tmp_path / "from-peft")], as_ref="acme/bob/p", alias="live")
+    assert res.status == "committed" and "README.md" in res.ignored
+    ids = chat_prompt_ids(base.tokenizer, MSGS)
+    want = _greedy_peft(peft_model, ids, 12)
+    with peft_model.disable_adapter():
+        assert _greedy_peft(peft_model, ids, 12) != want
+    engine = _engine(base, reg)
+    try:
+        got = engine.generate([ids], [res.digest], SamplingParams(max_tokens=12, ignore_eos=True))[0].token_ids
+    finally:
+        engine.close()
+    assert got == want
+
+
+def test_gguf_export_matches_the_base_gguf_layout(base, reg, tmp_path):
+    import gguf
+    from gguf.quants import dequantize
+
+    from lorafleet.adapters import LoraAdapter, LoraSpec, to_bytes
+    from lorafleet.adapters.gguf_io import GGUF_FILE, permute_rows, read_gguf_lora
+    from lorafleet.base.sources import resolve_source
+    from lorafleet.registry import Provenance
+    from lorafleet.registry.exports import export_revision
+
+    adapter = LoraAdapter.create(base, LoraSpec(rank=4, alpha=8, target_modules="all"), seed=2, init="random")
+    reg.commit("acme/carol/g", to_bytes(adapter), Provenance(base_fingerprint=base.fingerprint), aliases=("live",))
+    export_revision(reg, base, "acme/carol/g", tmp_path / "g", fmt="gguf")
+    lora = read_gguf_lora(tmp_path / "g" / GGUF_FILE)
+    assert (lora["architecture"], lora["type"], lora["adapter_type"], lora["alpha"]) == ("llama", "adapter", "lora", 8.0)
+    base_gguf = {t.name: t for t in gguf.GGUFReader(str(resolve_source(None).path)).tensors}
+    assert len(lora["tensors"]) == 2 * len(adapter.weights) == 2 * 7 * base.config.num_hidden_layers
+    for name, t in lora["tensors"].items():
+        weight = name.rsplit(".", 1)[0]
+        assert weight in base_gguf, name
+        out_f, in_f = (int(d) for d in reversed(base_gguf[weight].shape))
+        assert t.shape == ((4, in_f) if name.endswith(".lora_a") else (out_f, 4)), name
+    # the base GGUF's attn_q / attn_k rows are the HF rows permuted exactly as gguf_io permutes the LoRA B
+    cfg = base.config
+    for proj, gname, heads in (("q_proj", "attn_q", cfg.num_attention_heads), ("k_proj", "attn_k", cfg.num_key_value_heads)):
+        t = base_gguf[f"blk.3.{gname}.weight"]
+        deq = torch.from_numpy(dequantize(t.data, t.tensor_type)).reshape(tuple(int(d) for d in reversed(t.shape)))
+        hf = base.linear_modules()[f"model.layers.3.self_attn.{proj}"].weight.detach()
+        assert torch.equal(deq, permute_rows(hf, heads)) and not torch.equal(deq, hf)
