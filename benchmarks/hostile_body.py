@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import multiprocessing
+import os
 import sys
 import tempfile
 import time
@@ -111,6 +112,7 @@ def main() -> None:
     ]
     ctx = multiprocessing.get_context("spawn")
     rows, health_rows = [], []
+    load = [os.getloadavg()[0]]
     with LoopbackServer(service) as srv:
         with HealthProbe(ctx, srv.url) as idle:  # /health alone, for reference
             time.sleep(2.0)
@@ -130,6 +132,7 @@ def main() -> None:
             health_rows.append([f"during: {name}", len(probe.latencies), ms(probe.latencies, 50),
                                 ms(probe.latencies, 99), ms(probe.latencies, 100), probe.failures])
         grown = (rss_bytes() - rss0) / MB
+        load.append(os.getloadavg()[0])
         health_rows.insert(0, ["alone (2 s)", len(idle.latencies), ms(idle.latencies, 50), ms(idle.latencies, 99),
                                ms(idle.latencies, 100), idle.failures])
     reg.close()
@@ -145,7 +148,9 @@ def main() -> None:
              f"in a thread, base `{base.name}`); the attacker and the /health prober are two other processes. RSS "
              f"growth of the server process over all attacks: "
              f"**{grown:.1f} MB** (target < 50 MB). Targets: 48 MB chunked refused < 100 ms, /health p99 < 50 ms "
-             "during it. The machine was shared with other jobs (2 cores), so latencies include their noise.")
+             "during it. The machine was shared with other jobs (2 cores; load average "
+             f"{load[0]:.1f} / {load[1]:.1f} at the start / end), so latencies include their noise: compare "
+             "/health during an attack with /health alone in the same run.")
     write_result("hardening", "Hostile request bodies (issue 20, item 1)",
                  [("Refusals", markdown_table(h1, rows)), ("/health while under attack", markdown_table(h2, health_rows))],
                  notes)
