@@ -14,7 +14,8 @@ import os
 import signal
 from collections import Counter
 
-POINTS = ("after_blob", "before_db_commit", "after_db_commit", "blob_mid_write", "mid_step")
+POINTS = ("blob_mid_write", "after_blob", "before_db_commit", "after_db_commit")  # every commit reaches these
+TRAINING_POINTS = ("mid_step",)  # reached by a training worker only
 ENV = "LORAFLEET_FAULT"
 
 _hits: Counter[str] = Counter()
