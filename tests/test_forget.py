@@ -22,6 +22,7 @@ from lorafleet.testing.harness import LoopbackServer
 from lorafleet.base import load_base
 from lorafleet.forget import PLACES
 from lorafleet.registry import Provenance, Registry
+from lorafleet.registry.retention import _referenced
 from lorafleet.registry.schema import metadata
 from lorafleet.serving.engine import Engine
 from lorafleet.serving.params import EngineConfig
@@ -137,6 +138,10 @@ def test_forget_leaves_nothing_anywhere(registry_url, tmp_path, monkeypatch):
         alice_digests |= {d for run in tk.runs.values() if run.ref.startswith("acme/alice/")
                           for d in run.ephemeral_digests}
         assert len(alice_digests) >= 6 and all(reg.blobs.exists(d) for d in alice_digests)
+        with reg.engine.connect() as conn:  # the job's superseded checkpoints (steps 1, 2) are gone already
+            present = sorted(reg.blobs.iter_digests())
+            orphans = set(present) - _referenced(conn, present)
+        assert orphans == {d for run in tk.runs.values() for d in run.ephemeral_digests}, orphans
         markers = [b"alice", SECRET_CHAT.encode(), SECRET_REWRITE.encode(), SECRET_TRAIN.encode(),
                    tc.model_id.encode()] + [d.encode() for d in alice_digests]
         tinker_files = list((home / "tinker").rglob("alice-ck*"))
@@ -161,6 +166,10 @@ def test_forget_leaves_nothing_anywhere(registry_url, tmp_path, monkeypatch):
         text = _rows_text(reg.engine)
         assert not [m for m in markers if m.decode() in text]
         assert all(not reg.blobs.exists(d) for d in alice_digests)
+        # ...and no blob at all that nothing references (a superseded job checkpoint holds no name, only weights)
+        with reg.engine.connect() as conn:
+            present = sorted(reg.blobs.iter_digests())
+            assert set(present) == _referenced(conn, present), "unreferenced blobs outlived the forget"
         # caches: engine residency (slots, RAM, pins) and Tinker's runs, samplers, futures, parsed adapters
         snap = engine.residency_snapshot()
         resident = {s["digest"] for s in snap["slots"]} | {x["digest"] for x in snap["ram"]} | set(snap["loading"])

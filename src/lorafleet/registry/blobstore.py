@@ -24,6 +24,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from . import faults
 from .errors import CorruptBlobError, MissingBlobError, RegistryError, StorageFullError
 from .names import DIGEST_RE, check_digest
 
@@ -130,7 +131,10 @@ class LocalBlobStore(BlobStore):
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
             try:
                 try:
-                    _write_all(fd, memoryview(data))
+                    view, half = memoryview(data), len(data) // 2
+                    _write_all(fd, view[:half])
+                    faults.checkpoint("blob_mid_write")  # tests: a crash while a blob is half written
+                    _write_all(fd, view[half:])
                     os.fsync(fd)
                 finally:
                     os.close(fd)

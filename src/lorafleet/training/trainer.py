@@ -22,6 +22,7 @@ from torch import Tensor
 
 from lorafleet.adapters import LoraAdapter, LoraHost, as_lora
 from lorafleet.adapters.stack import MAX_LEVELS, AdapterStack, route_rows
+from lorafleet.registry import faults
 from lorafleet.training.data import IGNORE, Dataset, TokenizeReport, tokenize_pair, tokenize_sft
 from lorafleet.training.losses import dpo_loss, labelled_logprobs
 
@@ -212,6 +213,7 @@ class MultiTenantTrainer:
             if t.config.grad_clip > 0:
                 torch.nn.utils.clip_grad_norm_(t.params(), t.config.grad_clip)
             t.optimizer.step()
+            faults.checkpoint("mid_step")  # tests: a crash with this user's weights updated, later users' not
             t.optimizer.zero_grad(set_to_none=True)
             t.step += 1
             out[t.key] = float(losses[t.key].detach())
