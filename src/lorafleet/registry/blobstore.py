@@ -209,21 +209,27 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def fsspec_options(url: str, storage_options: dict[str, Any] | None = None) -> dict[str, Any]:
+    """fsspec options for ``url``: for S3, the endpoint from ``$LORAFLEET_S3_ENDPOINT`` and no listing cache
+    (shared by the blob store and ``lorafleet adapters import s3://…``)."""
+    options = dict(storage_options or {})
+    if url.split("://", 1)[0] in ("s3", "s3a"):
+        endpoint = os.environ.get("LORAFLEET_S3_ENDPOINT")
+        if endpoint and "endpoint_url" not in options:
+            options["endpoint_url"] = endpoint
+        # Always ask the server: a cached listing could make gc or exists() lie.
+        options.setdefault("use_listings_cache", False)
+        options.setdefault("skip_instance_cache", True)
+    return options
+
+
 class FsspecBlobStore(BlobStore):
     """Blobs behind an fsspec URL such as ``s3://bucket/prefix`` (or ``memory://x`` in tests)."""
 
     def __init__(self, url: str, storage_options: dict[str, Any] | None = None):
         import fsspec
 
-        options = dict(storage_options or {})
-        protocol = url.split("://", 1)[0]
-        if protocol in ("s3", "s3a"):
-            endpoint = os.environ.get("LORAFLEET_S3_ENDPOINT")
-            if endpoint and "endpoint_url" not in options:
-                options["endpoint_url"] = endpoint
-            # Always ask the server: a cached listing could make gc or exists() lie.
-            options.setdefault("use_listings_cache", False)
-            options.setdefault("skip_instance_cache", True)
+        options = fsspec_options(url, storage_options)
         try:
             self.fs, root = fsspec.core.url_to_fs(url, **options)
         except ImportError as exc:

@@ -71,8 +71,10 @@ def _adapter_error():
 def _open(path: str):
     import fsspec  # noqa: PLC0415
 
+    from .blobstore import fsspec_options  # noqa: PLC0415
+
     try:
-        fs, root = fsspec.core.url_to_fs(str(path))
+        fs, root = fsspec.core.url_to_fs(str(path), **fsspec_options(str(path)))
     except (ValueError, ImportError) as exc:
         raise _adapter_error()(f"cannot open {path!r}: {exc}") from None
     return fs, root.rstrip("/") or "/"
