@@ -277,3 +277,29 @@ def test_real_base_native_q4_1_agrees_with_fp32_greedy():
         agree += int((a == b).sum())
         total += a.numel()
     assert agree / total >= 0.9, f"{agree}/{total}"
+
+
+def test_cli_base_dtype(monkeypatch, tmp_path):
+    import json  # noqa: PLC0415
+
+    from typer.testing import CliRunner  # noqa: PLC0415
+
+    from lorafleet.cli import app  # noqa: PLC0415
+
+    monkeypatch.setenv("LORAFLEET_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv(P.ENV_VAR, "fp32")  # the flag sets it for the process: restored after the test
+    runner = CliRunner()
+    result = runner.invoke(app, ["base", "info", "--base", "tiny", "--base-dtype", "int8", "--json"])
+    assert result.exit_code == 0, result.output
+    info = json.loads(result.output)
+    assert info["precision"] == "int8" and info["precision_modules"]
+    result = runner.invoke(app, ["base", "info", "--base", "tiny", "--base-dtype", "fp4"])
+    assert result.exit_code == 2 and "error: unknown base precision 'fp4'" in result.output
+    assert "native, int4, int8, bf16, fp32" in result.output
+    data = tmp_path / "d.jsonl"
+    data.write_text(json.dumps({"messages": [{"role": "user", "content": "hi"},
+                                             {"role": "assistant", "content": "yo"}]}) + "\n")
+    result = runner.invoke(app, ["train", "t/u/a", "--data", str(data), "--create", "--base-dtype", "q2"])
+    assert result.exit_code == 2 and "unknown base precision" in result.output, result.output
+    listed = runner.invoke(app, ["jobs", "ls", "--json"])
+    assert listed.exit_code == 0 and json.loads(listed.output) == []  # nothing queued, nothing created

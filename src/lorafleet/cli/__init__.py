@@ -9,7 +9,7 @@ import typer
 from rich.table import Table
 
 from lorafleet.cli import adapters, bench, continual, evaluate, serve, train
-from lorafleet.cli.common import console, handle_errors, print_json, quiet_libraries
+from lorafleet.cli.common import BaseDtypeOpt, console, handle_errors, print_json, quiet_libraries, use_base_dtype
 from lorafleet.cli.demo import run_demo
 
 app = typer.Typer(help="lorafleet: one shared base LLM, many persistent personal models.", no_args_is_help=True)
@@ -43,8 +43,10 @@ def _load(base: str | None):
 
 @base_app.command("info")
 @handle_errors
-def base_info(base: str | None = BaseOpt, as_json: bool = typer.Option(False, "--json", help="print JSON")) -> None:
-    """Name, parameters, layers, dims, fingerprint and load time of the base."""
+def base_info(base: str | None = BaseOpt, base_dtype: str | None = BaseDtypeOpt,
+              as_json: bool = typer.Option(False, "--json", help="print JSON")) -> None:
+    """Name, parameters, layers, dims, precision, fingerprint and load time of the base."""
+    use_base_dtype(base_dtype)
     info = _load(base).info()
     if as_json:
         print_json(info)

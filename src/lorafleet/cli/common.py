@@ -35,11 +35,12 @@ def quiet_libraries() -> None:
 def user_errors() -> tuple[type[Exception], ...]:
     """Exceptions that mean "bad input" — shown as a message, never a traceback."""
     from lorafleet.adapters.errors import AdapterError  # noqa: PLC0415
+    from lorafleet.base.precision import BasePrecisionError  # noqa: PLC0415
     from lorafleet.base.sources import BaseSourceError  # noqa: PLC0415
     from lorafleet.training.data import DataError  # noqa: PLC0415
     from lorafleet.training.trainer import TrainConfigError  # noqa: PLC0415
 
-    errors: list[type[Exception]] = [AdapterError, BaseSourceError, DataError, TrainConfigError]
+    errors: list[type[Exception]] = [AdapterError, BasePrecisionError, BaseSourceError, DataError, TrainConfigError]
     try:
         from lorafleet.registry.errors import RegistryError  # noqa: PLC0415
 
@@ -47,6 +48,21 @@ def user_errors() -> tuple[type[Exception], ...]:
     except ImportError:  # pragma: no cover - registry not installed
         pass
     return tuple(errors)
+
+
+BaseDtypeOpt = typer.Option(None, "--base-dtype",
+                            help="base precision: native, int4, int8, bf16 or fp32 (default: $LORAFLEET_BASE_DTYPE "
+                                 "or fp32; see docs/base_precision.md)")
+
+
+def use_base_dtype(value: str | None) -> None:
+    """``--base-dtype``: checked now (a clear error before anything happens), then in force for every base this
+    process loads — and for the processes it starts — through ``$LORAFLEET_BASE_DTYPE``."""
+    if value is None:
+        return
+    from lorafleet.base.precision import ENV_VAR, resolve_precision  # noqa: PLC0415
+
+    os.environ[ENV_VAR] = resolve_precision(value)
 
 
 def handle_errors(fn):

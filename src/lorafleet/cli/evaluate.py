@@ -16,7 +16,15 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from lorafleet.cli.common import console, err_console, handle_errors, print_json, quiet_libraries
+from lorafleet.cli.common import (
+    BaseDtypeOpt,
+    console,
+    err_console,
+    handle_errors,
+    print_json,
+    quiet_libraries,
+    use_base_dtype,
+)
 from lorafleet.evaluation.errors import EvaluationError
 
 personas_app = typer.Typer(help="Synthetic personas with checkable habits (train/eval data).", no_args_is_help=True)
@@ -127,9 +135,11 @@ def eval_cmd(
     max_tokens: int = typer.Option(48, "--max-tokens", min=1, max=512, help="greedy tokens per eval prompt"),
     no_probe: bool = typer.Option(False, "--no-probe", help="skip the competence probe (the gate will refuse)"),
     base: str | None = BaseOpt,
+    base_dtype: str | None = BaseDtypeOpt,
     as_json: bool = JsonOpt,
 ) -> None:
     """Evaluate a revision on its user's held-out set and the competence probe; store the metrics on it."""
+    use_base_dtype(base_dtype)
     from lorafleet.evaluation.metrics import eval_set_for, evaluate_revision  # noqa: PLC0415
 
     reg = _registry()
@@ -163,10 +173,12 @@ def promote_cmd(
     min_retention: float = typer.Option(0.75, help="share of the base's correct probe answers kept"),
     manifest: Path | None = ManifestOpt,
     base: str | None = BaseOpt,
+    base_dtype: str | None = BaseDtypeOpt,
     actor: str | None = ActorOpt,
     as_json: bool = JsonOpt,
 ) -> None:
     """Promote a candidate to live if the gate passes (evaluating it first if needed); --force bypasses."""
+    use_base_dtype(base_dtype)
     from lorafleet.evaluation.gate import GateConfig, promote  # noqa: PLC0415
     from lorafleet.evaluation.metrics import eval_set_for, evaluate_revision  # noqa: PLC0415
 
@@ -263,6 +275,7 @@ def stack_report_cmd(
     no_store: bool = typer.Option(False, "--no-store", help="do not record the checks on the member revisions"),
     manifest: Path | None = ManifestOpt,
     base: str | None = BaseOpt,
+    base_dtype: str | None = BaseDtypeOpt,
     actor: str | None = ActorOpt,
     as_json: bool = JsonOpt,
 ) -> None:
@@ -270,6 +283,7 @@ def stack_report_cmd(
 
     A report only: no alias moves. Exits 1 when a member is flagged.
     """
+    use_base_dtype(base_dtype)
     from lorafleet.evaluation.stacks import stack_report  # noqa: PLC0415
 
     reg = _registry()

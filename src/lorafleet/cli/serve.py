@@ -7,7 +7,7 @@ import os
 import typer
 from rich.table import Table
 
-from lorafleet.cli.common import console, handle_errors, print_json, quiet_libraries
+from lorafleet.cli.common import BaseDtypeOpt, console, handle_errors, print_json, quiet_libraries, use_base_dtype
 
 keys_app = typer.Typer(help="API keys of the HTTP service (stored hashed).", no_args_is_help=True)
 ADMIN_KEY_ENV = "LORAFLEET_ADMIN_KEY"
@@ -95,6 +95,7 @@ def register(app: typer.Typer) -> None:
     def serve_cmd(host: str = typer.Option("127.0.0.1", help="address to listen on"),
                   port: int = typer.Option(8000, min=1, max=65535),
                   base: str | None = typer.Option(None, "--base"),
+                  base_dtype: str | None = BaseDtypeOpt,
                   worker: bool = typer.Option(True, "--worker/--no-worker",
                                               help="run a training worker in this process"),
                   max_batch: int = typer.Option(32, "--max-batch", min=1),
@@ -117,6 +118,7 @@ def register(app: typer.Typer) -> None:
                       help="vLLM-style: name=path (or JSON {\"name\", \"path\"}) of a PEFT folder to import at "
                            "start and serve as model 'name' (local/lora/name); repeat it")) -> None:
         """Serve the OpenAI-compatible API, the management API and /metrics over HTTP."""
+        use_base_dtype(base_dtype)
         from lorafleet.serving.params import EngineConfig  # noqa: PLC0415
 
         config = EngineConfig(max_batch=max_batch, max_active=max_active, max_cached=max_cached, max_rank=max_rank)

@@ -10,7 +10,7 @@ import typer
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from lorafleet.cli.common import console, handle_errors, print_json, quiet_libraries
+from lorafleet.cli.common import BaseDtypeOpt, console, handle_errors, print_json, quiet_libraries, use_base_dtype
 
 jobs_app = typer.Typer(help="Training jobs: list, show, cancel.", no_args_is_help=True)
 
@@ -86,9 +86,11 @@ def register(app: typer.Typer) -> None:
         create: bool = typer.Option(False, "--create", help="create the adapter identity if it does not exist"),
         wait: bool = typer.Option(False, "--wait", help="run the job in this process and wait, with a progress bar"),
         base: str | None = typer.Option(None, "--base", help="base for --wait (default $LORAFLEET_BASE or SmolLM2)"),
+        base_dtype: str | None = BaseDtypeOpt,
         as_json: bool = typer.Option(False, "--json"),
     ) -> None:
         """Queue a training job for a personal adapter (``--wait`` runs it here)."""
+        use_base_dtype(base_dtype)
         from lorafleet.adapters import LoraSpec  # noqa: PLC0415
         from lorafleet.training.data import load_jsonl  # noqa: PLC0415
         from lorafleet.training.jobs import JobQueue  # noqa: PLC0415
@@ -128,10 +130,12 @@ def register(app: typer.Typer) -> None:
         lease: float = typer.Option(120.0, "--lease", help="seconds before a dead worker's jobs are reclaimed"),
         checkpoint_every: int = typer.Option(10, "--checkpoint-every", min=1),
         base: str | None = typer.Option(None, "--base"),
+        base_dtype: str | None = BaseDtypeOpt,
         schedules: bool = typer.Option(True, "--schedules/--no-schedules",
                                        help="also run scheduled personal updates (see `lorafleet schedule`)"),
     ) -> None:
         """Take training jobs from the queue and train them, several users per step."""
+        use_base_dtype(base_dtype)
         from lorafleet.continual.schedule import Scheduler  # noqa: PLC0415
         from lorafleet.training.worker import WorkerConfig  # noqa: PLC0415
 

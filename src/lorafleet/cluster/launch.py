@@ -74,6 +74,7 @@ def config_from_env(**kwargs) -> ClusterConfig:
         from lorafleet.config import data_dir  # noqa: PLC0415
 
         blob_url = str(data_dir() / "blobs")  # one machine's directory: fine for a single-node Ray
+    kwargs.setdefault("base_dtype", os.environ.get("LORAFLEET_BASE_DTYPE") or None)  # replicas do not inherit env
     return ClusterConfig(db_url=db_url, blob_url=blob_url, **kwargs)
 
 

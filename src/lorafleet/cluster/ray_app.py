@@ -97,7 +97,7 @@ class EngineReplica:
         self.config = config
         self.replica = serve.get_replica_context().replica_id.to_full_id_str()  # the replica actor's name
         self.registry = Registry(config.db_url, config.blob_url)
-        self.base = load_base(config.base)
+        self.base = load_base(config.base, precision=config.base_dtype)
         self.engine = Engine(self.base, registry_fetch(self.registry), config.engine).start()
         # Waiting for a result blocks a thread; one per request a replica accepts, so none waits for a thread.
         self._pool = ThreadPoolExecutor(max_workers=config.max_ongoing_requests + 2, thread_name_prefix="lf-wait")
@@ -285,7 +285,8 @@ class Ingress:
 
         # The base is loaded here too: its name and fingerprint check requests, and uploads are validated
         # against its shapes before anything is committed.
-        self.service = Service(Registry(config.db_url, config.blob_url), load_base(config.base),
+        self.service = Service(Registry(config.db_url, config.blob_url),
+                               load_base(config.base, precision=config.base_dtype),
                                RemoteEngine(engine, board), run_worker=False, metrics_public=config.metrics_public)
 
     def __serve_build_asgi_app__(self):
