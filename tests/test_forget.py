@@ -18,7 +18,6 @@ from tinker import types
 from lorafleet.adapters import LoraAdapter, LoraSpec, to_bytes
 from lorafleet.api.service import Service
 from lorafleet.api.tinker import TinkerConfig, TinkerService
-from lorafleet.testing.harness import LoopbackServer
 from lorafleet.base import load_base
 from lorafleet.forget import PLACES
 from lorafleet.registry import Provenance, Registry
@@ -27,6 +26,7 @@ from lorafleet.registry.schema import metadata
 from lorafleet.serving.engine import Engine
 from lorafleet.serving.params import EngineConfig
 from lorafleet.serving.sources import registry_fetch
+from lorafleet.testing.harness import LoopbackServer
 from lorafleet.training.data import dataset_from_records
 from lorafleet.training.jobs import JobQueue
 from lorafleet.training.trainer import TrainConfig

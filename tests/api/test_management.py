@@ -180,9 +180,9 @@ def test_upload_idempotency_key_survives_a_restart(tmp_path):
     import httpx
 
     from lorafleet.api.service import Service
-    from lorafleet.testing.harness import LoopbackServer
     from lorafleet.base import load_base
     from lorafleet.registry import Registry
+    from lorafleet.testing.harness import LoopbackServer
 
     base = load_base("tiny")
     db, blobs = f"sqlite:///{tmp_path / 'reg.db'}", str(tmp_path / "blobs")

@@ -311,3 +311,17 @@ def test_worker_dying_after_commit_never_commits_the_job_twice(tiny_base, regist
     assert reg.resolve("acme/one/style@candidate").number == candidate
     assert reg.keyed("job", str(job.id))[1].number == 1
     reg.close()
+
+
+def test_result_over_the_delta_bound_fails_the_job_and_commits_nothing(tiny_base, reg, monkeypatch):
+    """A job whose trained delta is over the bound (here: the bound lowered below what any training step reaches)
+    fails as diverged, like a NaN loss, instead of committing weights the engine would refuse to serve."""
+    from lorafleet.adapters import weights as weights_mod
+
+    queue = JobQueue(reg)
+    job = _submit(queue, reg, "acme/wild/style", steps=2, warm_start="none")
+    monkeypatch.setattr(weights_mod, "MAX_DELTA_RATIO", 1e-12)
+    Worker(reg, tiny_base).run()
+    done = queue.get(job.id)
+    assert done.state == "failed" and "training diverged" in done.error and "over the bound" in done.error
+    assert reg.history("acme/wild/style") == []
