@@ -18,12 +18,19 @@ BYTES_PER_DTYPE = {torch.float32: 4, torch.float16: 2, torch.bfloat16: 2}
 MAX_DELTA_RATIO = 1000.0
 
 
+def _dense_weight(linear) -> torch.Tensor:
+    """The weight of a base linear: ``nn.Linear.weight``, or a quantized layer's dequantized weight (a layer of a
+    low-precision base exposes ``dequantize()``; see lorafleet.base.precision.QuantLinear)."""
+    dequantize = getattr(linear, "dequantize", None)
+    return dequantize() if dequantize is not None else linear.weight
+
+
 def base_weight_norms(base) -> dict[str, float]:
     """``||W||_F`` of every targetable linear of ``base`` (frozen: computed once per base object)."""
     cached = base.__dict__.get("_lorafleet_weight_norms")
     if cached is None:
         with torch.no_grad():
-            cached = {n: float(lin.weight.detach().double().norm()) for n, lin in base.linear_modules().items()}
+            cached = {n: float(_dense_weight(lin).detach().double().norm()) for n, lin in base.linear_modules().items()}
         base.__dict__["_lorafleet_weight_norms"] = cached
     return cached
 
