@@ -36,6 +36,7 @@ import torch
 from torch import Tensor, nn
 
 from lorafleet.adapters import triton_lora  # imports triton lazily, on first kernel use
+from lorafleet.adapters.spec import ATTENTION_TARGETS, MLP_TARGETS
 
 # From this many tokens per row on, the segmented path (one matmul pair per adapter over all its rows'
 # tokens) wins over per-row gathered weights; decode steps (T == 1) take the gather + bmm path.
@@ -148,8 +149,6 @@ class SlotWeights(Protocol):
 
     def tensors(self, layer: str) -> tuple[Tensor, Tensor] | None:
         """``(A: (S, r, in), B: (S, out, r))`` for a wrapped layer, or None if no slot touches it."""
-
-
 class LoraRouting(threading.local):
     """Per-thread routing for one model: which slot each row uses, and where slot weights live.
 
@@ -223,8 +222,6 @@ class LoraHost:
     @classmethod
     def attach(cls, model: nn.Module, projections: tuple[str, ...] | None = None) -> LoraHost:
         """The host of ``model``, wrapping every targetable projection on first use."""
-        from lorafleet.adapters.spec import ATTENTION_TARGETS, MLP_TARGETS  # noqa: PLC0415
-
         host = getattr(model, "_lorafleet_host", None)
         if host is None:
             host = cls(model, projections or ATTENTION_TARGETS + MLP_TARGETS)

@@ -8,13 +8,13 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse
 
 from lorafleet import __version__
-from lorafleet.api import errors, feedback, management, tinker
+from lorafleet.api import errors, feedback, management, openai_routes, tinker, ui
+from lorafleet.api.metrics import render
 from lorafleet.api.service import Service
 
 
 def create_app(service: Service, *, manage_lifecycle: bool = True) -> FastAPI:
     """The app for ``service``. With ``manage_lifecycle`` the engine and worker start and stop with the app."""
-
     @asynccontextmanager
     async def lifespan(_: FastAPI):
         if manage_lifecycle:
@@ -34,7 +34,6 @@ def create_app(service: Service, *, manage_lifecycle: bool = True) -> FastAPI:
     app.include_router(feedback.router)
     app.include_router(tinker.router)
     try:
-        from lorafleet.api import openai_routes  # noqa: PLC0415
 
         app.include_router(openai_routes.router)
     except ImportError:  # pragma: no cover - inference routes land with the engine
@@ -61,11 +60,8 @@ def create_app(service: Service, *, manage_lifecycle: bool = True) -> FastAPI:
 
     @app.get("/metrics", tags=["health"], summary="Prometheus metrics", response_class=PlainTextResponse)
     def metrics() -> PlainTextResponse:
-        from lorafleet.api.metrics import render  # noqa: PLC0415
-
         return PlainTextResponse(render(service), media_type="text/plain; version=0.0.4")
 
-    from lorafleet.api import ui  # noqa: PLC0415
 
     ui.mount(app)  # the dashboard at /ui, after every API route (its file route takes the rest of /ui/)
     return app

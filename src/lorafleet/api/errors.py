@@ -12,6 +12,10 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from lorafleet.registry import errors as reg
+from lorafleet.registry.errors import RegistryError
+from lorafleet.training.data import DataError
+
 log = logging.getLogger(__name__)
 
 
@@ -30,10 +34,8 @@ def error_body(message: str, type_: str, code: str | None = None, param: str | N
 
 def _status_for(exc: Exception) -> tuple[int, str, str]:
     """(status, type, code) for library exceptions; the first matching class wins."""
-    from lorafleet.adapters.errors import AdapterError  # noqa: PLC0415
-    from lorafleet.registry import errors as reg  # noqa: PLC0415
-    from lorafleet.training.data import DataError  # noqa: PLC0415
-    from lorafleet.training.trainer import TrainConfigError  # noqa: PLC0415
+    from lorafleet.adapters.errors import AdapterError  # noqa: PLC0415 - defers torch
+    from lorafleet.training.trainer import TrainConfigError  # noqa: PLC0415 - defers torch
 
     table = [
         (reg.NotFoundError, 404, "not_found_error", "not_found"),
@@ -80,10 +82,8 @@ def install(app: FastAPI) -> None:
         message = str(exc) if status < 500 or code != "internal_error" else "internal server error"
         return JSONResponse(error_body(message, type_, code), status_code=status)
 
-    from lorafleet.adapters.errors import AdapterError  # noqa: PLC0415
-    from lorafleet.registry.errors import RegistryError  # noqa: PLC0415
-    from lorafleet.training.data import DataError  # noqa: PLC0415
-    from lorafleet.training.trainer import TrainConfigError  # noqa: PLC0415
+    from lorafleet.adapters.errors import AdapterError  # noqa: PLC0415 - defers torch
+    from lorafleet.training.trainer import TrainConfigError  # noqa: PLC0415 - defers torch
 
     # Library errors are expected outcomes (4xx mostly): handled inside the app, never re-raised.
     for cls in (RegistryError, AdapterError, DataError, TrainConfigError):

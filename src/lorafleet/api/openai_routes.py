@@ -30,6 +30,7 @@ from lorafleet.api.keys import ApiKey
 from lorafleet.registry import NotFoundError
 from lorafleet.registry.errors import InvalidNameError
 from lorafleet.registry.names import parse_address
+from lorafleet.serving.params import SamplingParams
 
 router = APIRouter(prefix="/v1", tags=["openai"])
 Key = Annotated[ApiKey, Depends(current_key)]
@@ -110,8 +111,6 @@ def resolve_model(request: Request, key: ApiKey, model: str) -> Target:
 
 
 def _sampling(svc, body: _Sampling):
-    from lorafleet.serving.params import SamplingParams  # noqa: PLC0415
-
     max_tokens = body.max_completion_tokens or body.max_tokens or 256
     if max_tokens > svc.limits.max_tokens:
         raise ApiError(400, f"max_tokens {max_tokens} is over this server's limit of {svc.limits.max_tokens}",

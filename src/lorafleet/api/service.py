@@ -12,9 +12,11 @@ from lorafleet.adapters import AdapterError, LoraAdapter, from_bytes, load_peft,
 from lorafleet.api.errors import ApiError
 from lorafleet.api.keys import KeyStore
 from lorafleet.api.metrics import RequestCounter
+from lorafleet.continual.schedule import Scheduler
 from lorafleet.registry import Provenance, Registry
 from lorafleet.registry.memory import MemoryStore
 from lorafleet.training.jobs import JobQueue
+from lorafleet.training.worker import Worker
 
 log = logging.getLogger(__name__)
 
@@ -55,8 +57,6 @@ class Service:
         if self.engine is not None and hasattr(self.engine, "start"):
             self.engine.start()
         if self.run_worker:
-            from lorafleet.continual.schedule import Scheduler  # noqa: PLC0415
-            from lorafleet.training.worker import Worker  # noqa: PLC0415
 
             scheduler = Scheduler(self.registry, self.base, memory=self.memory, min_interval_s=5.0)
             worker = Worker(self.registry, self.base, hooks=[scheduler.tick])

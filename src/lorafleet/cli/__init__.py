@@ -9,8 +9,10 @@ import typer
 from rich.table import Table
 
 from lorafleet.cli import adapters, bench, continual, evaluate, serve, train
-from lorafleet.cli.common import console, handle_errors, print_json, quiet_libraries
+from lorafleet.cli.common import console, handle_errors, print_json
 from lorafleet.cli.demo import run_demo
+from lorafleet.config import quiet_libraries
+from lorafleet.serving.params import EngineConfig, SamplingParams
 
 app = typer.Typer(help="lorafleet: one shared base LLM, many persistent personal models.", no_args_is_help=True)
 base_app = typer.Typer(help="The shared base model.", no_args_is_help=True)
@@ -68,7 +70,7 @@ def lora_new(
     base: str | None = BaseOpt,
 ) -> None:
     """Create a new adapter for the base and write it in the PEFT format."""
-    from lorafleet.adapters import LoraAdapter, LoraSpec, save_peft  # noqa: PLC0415
+    from lorafleet.adapters import LoraAdapter, LoraSpec, save_peft  # noqa: PLC0415 - defers torch
 
     spec = LoraSpec(rank=rank, alpha=alpha, dropout=dropout, target_modules=targets)
     b = _load(base)
@@ -87,7 +89,7 @@ def lora_inspect(
     as_json: bool = typer.Option(False, "--json", help="print JSON"),
 ) -> None:
     """Validate an adapter directory against the base and report its size."""
-    from lorafleet.adapters import load_peft  # noqa: PLC0415
+    from lorafleet.adapters import load_peft  # noqa: PLC0415 - defers torch
 
     b = _load(base)
     summary = load_peft(directory, b).summary(b)
@@ -113,10 +115,9 @@ def generate_cmd(
     as_json: bool = typer.Option(False, "--json", help="print JSON"),
 ) -> None:
     """Generate a reply from the base, optionally through a personal adapter (through the serving engine)."""
-    from lorafleet.adapters import load_peft  # noqa: PLC0415
-    from lorafleet.serving.engine import Engine  # noqa: PLC0415
-    from lorafleet.serving.params import EngineConfig, SamplingParams  # noqa: PLC0415
-    from lorafleet.serving.sources import DictBlobs  # noqa: PLC0415
+    from lorafleet.adapters import load_peft  # noqa: PLC0415 - defers torch
+    from lorafleet.serving.engine import Engine  # noqa: PLC0415 - defers torch/transformers
+    from lorafleet.serving.sources import DictBlobs  # noqa: PLC0415 - defers torch
 
     b = _load(base)
     blobs = DictBlobs()

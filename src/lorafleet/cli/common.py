@@ -4,44 +4,28 @@ from __future__ import annotations
 
 import functools
 import json
-import os
 import sys
-import warnings
 
 import typer
 from rich.console import Console
 from rich.markup import escape
+
+from lorafleet.registry.errors import RegistryError
+from lorafleet.training.data import DataError
 
 # Piped output (CI logs, transcripts) gets 120 columns instead of rich's 80, so tables stay readable.
 console = Console(width=None if sys.stdout.isatty() else 120)
 err_console = Console(stderr=True, width=None if sys.stderr.isatty() else 120)
 
 
-def quiet_libraries() -> None:
-    """transformers' progress bars and deprecation chatter are noise for a CLI user."""
-    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    warnings.filterwarnings("ignore", category=FutureWarning)
-    warnings.filterwarnings("ignore", category=UserWarning, module="transformers")
-    try:
-        from transformers.utils import logging as hf_logging  # noqa: PLC0415
-
-        hf_logging.set_verbosity_error()
-        hf_logging.disable_progress_bar()
-    except ImportError:  # pragma: no cover
-        pass
-
-
 def user_errors() -> tuple[type[Exception], ...]:
     """Exceptions that mean "bad input" — shown as a message, never a traceback."""
-    from lorafleet.adapters.errors import AdapterError  # noqa: PLC0415
-    from lorafleet.base.sources import BaseSourceError  # noqa: PLC0415
-    from lorafleet.training.data import DataError  # noqa: PLC0415
-    from lorafleet.training.trainer import TrainConfigError  # noqa: PLC0415
+    from lorafleet.adapters.errors import AdapterError  # noqa: PLC0415 - defers torch
+    from lorafleet.base.sources import BaseSourceError  # noqa: PLC0415 - defers torch/transformers/triton
+    from lorafleet.training.trainer import TrainConfigError  # noqa: PLC0415 - defers torch
 
     errors: list[type[Exception]] = [AdapterError, BaseSourceError, DataError, TrainConfigError]
     try:
-        from lorafleet.registry.errors import RegistryError  # noqa: PLC0415
 
         errors.append(RegistryError)
     except ImportError:  # pragma: no cover - registry not installed
@@ -51,7 +35,6 @@ def user_errors() -> tuple[type[Exception], ...]:
 
 def handle_errors(fn):
     """Decorator for CLI commands: a user error prints ``error: ...`` on stderr and exits with code 2."""
-
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         try:

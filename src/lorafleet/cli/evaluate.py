@@ -16,8 +16,13 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from lorafleet.cli.common import console, err_console, handle_errors, print_json, quiet_libraries
+from lorafleet.cli.common import console, err_console, handle_errors, print_json
+from lorafleet.config import quiet_libraries
 from lorafleet.evaluation.errors import EvaluationError
+from lorafleet.evaluation.gate import GateConfig, promote, rollback
+from lorafleet.evaluation.personas import SHIPPED, Persona, generate_personas, shipped_personas, write_personas
+from lorafleet.evaluation.stacks import stack_report
+from lorafleet.registry import Registry
 
 personas_app = typer.Typer(help="Synthetic personas with checkable habits (train/eval data).", no_args_is_help=True)
 
@@ -39,7 +44,6 @@ def register(app: typer.Typer) -> None:
 
 def _command(fn):
     """Evaluation errors (like the shared user errors) print one line and exit 2."""
-
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         try:
@@ -61,8 +65,6 @@ def _actor(actor: str | None) -> str:
 
 
 def _registry():
-    from lorafleet.registry import Registry  # noqa: PLC0415
-
     return Registry()
 
 
@@ -100,7 +102,7 @@ def _evaluate_live_on(base_name: str | None, registry, cand_rev, manifest):
     state = {}
 
     def evaluate(live_rev, digest: str) -> dict:
-        from lorafleet.evaluation.metrics import eval_set_for, evaluate_adapters, load_for_eval  # noqa: PLC0415
+        from lorafleet.evaluation.metrics import eval_set_for, evaluate_adapters, load_for_eval  # noqa: PLC0415 - defers torch
 
         es = eval_set_for(cand_rev, manifest=manifest)
         if es.digest != digest:
@@ -130,7 +132,7 @@ def eval_cmd(
     as_json: bool = JsonOpt,
 ) -> None:
     """Evaluate a revision on its user's held-out set and the competence probe; store the metrics on it."""
-    from lorafleet.evaluation.metrics import eval_set_for, evaluate_revision  # noqa: PLC0415
+    from lorafleet.evaluation.metrics import eval_set_for, evaluate_revision  # noqa: PLC0415 - defers torch
 
     reg = _registry()
     try:
@@ -167,8 +169,7 @@ def promote_cmd(
     as_json: bool = JsonOpt,
 ) -> None:
     """Promote a candidate to live if the gate passes (evaluating it first if needed); --force bypasses."""
-    from lorafleet.evaluation.gate import GateConfig, promote  # noqa: PLC0415
-    from lorafleet.evaluation.metrics import eval_set_for, evaluate_revision  # noqa: PLC0415
+    from lorafleet.evaluation.metrics import eval_set_for, evaluate_revision  # noqa: PLC0415 - defers torch
 
     config = GateConfig(adherence_margin=adherence_margin, loss_margin=loss_margin, max_ppl_ratio=max_ppl_ratio,
                         min_probe_retention=min_retention)
@@ -203,7 +204,6 @@ def rollback_cmd(
     as_json: bool = JsonOpt,
 ) -> None:
     """Move live back to the previous live revision (or --to N); instant and audited."""
-    from lorafleet.evaluation.gate import rollback  # noqa: PLC0415
 
     reg = _registry()
     try:
@@ -270,7 +270,6 @@ def stack_report_cmd(
 
     A report only: no alias moves. Exits 1 when a member is flagged.
     """
-    from lorafleet.evaluation.stacks import stack_report  # noqa: PLC0415
 
     reg = _registry()
     try:
@@ -305,8 +304,6 @@ def stack_report_cmd(
 
 
 def _persona_list(manifest: Path | None):
-    from lorafleet.evaluation.personas import Persona, shipped_personas  # noqa: PLC0415
-
     if manifest is None:
         return shipped_personas()
     import json  # noqa: PLC0415
@@ -374,7 +371,6 @@ def personas_generate(
     as_json: bool = JsonOpt,
 ) -> None:
     """Write persona train/eval JSONL files and a personas.json manifest."""
-    from lorafleet.evaluation.personas import SHIPPED, generate_personas, write_personas  # noqa: PLC0415
 
     personas = list(SHIPPED) if shipped else generate_personas(count, seed, kinds=kinds, n_train=n_train, n_eval=n_eval)
     manifest = write_personas(personas, out)

@@ -7,16 +7,19 @@ import os
 import typer
 from rich.table import Table
 
-from lorafleet.cli.common import console, handle_errors, print_json, quiet_libraries
+from lorafleet.api.keys import KeyStore
+from lorafleet.cli.common import console, handle_errors, print_json
+from lorafleet.cluster.config import ClusterConfigError
+from lorafleet.cluster.launch import check_fits, config_from_env, connect, deploy, require_ray
+from lorafleet.config import quiet_libraries
+from lorafleet.registry import Registry
+from lorafleet.serving.params import EngineConfig
 
 keys_app = typer.Typer(help="API keys of the HTTP service (stored hashed).", no_args_is_help=True)
 ADMIN_KEY_ENV = "LORAFLEET_ADMIN_KEY"
 
 
 def _keys():
-    from lorafleet.api.keys import KeyStore  # noqa: PLC0415
-    from lorafleet.registry import Registry  # noqa: PLC0415
-
     return KeyStore(Registry.open_default())
 
 
@@ -64,11 +67,10 @@ def keys_revoke(key_id: int) -> None:
 def build_service(base_name: str | None = None, *, worker: bool = True, engine_config=None):
     """Load the base, open the registry, build the engine; shared by `serve` and tests/benchmarks."""
     quiet_libraries()
-    from lorafleet.api.service import Service  # noqa: PLC0415
-    from lorafleet.base import load_base  # noqa: PLC0415
-    from lorafleet.registry import Registry  # noqa: PLC0415
-    from lorafleet.serving.engine import Engine  # noqa: PLC0415
-    from lorafleet.serving.sources import registry_fetch  # noqa: PLC0415
+    from lorafleet.api.service import Service  # noqa: PLC0415 - defers torch/fastapi
+    from lorafleet.base import load_base  # noqa: PLC0415 - defers torch/transformers/triton
+    from lorafleet.serving.engine import Engine  # noqa: PLC0415 - defers torch/transformers
+    from lorafleet.serving.sources import registry_fetch  # noqa: PLC0415 - defers torch
 
     registry = Registry.open_default()
     base = load_base(base_name or os.environ.get("LORAFLEET_BASE"))
@@ -84,6 +86,30 @@ def bootstrap_admin_key(keys) -> None:
     elif not any(k.is_admin for k in keys.list()):
         _, secret = keys.create(admin=True, name="bootstrap")
         console.print(f"no admin key existed; created one (shown once): [bold]{secret}[/]")
+
+
+def serve_ray(*, base: str | None, engine, replicas: int, replica_cpus: float, host: str, port: int,
+              address: str | None) -> None:
+    """``lorafleet serve --cluster ray``: check the config, make sure an admin key exists, run until Ctrl-C."""
+    try:
+        config = config_from_env(base=base or os.environ.get("LORAFLEET_BASE"), replicas=replicas,
+                                 replica_cpus=replica_cpus, engine=engine)
+        require_ray()
+    except ClusterConfigError as exc:
+        raise typer.BadParameter(str(exc), param_hint="--cluster ray") from None
+
+    with Registry(config.db_url, config.blob_url) as registry:  # keys live in the shared registry
+        bootstrap_admin_key(KeyStore(registry))
+    local = not (address or os.environ.get("RAY_ADDRESS"))
+    connect(address)
+    if local:
+        try:
+            check_fits(config)
+        except ClusterConfigError as exc:
+            raise typer.BadParameter(str(exc), param_hint="--replica-cpus") from None
+    console.print(f"deploying {config.replicas} engine replica(s) of {config.base or 'the default base'} on Ray "
+                  f"Serve; serving on http://{host}:{port} (docs: /docs, fleet: /v1/fleet/residency)")
+    deploy(config, host=host, port=port, blocking=True)
 
 
 def register(app: typer.Typer) -> None:
@@ -110,20 +136,17 @@ def register(app: typer.Typer) -> None:
                                                          help="--cluster ray: join this Ray cluster (default: "
                                                               "$RAY_ADDRESS, else start a local one)")) -> None:
         """Serve the OpenAI-compatible API, the management API and /metrics over HTTP."""
-        from lorafleet.serving.params import EngineConfig  # noqa: PLC0415
 
         config = EngineConfig(max_batch=max_batch, max_active=max_active, max_cached=max_cached, max_rank=max_rank)
         if cluster not in ("local", "ray"):
             raise typer.BadParameter(f"must be 'local' or 'ray', got {cluster!r}", param_hint="--cluster")
         if cluster == "ray":
-            from lorafleet.cluster.launch import serve_ray  # noqa: PLC0415
-
             serve_ray(base=base, engine=config, replicas=replicas, replica_cpus=replica_cpus, host=host, port=port,
-                      address=ray_address, bootstrap_admin=bootstrap_admin_key)
+                      address=ray_address)
             return
         import uvicorn  # noqa: PLC0415
 
-        from lorafleet.api.app import create_app  # noqa: PLC0415
+        from lorafleet.api.app import create_app  # noqa: PLC0415 - defers torch/fastapi
 
         with console.status("loading the base and the registry…"):
             service = build_service(base, worker=worker, engine_config=config)

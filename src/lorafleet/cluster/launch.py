@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 
 from lorafleet.cluster.config import ClusterConfig, ClusterConfigError
+from lorafleet.config import data_dir
 
 INSTALL_HINT = "Ray Serve is not installed: pip install 'lorafleet[ray]' (ray[serve]==2.60.0)"
 
@@ -60,7 +61,7 @@ def deploy(config: ClusterConfig, *, host: str = "127.0.0.1", port: int = 8000, 
     """Start Serve's proxy on ``host:port`` and run the application; returns the ingress handle."""
     from ray import serve  # noqa: PLC0415
 
-    from lorafleet.cluster.ray_app import APP_NAME, build_app  # noqa: PLC0415
+    from lorafleet.cluster.ray_app import APP_NAME, build_app  # noqa: PLC0415 - defers fastapi/ray
 
     serve.start(http_options={"host": host, "port": port})
     return serve.run(build_app(config), name=APP_NAME, route_prefix="/", blocking=blocking)
@@ -71,37 +72,6 @@ def config_from_env(**kwargs) -> ClusterConfig:
     db_url = os.environ.get("LORAFLEET_DB_URL", "")
     blob_url = os.environ.get("LORAFLEET_BLOB_URL", "")
     if not blob_url and db_url.startswith("postgresql"):
-        from lorafleet.config import data_dir  # noqa: PLC0415
 
         blob_url = str(data_dir() / "blobs")  # one machine's directory: fine for a single-node Ray
     return ClusterConfig(db_url=db_url, blob_url=blob_url, **kwargs)
-
-
-def serve_ray(*, base: str | None, engine, replicas: int, replica_cpus: float, host: str, port: int,
-              address: str | None, bootstrap_admin) -> None:
-    """``lorafleet serve --cluster ray``: check the config, make sure an admin key exists, run until Ctrl-C."""
-    import typer  # noqa: PLC0415
-
-    from lorafleet.cli.common import console  # noqa: PLC0415
-
-    try:
-        config = config_from_env(base=base or os.environ.get("LORAFLEET_BASE"), replicas=replicas,
-                                 replica_cpus=replica_cpus, engine=engine)
-        require_ray()
-    except ClusterConfigError as exc:
-        raise typer.BadParameter(str(exc), param_hint="--cluster ray") from None
-    from lorafleet.api.keys import KeyStore  # noqa: PLC0415
-    from lorafleet.registry import Registry  # noqa: PLC0415
-
-    with Registry(config.db_url, config.blob_url) as registry:  # keys live in the shared registry
-        bootstrap_admin(KeyStore(registry))
-    local = not (address or os.environ.get("RAY_ADDRESS"))
-    connect(address)
-    if local:
-        try:
-            check_fits(config)
-        except ClusterConfigError as exc:
-            raise typer.BadParameter(str(exc), param_hint="--replica-cpus") from None
-    console.print(f"deploying {config.replicas} engine replica(s) of {config.base or 'the default base'} on Ray "
-                  f"Serve; serving on http://{host}:{port} (docs: /docs, fleet: /v1/fleet/residency)")
-    deploy(config, host=host, port=port, blocking=True)

@@ -24,6 +24,8 @@ from lorafleet.api.errors import ApiError
 from lorafleet.cluster.fleet import fleet_view, merge_metrics
 from lorafleet.serving.engine import RequestError, Result
 from lorafleet.serving.metrics import Metrics
+from lorafleet.serving.params import SamplingParams
+from lorafleet.serving.sources import check_digest
 
 log = logging.getLogger(__name__)
 _RESULT_FIELDS = {f.name for f in fields(Result)}
@@ -171,9 +173,6 @@ class RemoteEngine:
         pass
 
     def submit(self, prompt, adapter: str | None = None, sampling=None, *, request_id: str | None = None):
-        from lorafleet.serving.params import SamplingParams  # noqa: PLC0415
-        from lorafleet.serving.sources import check_digest  # noqa: PLC0415
-
         if isinstance(adapter, str):
             check_digest(adapter)
         elif adapter is not None:  # a stack, root first (the engine checks the depth)
@@ -199,7 +198,6 @@ class RemoteEngine:
 
     def unpin(self, digest: str) -> None:
         """Nothing is pinned by hand in cluster mode, so there is nothing to release."""
-
     # -- the fleet view --------------------------------------------------------------------------------------
 
     def reports(self) -> list[dict]:

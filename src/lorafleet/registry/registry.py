@@ -28,6 +28,8 @@ import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection, Row
 
+from lorafleet.config import data_dir
+
 from . import db, faults, stacks
 from .blobstore import BlobStore, open_blob_store, sha256_hex
 from .errors import (
@@ -163,7 +165,6 @@ class Registry:
         db_url = db_url or os.environ.get("LORAFLEET_DB_URL") or None
         blob_url = blob_url or os.environ.get("LORAFLEET_BLOB_URL") or None
         if db_url is None or blob_url is None:
-            from lorafleet.config import data_dir
 
             root = data_dir()
             db_url = db_url or f"sqlite:///{root / 'registry.db'}"

@@ -35,8 +35,10 @@ from lorafleet.api.tinker.state import (
     new_id,
     utcnow,
 )
+from lorafleet.config import data_dir
 from lorafleet.registry import Provenance
 from lorafleet.registry.names import check_segment, parse_address
+from lorafleet.serving.params import SamplingParams
 from lorafleet.serving.sources import digest_of
 from lorafleet.training.checkpoint import checkpoint_from_bytes, checkpoint_to_bytes
 from lorafleet.training.losses import next_token_logprobs
@@ -66,8 +68,6 @@ class TinkerService:
     """State and operations behind the routes; one per app (``app.state.tinker``)."""
 
     def __init__(self, service, config: TinkerConfig | None = None, home: Path | None = None) -> None:
-        from lorafleet.config import data_dir  # noqa: PLC0415
-
         self.service, self.config = service, config or TinkerConfig()
         self.base, self.registry = service.base, service.registry
         self.home = home or data_dir() / "tinker"
@@ -505,8 +505,6 @@ class TinkerService:
         return sampler
 
     def sample(self, key: ApiKey, body: dict) -> tuple[concurrent.futures.Future, int]:
-        from lorafleet.serving.params import SamplingParams  # noqa: PLC0415
-
         engine = self.service.engine
         if engine is None:
             raise _user("sampling needs the serving engine, and this server runs without one")
