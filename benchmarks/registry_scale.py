@@ -38,8 +38,8 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from lorafleet.digest import digest_of
 from lorafleet.registry import Provenance, Registry
-from lorafleet.registry.blobstore import sha256_hex
 from lorafleet.registry.registry import encode_cursor
 from lorafleet.registry.schema import adapters, aliases, audit, revisions
 from lorafleet.testing.pgtest import TempPostgres
@@ -205,7 +205,7 @@ def run_backend(backend: str, args: argparse.Namespace, workdir: Path) -> dict:
         reg = Registry(url, str(blob_dir))
         blobs = []
         for data in shared:
-            digest = sha256_hex(data)
+            digest = digest_of(data)
             reg.blobs.put(digest, data)
             blobs.append((digest, len(data)))
         if reuse:

@@ -30,6 +30,7 @@ from lorafleet.adapters import LoraAdapter, LoraSpec, VeraAdapter, VeraSpec, to_
 from lorafleet.adapters.codecs import check_codec
 from lorafleet.adapters.peft_io import decode_blob
 from lorafleet.adapters.vera import as_lora
+from lorafleet.digest import digest_of
 from lorafleet.evaluation.errors import EvaluationError
 from lorafleet.evaluation.generation import set_backend
 from lorafleet.evaluation.metrics import EvalSet, evaluate_adapters
@@ -37,7 +38,6 @@ from lorafleet.evaluation.personas import Persona, get_persona
 from lorafleet.registry import Provenance, Registry
 from lorafleet.results import markdown_table, pyplot, write_markdown
 from lorafleet.serving.params import EngineConfig, SamplingParams
-from lorafleet.serving.sources import digest_of
 from lorafleet.training.trainer import MultiTenantTrainer, TrainConfig
 
 DEFAULT_PERSONAS = ("ahab",)  # the sign-off habit: learned fastest; more with --personas (slower)

@@ -24,6 +24,7 @@ from rich.table import Table
 from lorafleet.cli.common import console
 from lorafleet.cli.train import run_worker_with_progress
 from lorafleet.config import data_dir
+from lorafleet.digest import digest_of
 from lorafleet.evaluation import gate as gatemod
 from lorafleet.evaluation.generation import set_backend
 from lorafleet.evaluation.personas import Persona, get_persona
@@ -67,7 +68,6 @@ def _engine_backend(engine, blobs: dict[str, bytes]):
     Evaluation hands over adapter objects; their canonical bytes go into ``blobs``, which the engine's fetch
     reads before the registry."""
     from lorafleet.adapters import to_bytes  # noqa: PLC0415 - defers torch
-    from lorafleet.serving.sources import digest_of  # noqa: PLC0415 - defers torch
 
     def generate(base, prompts, adapters, max_new_tokens):
         digests = []

@@ -36,6 +36,7 @@ from ray.serve import Application
 from lorafleet.cluster.config import ClusterConfig
 from lorafleet.cluster.fleet import ROUTING_COUNTERS, FleetBoard, raw_metrics
 from lorafleet.config import quiet_libraries
+from lorafleet.digest import check_digest
 from lorafleet.registry import Registry
 
 log = logging.getLogger(__name__)
@@ -149,7 +150,6 @@ class EngineReplica:
         """Pin the digest(s) of ``key`` in the engine and wait until they are in RAM (fetched, verified, parsed,
         validated). ``key`` is a digest, or a stack's digests joined by ``+``."""
         from lorafleet.serving.residency import READY  # noqa: PLC0415 - defers torch
-        from lorafleet.serving.sources import check_digest  # noqa: PLC0415 - defers torch
 
         digests = tuple(dict.fromkeys(check_digest(d) for d in key.split("+")))
         pinned: list[str] = []

@@ -22,10 +22,10 @@ from dataclasses import fields
 
 from lorafleet.api.errors import ApiError
 from lorafleet.cluster.fleet import fleet_view, merge_metrics
+from lorafleet.digest import check_digest
 from lorafleet.serving.engine import RequestError, Result
 from lorafleet.serving.metrics import Metrics
 from lorafleet.serving.params import SamplingParams
-from lorafleet.serving.sources import check_digest
 
 log = logging.getLogger(__name__)
 _RESULT_FIELDS = {f.name for f in fields(Result)}

@@ -15,7 +15,6 @@ between leaves an unreferenced blob, which ``Registry.gc`` removes.
 from __future__ import annotations
 
 import errno
-import hashlib
 import logging
 import os
 import secrets
@@ -24,20 +23,18 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from lorafleet.digest import digest_of, is_digest
+
 from .errors import CorruptBlobError, MissingBlobError, RegistryError, StorageFullError
-from .names import DIGEST_RE, check_digest
+from .names import check_digest
 
 logger = logging.getLogger(__name__)
 
 TMP_PREFIX = ".tmp-"
 
 
-def sha256_hex(data: bytes | bytearray | memoryview) -> str:
-    return hashlib.sha256(data).hexdigest()
-
-
 def _verify(digest: str, data: bytes, where: str) -> bytes:
-    actual = sha256_hex(data)
+    actual = digest_of(data)
     if actual != digest:
         raise CorruptBlobError(
             f"blob {digest} at {where} is corrupt: its {len(data)} bytes hash to {actual}; it was not returned. "
@@ -181,7 +178,7 @@ class LocalBlobStore(BlobStore):
                 continue
             for entry in os.scandir(sub.path):
                 digest = sub.name + entry.name
-                if DIGEST_RE.fullmatch(digest) and entry.is_file():
+                if is_digest(digest) and entry.is_file():
                     yield digest
 
     def clean_temp(self, older_than_s: float) -> int:
@@ -302,7 +299,7 @@ class FsspecBlobStore(BlobStore):
             return
         for path in found:
             parts = path.rstrip("/").split("/")
-            if len(parts) >= 2 and len(parts[-2]) == 2 and DIGEST_RE.fullmatch(parts[-2] + parts[-1]):
+            if len(parts) >= 2 and len(parts[-2]) == 2 and is_digest(parts[-2] + parts[-1]):
                 yield parts[-2] + parts[-1]
 
 

@@ -29,9 +29,10 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection, Row
 
 from lorafleet.config import data_dir
+from lorafleet.digest import digest_of
 
 from . import db, faults, stacks
-from .blobstore import BlobStore, open_blob_store, sha256_hex
+from .blobstore import BlobStore, open_blob_store
 from .errors import (
     AlreadyExistsError,
     BaseMismatchError,
@@ -441,7 +442,7 @@ class Registry:
         provenance = replace(provenance, hyperparams=copy.deepcopy(provenance.hyperparams),
                              metrics=copy.deepcopy(provenance.metrics))
         blob = bytes(blob)
-        digest = sha256_hex(blob)
+        digest = digest_of(blob)
 
         self.blobs.put(digest, blob)
         faults.checkpoint("after_blob")

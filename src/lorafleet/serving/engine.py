@@ -41,6 +41,7 @@ from torch import Tensor
 
 from lorafleet.adapters import AdapterError, LoraAdapter, LoraHost, SlotTable, from_bytes
 from lorafleet.adapters.stack import MAX_LEVELS
+from lorafleet.digest import check_digest
 from lorafleet.serving.chat import chat_prompt_ids
 from lorafleet.serving.detok import TextStream
 from lorafleet.serving.kv import KVSlab
@@ -48,7 +49,7 @@ from lorafleet.serving.metrics import Metrics
 from lorafleet.serving.params import EngineConfig, SamplingParams
 from lorafleet.serving.residency import READY, Residency
 from lorafleet.serving.sampling import request_generator, sample_rows
-from lorafleet.serving.sources import Fetch, check_digest
+from lorafleet.serving.sources import Fetch
 
 __all__ = ["Engine", "EngineConfig", "RequestError", "RequestHandle", "Result", "SamplingParams"]
 

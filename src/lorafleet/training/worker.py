@@ -19,8 +19,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from lorafleet.adapters import LoraAdapter, from_bytes, to_bytes
+from lorafleet.digest import digest_of
 from lorafleet.registry import NotFoundError, Provenance, Registry
-from lorafleet.registry.blobstore import sha256_hex
 from lorafleet.training.checkpoint import checkpoint_from_bytes, checkpoint_to_bytes
 from lorafleet.training.data import dataset_from_records
 from lorafleet.training.jobs import Job, JobQueue, default_worker_id
@@ -132,7 +132,7 @@ class Worker:
 
     def _checkpoint(self, job_id: int) -> str:
         data = checkpoint_to_bytes(self.trainer.state_dict(self._key(job_id)))
-        digest = sha256_hex(data)
+        digest = digest_of(data)
         self.registry.blobs.put(digest, data)
         return digest
 

@@ -36,10 +36,10 @@ from lorafleet.api.tinker.state import (
     utcnow,
 )
 from lorafleet.config import data_dir
+from lorafleet.digest import digest_of
 from lorafleet.registry import Provenance
 from lorafleet.registry.names import check_segment, parse_address
 from lorafleet.serving.params import SamplingParams
-from lorafleet.serving.sources import digest_of
 from lorafleet.training.checkpoint import checkpoint_from_bytes, checkpoint_to_bytes
 from lorafleet.training.losses import next_token_logprobs
 
