@@ -8,10 +8,8 @@ stderr and exit with status 2.
 
 from __future__ import annotations
 
-import functools
 import getpass
 import json
-from collections.abc import Callable
 from datetime import datetime
 from typing import Annotated, Any
 
@@ -19,7 +17,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from lorafleet.registry.errors import RegistryError
+from lorafleet.cli.common import handle_errors
 from lorafleet.registry.records import AdapterInfo, AuditEntry, RevisionInfo
 from lorafleet.registry.registry import Registry
 
@@ -41,20 +39,6 @@ def _actor(actor: str | None) -> str:
         return f"cli:{getpass.getuser()}"
     except (KeyError, OSError):
         return "cli"
-
-
-def _command(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """Turn RegistryError into a one-line message on stderr and exit status 2."""
-
-    @functools.wraps(fn)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        try:
-            return fn(*args, **kwargs)
-        except RegistryError as exc:
-            typer.echo(f"error: {exc}", err=True)
-            raise typer.Exit(2) from None
-
-    return wrapper
 
 
 def _open() -> Registry:
@@ -110,7 +94,7 @@ def _audit_table(entries: list[AuditEntry]) -> Table:
 
 
 @app.command()
-@_command
+@handle_errors
 def create(
     ref: Annotated[str, typer.Argument(help="tenant/user/adapter")],
     description: Annotated[str, typer.Option("--description", "-d", help="Free text.")] = "",
@@ -131,7 +115,7 @@ def create(
 
 
 @app.command("parent")
-@_command
+@handle_errors
 def parent_(
     ref: Annotated[str, typer.Argument(help="tenant/user/adapter")],
     parent: Annotated[str | None, typer.Argument(help="New parent tenant/user/adapter (omit with --detach).")] = None,
@@ -153,7 +137,7 @@ def parent_(
 
 
 @app.command("stack")
-@_command
+@handle_errors
 def stack_(
     address: Annotated[str, typer.Argument(help="t/u/a, t/u/a@alias or t/u/a#N")],
     as_json: JsonOpt = False,
@@ -173,7 +157,7 @@ def stack_(
 
 
 @app.command("ls")
-@_command
+@handle_errors
 def list_(
     tenant: Annotated[str | None, typer.Option(help="Only this tenant.")] = None,
     user: Annotated[str | None, typer.Option(help="Only this user.")] = None,
@@ -195,7 +179,7 @@ def list_(
 
 
 @app.command()
-@_command
+@handle_errors
 def show(
     address: Annotated[str, typer.Argument(help="t/u/a (adapter + live revision), t/u/a@alias or t/u/a#N")],
     as_json: JsonOpt = False,
@@ -231,7 +215,7 @@ def show(
 
 
 @app.command()
-@_command
+@handle_errors
 def history(
     ref: Annotated[str, typer.Argument(help="tenant/user/adapter")],
     as_json: JsonOpt = False,
@@ -246,7 +230,7 @@ def history(
 
 
 @app.command()
-@_command
+@handle_errors
 def alias(
     ref: Annotated[str, typer.Argument(help="tenant/user/adapter")],
     name: Annotated[str, typer.Argument(metavar="ALIAS", help="Alias name, e.g. live or candidate.")],
@@ -278,7 +262,7 @@ def _print_move(entry: AuditEntry, as_json: bool) -> None:
 
 
 @app.command()
-@_command
+@handle_errors
 def rollback(
     ref: Annotated[str, typer.Argument(help="tenant/user/adapter")],
     to: Annotated[int | None, typer.Option("--to", help="Revision to make live (default: the previous live).")] = None,
@@ -293,7 +277,7 @@ def rollback(
 
 
 @app.command()
-@_command
+@handle_errors
 def gc(
     keep_last: Annotated[int, typer.Option("--keep-last", help="Revisions to keep per adapter (plus aliased).")] = 10,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Only report what would be deleted.")] = False,
@@ -319,7 +303,7 @@ def gc(
 
 
 @app.command("audit")
-@_command
+@handle_errors
 def audit_(
     ref: Annotated[str | None, typer.Argument(help="tenant/user/adapter (default: all adapters)")] = None,
     limit: Annotated[int, typer.Option(help="Newest entries to show.")] = 50,

@@ -7,8 +7,7 @@ from pathlib import Path
 
 import typer
 
-from lorafleet.cli.common import console
-from lorafleet.cli.evaluate import _command
+from lorafleet.cli.common import console, handle_errors
 from lorafleet.config import data_dir, quiet_libraries
 from lorafleet.evaluation.errors import EvaluationError
 
@@ -49,7 +48,7 @@ def _say(text: str) -> None:
 
 
 @bench_app.command("scale-down")
-@_command
+@handle_errors
 def scale_down(
     out: Path | None = OutOpt,
     quick: bool = QuickOpt,
@@ -88,7 +87,7 @@ def scale_down(
 
 
 @bench_app.command("scale-up")
-@_command
+@handle_errors
 def scale_up(
     out: Path | None = OutOpt,
     quick: bool = QuickOpt,

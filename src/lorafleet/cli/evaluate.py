@@ -7,16 +7,14 @@ The lead mounts these on the top-level app with :func:`register`. The registry c
 
 from __future__ import annotations
 
-import functools
 import getpass
 import os
 from pathlib import Path
 
 import typer
-from rich.markup import escape
 from rich.table import Table
 
-from lorafleet.cli.common import console, err_console, handle_errors, print_json
+from lorafleet.cli.common import console, handle_errors, print_json
 from lorafleet.config import quiet_libraries
 from lorafleet.evaluation.errors import EvaluationError
 from lorafleet.evaluation.gate import GateConfig, promote, rollback
@@ -40,19 +38,6 @@ def register(app: typer.Typer) -> None:
     app.command("report")(report_cmd)
     app.command("stack-report")(stack_report_cmd)
     app.add_typer(personas_app, name="personas")
-
-
-def _command(fn):
-    """Evaluation errors (like the shared user errors) print one line and exit 2."""
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        try:
-            return fn(*args, **kwargs)
-        except EvaluationError as exc:
-            err_console.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False)
-            raise typer.Exit(2) from None
-
-    return handle_errors(wrapper)
 
 
 def _actor(actor: str | None) -> str:
@@ -120,7 +105,7 @@ def _evaluate_live_on(base_name: str | None, registry, cand_rev, manifest):
     return evaluate
 
 
-@_command
+@handle_errors
 def eval_cmd(
     address: str = typer.Argument(..., help="t/u/a (live), t/u/a@alias or t/u/a#N"),
     persona: str | None = typer.Option(None, "--persona", help="persona name (shipped, or in --persona-manifest)"),
@@ -154,7 +139,7 @@ def eval_cmd(
         console.print(f"[yellow]probe lost[/] [bold]{s['prompt']}[/] → {s['response']}", highlight=False)
 
 
-@_command
+@handle_errors
 def promote_cmd(
     address: str = typer.Argument(..., help="the revision: t/u/a#N (or t/u/a@candidate)"),
     force: bool = typer.Option(False, "--force", help="bypass the gate (audited as forced)"),
@@ -195,7 +180,7 @@ def promote_cmd(
         raise typer.Exit(1)
 
 
-@_command
+@handle_errors
 def rollback_cmd(
     ref: str = typer.Argument(..., help="t/u/a"),
     to: int | None = typer.Option(None, "--to", help="revision number (default: the previous live one)"),
@@ -216,7 +201,7 @@ def rollback_cmd(
         console.print(f"{ref}: live #{entry.from_number} → #{entry.to_number}", highlight=False)
 
 
-@_command
+@handle_errors
 def report_cmd(
     ref: str = typer.Argument(..., help="t/u/a"),
     audit_limit: int = typer.Option(20, "--audit", min=1, max=1000, help="audit entries to show"),
@@ -256,7 +241,7 @@ def report_cmd(
     console.print(log)
 
 
-@_command
+@handle_errors
 def stack_report_cmd(
     ref: str = typer.Argument(..., help="the parent t/u/a that moved (e.g. acme/_org/support)"),
     everyone: bool = typer.Option(False, "--all", help="also re-evaluate members whose parents did not move"),
@@ -316,7 +301,7 @@ def _persona_list(manifest: Path | None):
 
 
 @personas_app.command("ls")
-@_command
+@handle_errors
 def personas_ls(manifest: Path | None = ManifestOpt, as_json: bool = JsonOpt) -> None:
     """List the shipped personas (or those of a generated manifest)."""
     personas = _persona_list(manifest)
@@ -332,7 +317,7 @@ def personas_ls(manifest: Path | None = ManifestOpt, as_json: bool = JsonOpt) ->
 
 
 @personas_app.command("show")
-@_command
+@handle_errors
 def personas_show(
     name: str = typer.Argument(..., help="persona name"),
     split: str = typer.Option("eval", "--split", help="train or eval"),
@@ -359,7 +344,7 @@ def personas_show(
 
 
 @personas_app.command("generate")
-@_command
+@handle_errors
 def personas_generate(
     out: Path = typer.Option(..., "--out", help="output directory"),
     count: int = typer.Option(8, "--count", min=0, help="how many personas"),

@@ -13,10 +13,11 @@ import typing
 from dataclasses import dataclass, field, fields
 from typing import Any
 
+from lorafleet.errors import LorafleetError
 from lorafleet.serving.params import EngineConfig
 
 
-class ClusterConfigError(ValueError):
+class ClusterConfigError(LorafleetError, ValueError):
     """A cluster setting is invalid; the message names it and the fix."""
 
 
