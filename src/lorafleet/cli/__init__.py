@@ -2,16 +2,15 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import typer
 from rich.table import Table
 
 from lorafleet.cli import adapters, bench, continual, evaluate, serve, train
-from lorafleet.cli.common import console, handle_errors, print_json
+from lorafleet.cli.common import console, handle_errors, print_json, settings
 from lorafleet.cli.demo import run_demo
-from lorafleet.config import quiet_libraries
+from lorafleet.config import Settings, quiet_libraries
 from lorafleet.serving.params import EngineConfig, SamplingParams
 
 app = typer.Typer(help="lorafleet: one shared base LLM, many persistent personal models.", no_args_is_help=True)
@@ -28,11 +27,35 @@ serve.register(app)
 continual.register(app)
 bench.register(app)
 
+
+
+@app.callback()
+def _root(ctx: typer.Context) -> None:
+    ctx.obj = Settings.from_env()  # read once; every command takes its settings from here (cli.common.settings)
+
+
+@app.command("config")
+@handle_errors
+def config_cmd(as_json: bool = typer.Option(False, "--json", help="print JSON"),
+               reveal: bool = typer.Option(False, "--reveal", help="show secrets (the admin key) in clear")) -> None:
+    """The effective settings: each value, the environment variable it comes from, and what it means."""
+    rows = settings().describe(reveal=reveal)
+    if as_json:
+        print_json({row["name"]: {k: v for k, v in row.items() if k != "name"} for row in rows})
+        return
+    table = Table(title="lorafleet settings")
+    for col in ("setting", "variable", "value", "source", "meaning"):
+        table.add_column(col, overflow="fold")
+    for row in rows:
+        table.add_row(row["name"], row["env"], row["value"] or "-", row["source"], row["help"])
+    console.print(table)
+
+
 BaseOpt = typer.Option(None, "--base", help="base name or path (default: $LORAFLEET_BASE or smollm2-135m-instruct)")
 
 
 def _base_name(base: str | None) -> str | None:
-    return base or os.environ.get("LORAFLEET_BASE")
+    return base or settings().base
 
 
 def _load(base: str | None):

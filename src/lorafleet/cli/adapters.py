@@ -17,7 +17,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from lorafleet.cli.common import handle_errors
+from lorafleet.cli.common import handle_errors, settings
 from lorafleet.registry.records import AdapterInfo, AuditEntry, RevisionInfo
 from lorafleet.registry.registry import Registry
 
@@ -42,7 +42,7 @@ def _actor(actor: str | None) -> str:
 
 
 def _open() -> Registry:
-    return Registry.open_default()
+    return Registry.open_default(settings())
 
 
 def _echo_json(obj: Any) -> None:

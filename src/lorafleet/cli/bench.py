@@ -7,8 +7,8 @@ from pathlib import Path
 
 import typer
 
-from lorafleet.cli.common import console, handle_errors
-from lorafleet.config import data_dir, quiet_libraries
+from lorafleet.cli.common import console, handle_errors, settings
+from lorafleet.config import quiet_libraries
 from lorafleet.evaluation.errors import EvaluationError
 
 bench_app = typer.Typer(help="Benchmarks that answer a question with a table and plots.", no_args_is_help=True)
@@ -31,7 +31,7 @@ def _out_dir(out: Path | None, name: str) -> Path:
     if out is not None:
         return out
 
-    return data_dir() / "reports" / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    return settings().data_dir / "reports" / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}"
 
 
 def _settings(quick: bool, **given):

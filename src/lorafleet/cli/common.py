@@ -6,15 +6,27 @@ import functools
 import json
 import sys
 
+import click
 import typer
 from rich.console import Console
 from rich.markup import escape
 
+from lorafleet.config import Settings
 from lorafleet.errors import LorafleetError
 
 # Piped output (CI logs, transcripts) gets 120 columns instead of rich's 80, so tables stay readable.
 console = Console(width=None if sys.stdout.isatty() else 120)
 err_console = Console(stderr=True, width=None if sys.stderr.isatty() else 120)
+
+
+def settings() -> Settings:
+    """This process's settings: read from the environment once by the root command (``ctx.obj``); a command
+    group mounted on another app (tests) reads them itself."""
+    ctx = click.get_current_context(silent=True)
+    root = ctx.find_root() if ctx is not None else None
+    if root is not None and isinstance(root.obj, Settings):
+        return root.obj
+    return Settings.from_env()
 
 
 def handle_errors(fn):

@@ -9,7 +9,7 @@ from pathlib import Path
 import typer
 from rich.table import Table
 
-from lorafleet.cli.common import console, handle_errors, print_json
+from lorafleet.cli.common import console, handle_errors, print_json, settings
 from lorafleet.cli.serve import ADMIN_KEY_ENV
 from lorafleet.continual.schedule import PolicyError, UpdatePolicy
 from lorafleet.registry import InvalidArgumentError, InvalidNameError, Registry
@@ -24,7 +24,7 @@ JsonOpt = typer.Option(False, "--json", help="print JSON")
 
 
 def _store():
-    return MemoryStore(Registry.open_default())
+    return MemoryStore(Registry.open_default(settings()))
 
 
 def _user(spec: str) -> tuple[str, str]:
@@ -88,7 +88,7 @@ def forget(user: str, *, yes: bool, server: str | None) -> None:
         import httpx  # noqa: PLC0415
 
 
-        key = os.environ.get(ADMIN_KEY_ENV)
+        key = settings().admin_key
         if not key:
             raise InvalidArgumentError(f"--server needs an admin key in ${ADMIN_KEY_ENV}")
         r = httpx.delete(f"{server.rstrip('/')}/v1/users/{tenant}/{name}",
@@ -168,7 +168,7 @@ def schedule_set(
 def schedule_show(ref: str = typer.Argument(..., help="tenant/user/adapter"), as_json: bool = JsonOpt) -> None:
     """An adapter's policy, watermark, pending job and last result."""
     store = _store()
-    Registry.open_default().get_adapter(ref)
+    Registry.open_default(settings()).get_adapter(ref)
     _print_settings(store.settings(ref), as_json)
 
 

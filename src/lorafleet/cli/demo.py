@@ -22,8 +22,8 @@ from pathlib import Path
 from rich.table import Table
 
 from lorafleet.cli.common import console
+from lorafleet.cli.common import settings as cli_settings
 from lorafleet.cli.train import run_worker_with_progress
-from lorafleet.config import data_dir
 from lorafleet.digest import digest_of
 from lorafleet.evaluation import gate as gatemod
 from lorafleet.evaluation.generation import set_backend
@@ -236,7 +236,7 @@ def run_demo(*, quick: bool = False, base: str | None = None, settings: DemoSett
     console.print(f"[bold]{info['name']}[/]: {info['parameters']:,} parameters, {info['layers']} layers, hidden "
                   f"{info['hidden_size']}, fingerprint {info['fingerprint'][:16]}…, loaded in {info['load_seconds']:.1f}s"
                   f"{' (from cache)' if info['from_cache'] else ''}")
-    registry = Registry.open_default()
+    registry = Registry.open_default(cli_settings())
     console.print(f"registry: {registry.db_url}  blobs: {registry.blob_url}")
 
     console.rule("2. six users, trained together")
@@ -284,7 +284,7 @@ def run_demo(*, quick: bool = False, base: str | None = None, settings: DemoSett
 
     seconds = time.perf_counter() - start
     console.rule("6. report")
-    out_dir = data_dir() / "reports" / f"demo-{datetime.now(UTC).strftime('%Y%m%d-%H%M%S')}"
+    out_dir = cli_settings().data_dir / "reports" / f"demo-{datetime.now(UTC).strftime('%Y%m%d-%H%M%S')}"
     report = _write_report(out_dir, b, personas, metrics, decisions, sizes, batch_rows, lifecycle, seconds)
     chart = out_dir / "adherence.png"
     console.print(f"report: {report}\nchart:  {chart if chart.exists() else 'none (' + PLOTS_MISSING + ')'}")

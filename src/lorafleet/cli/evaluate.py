@@ -8,13 +8,12 @@ The lead mounts these on the top-level app with :func:`register`. The registry c
 from __future__ import annotations
 
 import getpass
-import os
 from pathlib import Path
 
 import typer
 from rich.table import Table
 
-from lorafleet.cli.common import console, handle_errors, print_json
+from lorafleet.cli.common import console, handle_errors, print_json, settings
 from lorafleet.config import quiet_libraries
 from lorafleet.evaluation.errors import EvaluationError
 from lorafleet.evaluation.gate import GateConfig, promote, rollback
@@ -58,7 +57,7 @@ def _load_base(name: str | None):
     from lorafleet.base import load_base  # noqa: PLC0415 - torch import is slow; only when needed
 
     with console.status("loading the base model…"):
-        return load_base(name or os.environ.get("LORAFLEET_BASE"))
+        return load_base(name or settings().base)
 
 
 def _fmt(x, pct: bool = False) -> str:

@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import os
-
 import typer
 from rich.table import Table
 
 from lorafleet.api.keys import KeyStore
-from lorafleet.cli.common import console, handle_errors, print_json
+from lorafleet.cli.common import console, handle_errors, print_json, settings
 from lorafleet.cluster.config import ClusterConfigError
 from lorafleet.cluster.launch import check_fits, config_from_env, connect, deploy, require_ray
 from lorafleet.config import quiet_libraries
@@ -20,7 +18,7 @@ ADMIN_KEY_ENV = "LORAFLEET_ADMIN_KEY"
 
 
 def _keys():
-    return KeyStore(Registry.open_default())
+    return KeyStore(Registry.open_default(settings()))
 
 
 @keys_app.command("create")
@@ -72,15 +70,15 @@ def build_service(base_name: str | None = None, *, worker: bool = True, engine_c
     from lorafleet.serving.engine import Engine  # noqa: PLC0415 - defers torch/transformers
     from lorafleet.serving.sources import registry_fetch  # noqa: PLC0415 - defers torch
 
-    registry = Registry.open_default()
-    base = load_base(base_name or os.environ.get("LORAFLEET_BASE"))
+    registry = Registry.open_default(settings())
+    base = load_base(base_name or settings().base)
     engine = Engine(base, registry_fetch(registry), engine_config)
     return Service(registry, base, engine, run_worker=worker)
 
 
 def bootstrap_admin_key(keys) -> None:
     """$LORAFLEET_ADMIN_KEY becomes an admin key; with none at all, create one and print it once."""
-    bootstrap = os.environ.get(ADMIN_KEY_ENV)
+    bootstrap = settings().admin_key
     if bootstrap:
         keys.ensure(bootstrap, admin=True, name=f"${ADMIN_KEY_ENV}")
     elif not any(k.is_admin for k in keys.list()):
@@ -92,7 +90,7 @@ def serve_ray(*, base: str | None, engine, replicas: int, replica_cpus: float, h
               address: str | None) -> None:
     """``lorafleet serve --cluster ray``: check the config, make sure an admin key exists, run until Ctrl-C."""
     try:
-        config = config_from_env(base=base or os.environ.get("LORAFLEET_BASE"), replicas=replicas,
+        config = config_from_env(settings(), base=base or settings().base, replicas=replicas,
                                  replica_cpus=replica_cpus, engine=engine)
         require_ray()
     except ClusterConfigError as exc:
@@ -100,7 +98,8 @@ def serve_ray(*, base: str | None, engine, replicas: int, replica_cpus: float, h
 
     with Registry(config.db_url, config.blob_url) as registry:  # keys live in the shared registry
         bootstrap_admin_key(KeyStore(registry))
-    local = not (address or os.environ.get("RAY_ADDRESS"))
+    address = address or settings().ray_address
+    local = not address
     connect(address)
     if local:
         try:

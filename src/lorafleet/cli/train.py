@@ -10,7 +10,7 @@ import typer
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from lorafleet.cli.common import console, handle_errors, print_json
+from lorafleet.cli.common import console, handle_errors, print_json, settings
 from lorafleet.config import quiet_libraries
 from lorafleet.continual.schedule import Scheduler
 from lorafleet.registry import Registry
@@ -20,7 +20,7 @@ jobs_app = typer.Typer(help="Training jobs: list, show, cancel.", no_args_is_hel
 
 
 def _registry():
-    return Registry.open_default()
+    return Registry.open_default(settings())
 
 
 def _load_base(base: str | None):
@@ -28,7 +28,7 @@ def _load_base(base: str | None):
     from lorafleet.base import load_base  # noqa: PLC0415 - defers torch/transformers/triton
 
     with console.status("loading the base model…"):
-        return load_base(base or os.environ.get("LORAFLEET_BASE"))
+        return load_base(base or settings().base)
 
 
 def _job_row(job) -> list[str]:

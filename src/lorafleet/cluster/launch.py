@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 
 from lorafleet.cluster.config import ClusterConfig, ClusterConfigError
-from lorafleet.config import data_dir
+from lorafleet.config import Settings
 
 INSTALL_HINT = "Ray Serve is not installed: pip install 'lorafleet[ray]' (ray[serve]==2.60.0)"
 
@@ -32,7 +32,7 @@ def connect(address: str | None = None, *, num_cpus: float | None = None, object
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     if ray.is_initialized():
         return
-    address = address or os.environ.get("RAY_ADDRESS") or None
+    address = address or Settings.from_env().ray_address
     if address:
         ray.init(address=address, log_to_driver=not quiet)
         return
@@ -67,11 +67,11 @@ def deploy(config: ClusterConfig, *, host: str = "127.0.0.1", port: int = 8000, 
     return serve.run(build_app(config), name=APP_NAME, route_prefix="/", blocking=blocking)
 
 
-def config_from_env(**kwargs) -> ClusterConfig:
-    """A ``ClusterConfig`` whose registry comes from ``$LORAFLEET_DB_URL`` / ``$LORAFLEET_BLOB_URL``."""
-    db_url = os.environ.get("LORAFLEET_DB_URL", "")
-    blob_url = os.environ.get("LORAFLEET_BLOB_URL", "")
+def config_from_env(settings: Settings | None = None, **kwargs) -> ClusterConfig:
+    """A ``ClusterConfig`` whose registry comes from ``settings`` (default: ``$LORAFLEET_DB_URL`` /
+    ``$LORAFLEET_BLOB_URL``)."""
+    settings = settings or Settings.from_env()
+    db_url, blob_url = settings.db_url or "", settings.blob_url or ""
     if not blob_url and db_url.startswith("postgresql"):
-
-        blob_url = str(data_dir() / "blobs")  # one machine's directory: fine for a single-node Ray
+        blob_url = str(settings.data_dir / "blobs")  # one machine's directory: fine for a single-node Ray
     return ClusterConfig(db_url=db_url, blob_url=blob_url, **kwargs)

@@ -23,6 +23,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from lorafleet.config import Settings
 from lorafleet.digest import digest_of, is_digest
 
 from .errors import CorruptBlobError, MissingBlobError, RegistryError, StorageFullError
@@ -211,7 +212,7 @@ class FsspecBlobStore(BlobStore):
         options = dict(storage_options or {})
         protocol = url.split("://", 1)[0]
         if protocol in ("s3", "s3a"):
-            endpoint = os.environ.get("LORAFLEET_S3_ENDPOINT")
+            endpoint = Settings.from_env().s3_endpoint
             if endpoint and "endpoint_url" not in options:
                 options["endpoint_url"] = endpoint
             # Always ask the server: a cached listing could make gc or exists() lie.
