@@ -77,9 +77,9 @@ class Target:
     stack: tuple[tuple[str, str], ...] = ()  # (address, digest) of every level applied, root first
 
     @property
-    def adapter(self) -> str | tuple[str, ...] | None:
-        """What the engine is given: a digest, a stack of digests, or None for the base."""
-        return tuple(d for _, d in self.stack) if len(self.stack) > 1 else self.digest
+    def adapter(self) -> tuple[str, ...]:
+        """What the engine is given: the digests of the stack's levels, root first (``()`` for the base)."""
+        return tuple(d for _, d in self.stack)
 
     def metadata(self) -> dict:
         return {"revision": self.revision, "digest": self.digest,

@@ -15,6 +15,7 @@ from lorafleet.api.metrics import RequestCounter
 from lorafleet.continual.schedule import Scheduler
 from lorafleet.registry import Provenance, Registry
 from lorafleet.registry.memory import MemoryStore
+from lorafleet.serving.contract import EngineLike
 from lorafleet.training.jobs import JobQueue
 from lorafleet.training.worker import Worker
 
@@ -37,7 +38,7 @@ class Limits:
 class Service:
     """Holds the long-lived parts of a server process; the app reads them from ``app.state.service``."""
 
-    def __init__(self, registry: Registry, base, engine=None, *, limits: Limits | None = None,
+    def __init__(self, registry: Registry, base, engine: EngineLike | None = None, *, limits: Limits | None = None,
                  run_worker: bool = False) -> None:
         self.registry = registry
         self.base = base
@@ -54,7 +55,7 @@ class Service:
     # ---------------------------------------------------------------- lifecycle
 
     def start(self) -> None:
-        if self.engine is not None and hasattr(self.engine, "start"):
+        if self.engine is not None:
             self.engine.start()
         if self.run_worker:
 
@@ -69,7 +70,7 @@ class Service:
         self._worker_stop.set()
         if self._worker_thread is not None:
             self._worker_thread.join(timeout=60)
-        if self.engine is not None and hasattr(self.engine, "stop"):
+        if self.engine is not None:
             self.engine.stop()
 
     # ---------------------------------------------------------------- uploads

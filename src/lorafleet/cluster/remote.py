@@ -22,7 +22,7 @@ from dataclasses import fields
 
 from lorafleet.api.errors import ApiError
 from lorafleet.cluster.fleet import fleet_view, merge_metrics
-from lorafleet.digest import check_digest
+from lorafleet.serving.contract import Levels, adapter_levels
 from lorafleet.serving.engine import RequestError, Result
 from lorafleet.serving.metrics import Metrics
 from lorafleet.serving.params import SamplingParams
@@ -172,13 +172,8 @@ class RemoteEngine:
     def stop(self) -> None:
         pass
 
-    def submit(self, prompt, adapter: str | None = None, sampling=None, *, request_id: str | None = None):
-        if isinstance(adapter, str):
-            check_digest(adapter)
-        elif adapter is not None:  # a stack, root first (the engine checks the depth)
-            if not isinstance(adapter, (tuple, list)) or not adapter:
-                raise ValueError(f"adapter must be a digest, a tuple of digests (a stack) or None, got {adapter!r}")
-            adapter = tuple(check_digest(d) for d in adapter)
+    def submit(self, prompt, adapter: Levels | str | None = (), sampling=None, *, request_id: str | None = None):
+        adapter = adapter_levels(adapter) or None  # a stack, root first (the engine checks the depth); None: base
         with self._lock:
             self._seq += 1
             rid = request_id or f"remote-{self._seq}"
