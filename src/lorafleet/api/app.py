@@ -33,11 +33,7 @@ def create_app(service: Service, *, manage_lifecycle: bool = True) -> FastAPI:
     app.include_router(management.router)
     app.include_router(feedback.router)
     app.include_router(tinker.router)
-    try:
-
-        app.include_router(openai_routes.router)
-    except ImportError:  # pragma: no cover - inference routes land with the engine
-        pass
+    app.include_router(openai_routes.router)
 
     @app.middleware("http")
     async def limits_and_counts(request: Request, call_next):

@@ -58,7 +58,6 @@ class Service:
         if self.engine is not None:
             self.engine.start()
         if self.run_worker:
-
             scheduler = Scheduler(self.registry, self.base, memory=self.memory, min_interval_s=5.0)
             worker = Worker(self.registry, self.base, hooks=[scheduler.tick])
             self._worker_thread = threading.Thread(

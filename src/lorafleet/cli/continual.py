@@ -73,7 +73,6 @@ def memory_capture(ref: str = typer.Argument(..., help="tenant/user/adapter"),
                    state: str = typer.Argument(..., help="on | off")) -> None:
     """Turn capture of an adapter's served conversations on or off (off by default)."""
     if state not in ("on", "off"):
-
         raise InvalidArgumentError(f"capture state must be 'on' or 'off', got {state!r}")
     settings = _store().configure(ref, capture=state == "on")
     console.print(f"capture for {ref}: {'on' if settings.capture else 'off'}")
