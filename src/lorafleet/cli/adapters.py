@@ -8,7 +8,6 @@ stderr and exit with status 2.
 
 from __future__ import annotations
 
-import getpass
 import json
 from datetime import datetime
 from typing import Annotated, Any
@@ -17,7 +16,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from lorafleet.cli.common import handle_errors, settings
+from lorafleet.cli.common import actor_name, handle_errors, settings
 from lorafleet.registry.records import AdapterInfo, AuditEntry, RevisionInfo
 from lorafleet.registry.registry import Registry
 
@@ -30,15 +29,6 @@ app = typer.Typer(
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")]
 ReasonOpt = Annotated[str, typer.Option("--reason", "-r", help="Why (recorded in the audit log).")]
 ActorOpt = Annotated[str | None, typer.Option("--actor", help="Who (default: cli:<OS user>).")]
-
-
-def _actor(actor: str | None) -> str:
-    if actor:
-        return actor
-    try:
-        return f"cli:{getpass.getuser()}"
-    except (KeyError, OSError):
-        return "cli"
 
 
 def _open() -> Registry:
@@ -105,7 +95,7 @@ def create(
 ) -> None:
     """Create an adapter identity (no revisions yet), optionally stacked on a parent adapter."""
     with _open() as reg:
-        info = reg.create_adapter(ref, creator=_actor(None), description=description, exist_ok=exist_ok,
+        info = reg.create_adapter(ref, creator=actor_name(None), description=description, exist_ok=exist_ok,
                                   parent=parent)
     if as_json:
         _echo_json(info.to_dict())
@@ -129,7 +119,7 @@ def parent_(
         typer.echo("error: give either a PARENT or --detach", err=True)
         raise typer.Exit(2)
     with _open() as reg:
-        entry = reg.set_parent(ref, parent, actor=_actor(actor), reason=reason)
+        entry = reg.set_parent(ref, parent, actor=actor_name(actor), reason=reason)
     if as_json:
         _echo_json(entry.to_dict())
     else:
@@ -246,9 +236,9 @@ def alias(
         raise typer.Exit(2)
     with _open() as reg:
         if delete:
-            entry = reg.delete_alias(ref, name, actor=_actor(actor), reason=reason)
+            entry = reg.delete_alias(ref, name, actor=actor_name(actor), reason=reason)
         else:
-            entry = reg.set_alias(ref, name, number, actor=_actor(actor), reason=reason)
+            entry = reg.set_alias(ref, name, number, actor=actor_name(actor), reason=reason)
     _print_move(entry, as_json)
 
 
@@ -272,7 +262,7 @@ def rollback(
 ) -> None:
     """Move `live` back to the previous live revision (or to --to N)."""
     with _open() as reg:
-        entry = reg.rollback(ref, to=to, actor=_actor(actor), reason=reason)
+        entry = reg.rollback(ref, to=to, actor=actor_name(actor), reason=reason)
     _print_move(entry, as_json)
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import getpass
 import json
 import sys
 
@@ -27,6 +28,16 @@ def settings() -> Settings:
     if root is not None and isinstance(root.obj, Settings):
         return root.obj
     return Settings.from_env()
+
+
+def actor_name(actor: str | None = None) -> str:
+    """Who a command acts as in the audit log: ``--actor``, else ``cli:<OS user>``."""
+    if actor:
+        return actor
+    try:
+        return f"cli:{getpass.getuser()}"
+    except (KeyError, OSError):
+        return "cli"
 
 
 def handle_errors(fn):

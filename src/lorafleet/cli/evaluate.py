@@ -7,13 +7,12 @@ The lead mounts these on the top-level app with :func:`register`. The registry c
 
 from __future__ import annotations
 
-import getpass
 from pathlib import Path
 
 import typer
 from rich.table import Table
 
-from lorafleet.cli.common import console, handle_errors, print_json, settings
+from lorafleet.cli.common import actor_name, console, handle_errors, print_json, settings
 from lorafleet.config import quiet_libraries
 from lorafleet.evaluation.errors import EvaluationError
 from lorafleet.evaluation.gate import GateConfig, promote, rollback
@@ -37,15 +36,6 @@ def register(app: typer.Typer) -> None:
     app.command("report")(report_cmd)
     app.command("stack-report")(stack_report_cmd)
     app.add_typer(personas_app, name="personas")
-
-
-def _actor(actor: str | None) -> str:
-    if actor:
-        return actor
-    try:
-        return f"cli:{getpass.getuser()}"
-    except (KeyError, OSError):
-        return "cli"
 
 
 def _registry():
@@ -165,7 +155,7 @@ def promote_cmd(
             b = _load_base(base)
             with console.status(f"{rev.address} has no metrics yet; evaluating it on {es.name}…"):
                 rev, _ = evaluate_revision(reg, rev.address, b, es)
-        decision = promote(reg, rev.address, force=force, reason=reason, config=config, actor=_actor(actor),
+        decision = promote(reg, rev.address, force=force, reason=reason, config=config, actor=actor_name(actor),
                            evaluate=_evaluate_live_on(base, reg, rev, manifest))
     finally:
         reg.close()
@@ -191,7 +181,7 @@ def rollback_cmd(
 
     reg = _registry()
     try:
-        entry = rollback(reg, ref, to=to, actor=_actor(actor), reason=reason)
+        entry = rollback(reg, ref, to=to, actor=actor_name(actor), reason=reason)
     finally:
         reg.close()
     if as_json:
@@ -261,7 +251,7 @@ def stack_report_cmd(
         b = _load_base(base)
         with console.status(f"re-evaluating the members stacked on {ref}…"):
             checks = stack_report(reg, b, ref, everyone=everyone, store=not no_store, manifest=manifest,
-                                  actor=_actor(actor))
+                                  actor=actor_name(actor))
     finally:
         reg.close()
     if as_json:
