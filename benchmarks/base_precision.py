@@ -209,7 +209,6 @@ def child_llama(quick: bool, threads: int) -> dict:
 
 def child_profile(precision: str) -> dict:
     """Where a batch-1 decode step's time goes: torch profiler over 32 engine decode steps (self CPU time by op)."""
-    import torch  # noqa: PLC0415
     from torch.profiler import ProfilerActivity, profile  # noqa: PLC0415
 
     from lorafleet.base import load_base  # noqa: PLC0415

@@ -57,8 +57,8 @@ def main() -> int:
     from lorafleet.api.app import create_app
     from lorafleet.api.service import Service
     from lorafleet.base import load_base
-    from lorafleet.cli.common import quiet_libraries
     from lorafleet.cli.demo import _engine_backend
+    from lorafleet.config import quiet_libraries
     from lorafleet.continual.schedule import Scheduler
     from lorafleet.evaluation import gate as gatemod
     from lorafleet.evaluation import generation

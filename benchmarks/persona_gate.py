@@ -49,7 +49,7 @@ def main() -> int:
 
     from lorafleet.adapters import LoraAdapter, LoraSpec, from_bytes, to_bytes
     from lorafleet.base import load_base
-    from lorafleet.cli.common import quiet_libraries
+    from lorafleet.config import quiet_libraries
     from lorafleet.evaluation import gate as gatemod
     from lorafleet.evaluation import probe
     from lorafleet.evaluation.metrics import EvalSet, evaluate_revisions

@@ -40,8 +40,8 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from lorafleet.adapters import LoraAdapter, LoraSpec, to_bytes
+from lorafleet.digest import digest_of
 from lorafleet.registry import Provenance, Registry
-from lorafleet.registry.blobstore import sha256_hex
 from lorafleet.registry.registry import encode_cursor
 from lorafleet.registry.schema import adapters, aliases, audit, revisions
 from lorafleet.testing.pgtest import TempPostgres
@@ -211,7 +211,7 @@ def run_backend(backend: str, args: argparse.Namespace, workdir: Path) -> dict:
         reg = Registry(url, str(blob_dir))
         blobs = []
         for data in shared:
-            digest = sha256_hex(data)
+            digest = digest_of(data)
             reg.blobs.put(digest, data)
             blobs.append((digest, len(data)))
         if reuse:

@@ -62,7 +62,7 @@ def main() -> int:
 
     from lorafleet.adapters import LoraSpec
     from lorafleet.base import load_base
-    from lorafleet.cli.common import quiet_libraries
+    from lorafleet.config import quiet_libraries
     from lorafleet.evaluation.generation import generate_responses
     from lorafleet.evaluation.metrics import load_for_eval
     from lorafleet.evaluation.personas import Persona

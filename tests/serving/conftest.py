@@ -12,8 +12,9 @@ from peft import PeftModel
 
 from lorafleet.adapters import LoraAdapter, LoraSpec, save_peft, to_bytes
 from lorafleet.base import load_base
+from lorafleet.digest import digest_of
 from lorafleet.serving.engine import Engine, EngineConfig
-from lorafleet.serving.sources import DictBlobs, digest_of
+from lorafleet.serving.sources import DictBlobs
 
 
 def sharpen(model, seed: int = 0, std: float = 0.15) -> None:

@@ -9,8 +9,9 @@ import pytest
 import torch
 
 from lorafleet.adapters import LoraAdapter, LoraSpec, to_bytes
+from lorafleet.digest import digest_of
 from lorafleet.serving.engine import SamplingParams
-from lorafleet.serving.sources import DictBlobs, DirBlobs, digest_of
+from lorafleet.serving.sources import DictBlobs, DirBlobs
 
 GREEDY = SamplingParams(max_tokens=12, ignore_eos=True)
 PROMPTS = ["first prompt", "second one", "third", "and a fourth prompt"]

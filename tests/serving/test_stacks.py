@@ -155,7 +155,6 @@ def test_a_failing_level_fails_its_rows_only_and_releases_the_others(levels, mak
 
 @pytest.mark.parametrize(("stack", "match"), [
     (("a" * 64,) * 4, "1..3 levels"),
-    ((), "1..3 levels"),
     (("A" * 64,), "64 lowercase hex"),
     (42, "digest, a tuple of digests"),
 ])
@@ -163,6 +162,14 @@ def test_bad_stacks_are_refused_at_submit(make_engine, stack, match):
     engine = make_engine(DictBlobs())
     with pytest.raises(ValueError, match=match):
         engine.submit("hi", stack)
+
+
+def test_the_empty_stack_is_the_base(make_engine):
+    """The adapter argument is a tuple of digests, root first; () runs the base alone, like None."""
+    engine = make_engine(DictBlobs())
+    sampling = SamplingParams(max_tokens=5, ignore_eos=True)
+    empty, none = engine.generate(["hi", "hi"], [(), None], sampling)
+    assert empty.ok and none.ok and empty.text == none.text
 
 
 def test_a_stack_wider_than_the_slot_table_is_refused(make_engine):

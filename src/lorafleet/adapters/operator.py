@@ -36,7 +36,7 @@ import torch
 from torch import Tensor, nn
 
 from lorafleet.adapters import triton_lora  # imports triton lazily, on first kernel use
-from lorafleet.base.precision import QuantLinear  # a low-precision base's frozen linear (wrapped the same way)
+from lorafleet.adapters.spec import ATTENTION_TARGETS, MLP_TARGETS
 
 # From this many tokens per row on, the segmented path (one matmul pair per adapter over all its rows'
 # tokens) wins over per-row gathered weights; decode steps (T == 1) take the gather + bmm path.
@@ -149,8 +149,6 @@ class SlotWeights(Protocol):
 
     def tensors(self, layer: str) -> tuple[Tensor, Tensor] | None:
         """``(A: (S, r, in), B: (S, out, r))`` for a wrapped layer, or None if no slot touches it."""
-
-
 class LoraRouting(threading.local):
     """Per-thread routing for one model: which slot each row uses, and where slot weights live.
 
@@ -181,7 +179,7 @@ class MultiLoraLinear(nn.Module):
 
     @property
     def weight(self) -> Tensor:  # transformers sometimes reads .weight (dtype/device checks)
-        if isinstance(self.base, QuantLinear):
+        if not isinstance(self.base, nn.Linear):  # a low-precision base's frozen layer (packed int4/int8 codes)
             raise AttributeError(f"{self.name} runs a {self.base.kind} base weight; it has no float .weight")
         return self.base.weight
 
@@ -203,6 +201,13 @@ class MultiLoraLinear(nn.Module):
         return y + delta.reshape(*shape[:-1], -1).to(y.dtype)
 
 
+def _is_base_linear(module: nn.Module) -> bool:
+    """A float ``nn.Linear``, or a frozen low-precision linear of the base (one that declares
+    ``frozen_base_linear = True`` and has in/out features, e.g. ``lorafleet.base.precision.QuantLinear``):
+    the operator wraps both the same way, so it needs to know nothing of how the base stores its weights."""
+    return isinstance(module, nn.Linear) or bool(getattr(module, "frozen_base_linear", False))
+
+
 class LoraHost:
     """Wraps a base model's target linears with :class:`MultiLoraLinear` once, and routes rows to slots.
 
@@ -214,7 +219,7 @@ class LoraHost:
         self.routing = LoraRouting()
         self.layers: dict[str, MultiLoraLinear] = {}
         for name, module in list(model.named_modules()):
-            if ".layers." not in name or not isinstance(module, (nn.Linear, QuantLinear)):
+            if ".layers." not in name or not _is_base_linear(module):
                 continue
             if name.rsplit(".", 1)[-1] not in projections:
                 continue
@@ -226,8 +231,6 @@ class LoraHost:
     @classmethod
     def attach(cls, model: nn.Module, projections: tuple[str, ...] | None = None) -> LoraHost:
         """The host of ``model``, wrapping every targetable projection on first use."""
-        from lorafleet.adapters.spec import ATTENTION_TARGETS, MLP_TARGETS  # noqa: PLC0415
-
         host = getattr(model, "_lorafleet_host", None)
         if host is None:
             host = cls(model, projections or ATTENTION_TARGETS + MLP_TARGETS)

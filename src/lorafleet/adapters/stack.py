@@ -17,8 +17,7 @@ import torch
 from lorafleet.adapters.errors import AdapterError
 from lorafleet.adapters.slots import StackedWeights
 from lorafleet.adapters.weights import LoraAdapter
-
-MAX_LEVELS = 3  # organisation, team, person (the registry's stacks.MAX_DEPTH is the same rule)
+from lorafleet.limits import MAX_LEVELS  # the registry's stacks obey the same limit
 
 
 @dataclass(frozen=True)

@@ -10,9 +10,10 @@ from fastapi.responses import PlainTextResponse
 from pydantic import BaseModel
 
 from lorafleet import __version__
-from lorafleet.api import errors, feedback, management, tinker, vllm_routes
+from lorafleet.api import errors, feedback, management, openai_routes, tinker, ui, vllm_routes
 from lorafleet.api.auth import admin_key, current_key
 from lorafleet.api.body_limit import BodyLimitMiddleware
+from lorafleet.api.metrics import render
 from lorafleet.api.service import Service
 
 
@@ -26,7 +27,6 @@ class Health(BaseModel):
 
 def create_app(service: Service, *, manage_lifecycle: bool = True) -> FastAPI:
     """The app for ``service``. With ``manage_lifecycle`` the engine and worker start and stop with the app."""
-
     @asynccontextmanager
     async def lifespan(_: FastAPI):
         if manage_lifecycle:
@@ -46,12 +46,7 @@ def create_app(service: Service, *, manage_lifecycle: bool = True) -> FastAPI:
     app.include_router(feedback.router)
     app.include_router(tinker.router)
     app.include_router(vllm_routes.router)
-    try:
-        from lorafleet.api import openai_routes  # noqa: PLC0415
-
-        app.include_router(openai_routes.router)
-    except ImportError:  # pragma: no cover - inference routes land with the engine
-        pass
+    app.include_router(openai_routes.router)
 
     # Bodies are counted as they arrive (chunked too) and refused at the limit; requests are counted per route.
     app.add_middleware(BodyLimitMiddleware, service=service)
@@ -70,11 +65,8 @@ def create_app(service: Service, *, manage_lifecycle: bool = True) -> FastAPI:
     @app.get("/metrics", tags=["health"], summary="Prometheus metrics (admin key, unless --metrics-public)",
              response_class=PlainTextResponse, dependencies=[Depends(metrics_access)])
     def metrics() -> PlainTextResponse:
-        from lorafleet.api.metrics import render  # noqa: PLC0415
-
         return PlainTextResponse(render(service), media_type="text/plain; version=0.0.4")
 
-    from lorafleet.api import ui  # noqa: PLC0415
 
     ui.mount(app)  # the dashboard at /ui, after every API route (its file route takes the rest of /ui/)
     return app

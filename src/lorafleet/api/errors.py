@@ -1,6 +1,6 @@
 """Errors in OpenAI's shape ``{"error": {"message", "type", "param", "code"}}`` for every route.
 
-Library errors map to status codes in one table, so a route never formats an error itself.
+User errors carry their status (lorafleet.errors.LorafleetError), so a route never formats an error itself.
 """
 
 from __future__ import annotations
@@ -12,6 +12,8 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from lorafleet.errors import LorafleetError
 
 log = logging.getLogger(__name__)
 
@@ -49,29 +51,9 @@ def error_body(message: str, type_: str, code: str | None = None, param: str | N
 
 
 def _status_for(exc: Exception) -> tuple[int, str, str]:
-    """(status, type, code) for library exceptions; the first matching class wins."""
-    from lorafleet.adapters.errors import AdapterError  # noqa: PLC0415
-    from lorafleet.registry import errors as reg  # noqa: PLC0415
-    from lorafleet.training.data import DataError  # noqa: PLC0415
-    from lorafleet.training.trainer import TrainConfigError  # noqa: PLC0415
-
-    table = [
-        (reg.NotFoundError, 404, "not_found_error", "not_found"),
-        (reg.AlreadyExistsError, 409, "conflict_error", "already_exists"),
-        (reg.KeyConflictError, 409, "conflict_error", "idempotency_key_reused"),
-        (reg.BaseMismatchError, 422, "invalid_request_error", "base_mismatch"),
-        (reg.StorageFullError, 507, "server_error", "storage_full"),
-        (reg.BusyError, 503, "server_error", "busy"),
-        (reg.CorruptBlobError, 500, "server_error", "corrupt_blob"),
-        (reg.MissingBlobError, 500, "server_error", "missing_blob"),
-        (AdapterError, 422, "invalid_request_error", "invalid_adapter"),
-        (DataError, 422, "invalid_request_error", "invalid_data"),
-        (TrainConfigError, 422, "invalid_request_error", "invalid_config"),
-        (reg.RegistryError, 400, "invalid_request_error", "invalid_request"),
-    ]
-    for cls, status, type_, code in table:
-        if isinstance(exc, cls):
-            return status, type_, code
+    """(status, type, code): a user error carries its own (:class:`lorafleet.errors.LorafleetError`); else a bug."""
+    if isinstance(exc, LorafleetError):
+        return exc.http_status, exc.error_type, exc.code
     return 500, "server_error", "internal_error"
 
 
@@ -110,13 +92,7 @@ def install(app: FastAPI) -> None:
         message = str(exc) if status < 500 or code != "internal_error" else "internal server error"
         return JSONResponse(error_body(message, type_, code), status_code=status)
 
-    from lorafleet.adapters.errors import AdapterError  # noqa: PLC0415
-    from lorafleet.registry.errors import RegistryError  # noqa: PLC0415
-    from lorafleet.training.data import DataError  # noqa: PLC0415
-    from lorafleet.training.trainer import TrainConfigError  # noqa: PLC0415
-
-    # Library errors are expected outcomes (4xx mostly): handled inside the app, never re-raised.
-    for cls in (RegistryError, AdapterError, DataError, TrainConfigError):
-        app.add_exception_handler(cls, _library)
+    # User errors are expected outcomes (4xx mostly): handled inside the app, never re-raised.
+    app.add_exception_handler(LorafleetError, _library)
     # Anything else is a bug: a 500 in OpenAI's shape (Starlette also logs it).
     app.add_exception_handler(Exception, _library)

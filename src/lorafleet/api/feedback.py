@@ -21,6 +21,7 @@ from starlette.concurrency import run_in_threadpool
 
 from lorafleet.api.auth import admin_key, current_key
 from lorafleet.api.keys import ApiKey
+from lorafleet.continual.schedule import UpdatePolicy
 from lorafleet.registry.memory import MemoryStore
 from lorafleet.registry.names import parse_address
 
@@ -83,7 +84,6 @@ def get_memory_settings(tenant: Name, user: Name, name: Name, request: Request, 
 @router.put("/adapters/{tenant}/{user}/{name}/memory", summary="Set capture and the update schedule of an adapter")
 def put_memory_settings(tenant: Name, user: Name, name: Name, body: MemorySettingsRequest, request: Request,
                         _: Admin) -> dict:
-    from lorafleet.continual.schedule import UpdatePolicy  # noqa: PLC0415
 
     policy = UpdatePolicy.from_dict(body.policy).to_dict() if body.policy is not None else None
     return memory(request).configure(f"{tenant}/{user}/{name}", capture=body.capture, enabled=body.enabled,

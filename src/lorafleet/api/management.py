@@ -14,6 +14,7 @@ from pydantic import BaseModel, Field
 from lorafleet.api.auth import admin_key
 from lorafleet.api.errors import ApiError
 from lorafleet.api.keys import ApiKey
+from lorafleet.training.data import dataset_from_records
 
 router = APIRouter(prefix="/v1", tags=["management"])
 Admin = Annotated[ApiKey, Depends(admin_key)]
@@ -174,7 +175,7 @@ async def _read_limited(request: Request, limit: int) -> bytes:
             response_class=Response)
 def download_revision(tenant: Name, user: Name, name: Name, number: RevNo, request: Request,
                       _: Admin, format: str = Query("safetensors", pattern="^(safetensors|peft)$")) -> Response:
-    from lorafleet.adapters import from_bytes, peft_io  # noqa: PLC0415
+    from lorafleet.adapters import from_bytes, peft_io  # noqa: PLC0415 - defers torch
 
     svc = _svc(request)
     info, data = svc.registry.load(f"{_ref(tenant, user, name)}#{number}", base_fingerprint=svc.base.fingerprint)
@@ -215,9 +216,8 @@ def rollback(tenant: Name, user: Name, name: Name, body: RollbackRequest, reques
 
 @router.post("/jobs", status_code=201, summary="Submit a training job")
 def submit_job(body: JobCreate, request: Request, key: Admin) -> dict:
-    from lorafleet.adapters import LoraSpec  # noqa: PLC0415
-    from lorafleet.training.data import dataset_from_records  # noqa: PLC0415
-    from lorafleet.training.trainer import TrainConfig  # noqa: PLC0415
+    from lorafleet.adapters import LoraSpec  # noqa: PLC0415 - defers torch
+    from lorafleet.training.trainer import TrainConfig  # noqa: PLC0415 - defers torch
 
     spec = LoraSpec(rank=body.rank, alpha=body.alpha or 2.0 * body.rank, target_modules=body.targets)
     config = TrainConfig(method=body.method, steps=body.steps, lr=body.lr, batch_size=body.batch_size,

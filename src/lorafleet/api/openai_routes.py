@@ -32,6 +32,7 @@ from lorafleet.registry import NotFoundError
 from lorafleet.registry.errors import InvalidNameError
 from lorafleet.registry.imports import DEFAULT_PREFIX
 from lorafleet.registry.names import parse_address
+from lorafleet.serving.params import SamplingParams
 
 router = APIRouter(prefix="/v1", tags=["openai"])
 Key = Annotated[ApiKey, Depends(current_key)]
@@ -137,9 +138,9 @@ class Target:
     stack: tuple[tuple[str, str], ...] = ()  # (address, digest) of every level applied, root first
 
     @property
-    def adapter(self) -> str | tuple[str, ...] | None:
-        """What the engine is given: a digest, a stack of digests, or None for the base."""
-        return tuple(d for _, d in self.stack) if len(self.stack) > 1 else self.digest
+    def adapter(self) -> tuple[str, ...]:
+        """What the engine is given: the digests of the stack's levels, root first (``()`` for the base)."""
+        return tuple(d for _, d in self.stack)
 
     def metadata(self) -> dict:
         return {"revision": self.revision, "digest": self.digest,
@@ -172,8 +173,6 @@ def resolve_model(request: Request, key: ApiKey, model: str) -> Target:
 
 
 def _sampling(svc, body: _Sampling):
-    from lorafleet.serving.params import SamplingParams  # noqa: PLC0415
-
     max_tokens = body.max_completion_tokens or body.max_tokens or 256
     if max_tokens > svc.limits.max_tokens:
         raise ApiError(400, f"max_tokens {max_tokens} is over this server's limit of {svc.limits.max_tokens}",

@@ -11,9 +11,13 @@ from lorafleet.adapters import LoraAdapter, from_bytes, peft_io, to_bytes
 from lorafleet.api.errors import ApiError
 from lorafleet.api.keys import KeyStore
 from lorafleet.api.metrics import RequestCounter
+from lorafleet.continual.schedule import Scheduler
+from lorafleet.digest import digest_of
 from lorafleet.registry import NotFoundError, Provenance, Registry
 from lorafleet.registry.memory import MemoryStore
+from lorafleet.serving.contract import EngineLike
 from lorafleet.training.jobs import JobQueue
+from lorafleet.training.worker import Worker
 
 log = logging.getLogger(__name__)
 
@@ -34,7 +38,7 @@ class Limits:
 class Service:
     """Holds the long-lived parts of a server process; the app reads them from ``app.state.service``."""
 
-    def __init__(self, registry: Registry, base, engine=None, *, limits: Limits | None = None,
+    def __init__(self, registry: Registry, base, engine: EngineLike | None = None, *, limits: Limits | None = None,
                  run_worker: bool = False, metrics_public: bool = False) -> None:
         self.registry = registry
         self.metrics_public = metrics_public  # /metrics without a key; by default it needs an admin key
@@ -52,12 +56,9 @@ class Service:
     # ---------------------------------------------------------------- lifecycle
 
     def start(self) -> None:
-        if self.engine is not None and hasattr(self.engine, "start"):
+        if self.engine is not None:
             self.engine.start()
         if self.run_worker:
-            from lorafleet.continual.schedule import Scheduler  # noqa: PLC0415
-            from lorafleet.training.worker import Worker  # noqa: PLC0415
-
             scheduler = Scheduler(self.registry, self.base, memory=self.memory, min_interval_s=5.0)
             worker = Worker(self.registry, self.base, hooks=[scheduler.tick])
             self._worker_thread = threading.Thread(
@@ -69,7 +70,7 @@ class Service:
         self._worker_stop.set()
         if self._worker_thread is not None:
             self._worker_thread.join(timeout=60)
-        if self.engine is not None and hasattr(self.engine, "stop"):
+        if self.engine is not None:
             self.engine.stop()
 
     # ---------------------------------------------------------------- uploads
@@ -121,10 +122,9 @@ class Service:
         if key is not None:
             done = self.registry.keyed(*key)
             if done is not None:
-                from lorafleet.registry.blobstore import sha256_hex  # noqa: PLC0415
                 from lorafleet.registry.registry import same_or_conflict  # noqa: PLC0415
 
-                same_or_conflict(key, done, ref, sha256_hex(blob))
+                same_or_conflict(key, done, ref, digest_of(blob))
                 return done[1], True
         provenance = Provenance(base_fingerprint=self.base.fingerprint, method="upload",
                                 hyperparams=adapter.spec.to_dict(), creator=creator)

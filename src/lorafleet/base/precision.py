@@ -47,6 +47,8 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from lorafleet.errors import LorafleetError
+
 PRECISIONS = ("native", "int4", "int8", "bf16", "fp32")
 ENV_VAR = "LORAFLEET_BASE_DTYPE"
 DEFAULT_PRECISION = "fp32"
@@ -68,7 +70,7 @@ _GGUF_TO_HF = {
 }
 
 
-class BasePrecisionError(ValueError):
+class BasePrecisionError(LorafleetError, ValueError):
     """The requested base precision is unknown, or the base cannot run at it."""
 
 
@@ -120,6 +122,8 @@ class QuantLinear(nn.Module):
 
     Holds buffers only (no parameters): nothing to train, nothing for an optimizer to find.
     """
+
+    frozen_base_linear = True  # the one operator (adapters/operator.py) wraps it like an nn.Linear
 
     def __init__(self, kind: str, in_features: int, out_features: int, bias: Tensor | None = None) -> None:
         super().__init__()

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from lorafleet.config import data_dir
+from lorafleet.errors import LorafleetError
 
 DEFAULT_BASE = "smollm2-135m-instruct"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -22,7 +23,7 @@ ALIASES = {
 }
 
 
-class BaseSourceError(ValueError):
+class BaseSourceError(LorafleetError, ValueError):
     """The requested base cannot be found or is not a model we can load."""
 
 

@@ -26,8 +26,19 @@ from pathlib import Path
 
 import torch
 
+from lorafleet.adapters import LoraAdapter, LoraSpec, VeraAdapter, VeraSpec, to_bytes
+from lorafleet.adapters.codecs import check_codec
+from lorafleet.adapters.peft_io import decode_blob
+from lorafleet.adapters.vera import as_lora
+from lorafleet.digest import digest_of
 from lorafleet.evaluation.errors import EvaluationError
+from lorafleet.evaluation.generation import set_backend
+from lorafleet.evaluation.metrics import EvalSet, evaluate_adapters
+from lorafleet.evaluation.personas import Persona, get_persona
+from lorafleet.registry import Provenance, Registry
 from lorafleet.results import markdown_table, pyplot, write_markdown
+from lorafleet.serving.params import EngineConfig, SamplingParams
+from lorafleet.training.trainer import MultiTenantTrainer, TrainConfig
 
 DEFAULT_PERSONAS = ("ahab",)  # the sign-off habit: learned fastest; more with --personas (slower)
 LORA_RANKS = (1, 2, 4, 8, 16)
@@ -63,8 +74,6 @@ class Format:
         return cls(parts[0], int(parts[1][1:]), parts[2])
 
     def create(self, base, seed: int, alpha: float):
-        from lorafleet.adapters import LoraAdapter, LoraSpec, VeraAdapter, VeraSpec  # noqa: PLC0415
-
         if self.family == "vera":
             # The projections are shared by every user of the fleet: one fixed key, not the training seed.
             return VeraAdapter.create(base, VeraSpec(rank=self.rank, target_modules=self.targets, projection_seed=0))
@@ -116,7 +125,6 @@ class ScaleSettings:
             raise EvaluationError(f"seeds must be an integer in 1..10, got {self.seeds!r}")
         if not self.formats:
             raise EvaluationError("at least one format is needed")
-        from lorafleet.adapters.codecs import check_codec  # noqa: PLC0415
 
         for codec in self.codecs:
             check_codec(codec)
@@ -146,8 +154,8 @@ def random_init_like(base, seed: int = 0):
     """A base of the same architecture, tokenizer and size as ``base``, with freshly initialised weights."""
     from transformers import AutoModelForCausalLM  # noqa: PLC0415
 
-    from lorafleet.base.loader import BaseModel, _freeze, fingerprint_of, state_dict_digest  # noqa: PLC0415
-    from lorafleet.base.sources import BaseSource  # noqa: PLC0415
+    from lorafleet.base.loader import BaseModel, _freeze, fingerprint_of, state_dict_digest  # noqa: PLC0415 - defers transformers/triton
+    from lorafleet.base.sources import BaseSource  # noqa: PLC0415 - defers transformers/triton
 
     start = time.perf_counter()
     torch.manual_seed(seed)
@@ -159,8 +167,6 @@ def random_init_like(base, seed: int = 0):
 
 
 def _personas(names: tuple[str, ...], n_eval: int):
-    from lorafleet.evaluation.personas import Persona, get_persona  # noqa: PLC0415
-
     out = []
     for name in names:
         p = get_persona(name)
@@ -196,16 +202,13 @@ class _EngineEval:
     """Evaluation's generation through the serving engine, each adapter fetched by its blob's digest."""
 
     def __init__(self, base, fetch, max_rank: int) -> None:
-        from lorafleet.serving.engine import Engine  # noqa: PLC0415
-        from lorafleet.serving.params import EngineConfig  # noqa: PLC0415
+        from lorafleet.serving.engine import Engine  # noqa: PLC0415 - defers transformers
 
         self.digest_of: dict[int, str] = {}  # id(adapter object) -> blob digest
         self.engine = Engine(base, fetch, EngineConfig(max_batch=32, max_active=32, max_cached=64,
                                                        max_rank=max(16, max_rank)))
 
     def __call__(self, base, prompts, adapters, max_new_tokens):
-        from lorafleet.serving.params import SamplingParams  # noqa: PLC0415
-
         digests = [None if a is None else self.digest_of[id(a)] for a in adapters]
         results = self.engine.generate(prompts, digests, SamplingParams(max_tokens=max_new_tokens))
         return [r.raise_for_error().text for r in results]
@@ -217,8 +220,6 @@ class _EngineEval:
 def _evaluate(base, backend: _EngineEval, items: list[tuple[object, str, object]], s: ScaleSettings,
               say: Say) -> list[dict]:
     """``items = (adapter, digest, eval_set)`` -> metrics dicts, evaluated in chunks through the engine."""
-    from lorafleet.evaluation.generation import set_backend  # noqa: PLC0415
-    from lorafleet.evaluation.metrics import evaluate_adapters  # noqa: PLC0415
 
     out: list[dict] = []
     set_backend(backend)
@@ -266,13 +267,7 @@ def _pyplot():
 def run_scale_down(s: ScaleSettings, out_dir: Path, say: Say = print) -> dict:
     """Train every format x persona x seed packed, store under every codec, evaluate; write results + plots."""
     _pyplot()
-    from lorafleet.adapters import to_bytes  # noqa: PLC0415
-    from lorafleet.adapters.peft_io import decode_blob  # noqa: PLC0415
-    from lorafleet.adapters.vera import as_lora  # noqa: PLC0415
-    from lorafleet.base import load_base  # noqa: PLC0415
-    from lorafleet.evaluation.metrics import EvalSet  # noqa: PLC0415
-    from lorafleet.registry import Provenance, Registry  # noqa: PLC0415
-    from lorafleet.training.trainer import MultiTenantTrainer, TrainConfig  # noqa: PLC0415
+    from lorafleet.base import load_base  # noqa: PLC0415 - defers transformers/triton
 
     t0 = time.perf_counter()
     base = load_base(s.base)
@@ -454,7 +449,7 @@ def _plot_scale_down(summary: list[dict], out_dir: Path) -> list[Path]:
 # --------------------------------------------------------------------------------------------- scale-up
 
 def _load_scale_up_base(name: str, s: ScaleSettings):
-    from lorafleet.base import load_base  # noqa: PLC0415
+    from lorafleet.base import load_base  # noqa: PLC0415 - defers transformers/triton
 
     if name == "random-init":
         return random_init_like(load_base(s.base), seed=1234)
@@ -462,19 +457,12 @@ def _load_scale_up_base(name: str, s: ScaleSettings):
 
 
 def _snapshot(adapter):
-    from lorafleet.adapters import LoraAdapter  # noqa: PLC0415
-
     return LoraAdapter(adapter.spec, {n: (A.detach().clone(), B.detach().clone()) for n, (A, B) in adapter.weights.items()},
                        adapter.base_name)
 
 
 def _scale_up_one(base, s: ScaleSettings, fmt: Format, say: Say) -> dict:
     """Train ``fmt`` for every persona x seed on ``base``; adherence and held-out loss at each checkpoint."""
-    from lorafleet.adapters import to_bytes  # noqa: PLC0415
-    from lorafleet.evaluation.metrics import EvalSet  # noqa: PLC0415
-    from lorafleet.serving.sources import digest_of  # noqa: PLC0415
-    from lorafleet.training.trainer import MultiTenantTrainer, TrainConfig  # noqa: PLC0415
-
     personas = _personas(s.personas, s.n_eval)
     eval_sets = {p.name: EvalSet.from_persona(p) for p in personas}
     trainer = MultiTenantTrainer(base)

@@ -2,15 +2,16 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import typer
 from rich.table import Table
 
 from lorafleet.cli import adapters, bench, continual, evaluate, serve, train
-from lorafleet.cli.common import BaseDtypeOpt, console, handle_errors, print_json, quiet_libraries, use_base_dtype
+from lorafleet.cli.common import BaseDtypeOpt, console, handle_errors, print_json, settings, use_base_dtype
 from lorafleet.cli.demo import run_demo
+from lorafleet.config import Settings, quiet_libraries
+from lorafleet.serving.params import EngineConfig, SamplingParams
 
 app = typer.Typer(help="lorafleet: one shared base LLM, many persistent personal models.", no_args_is_help=True)
 base_app = typer.Typer(help="The shared base model.", no_args_is_help=True)
@@ -26,11 +27,35 @@ serve.register(app)
 continual.register(app)
 bench.register(app)
 
+
+
+@app.callback()
+def _root(ctx: typer.Context) -> None:
+    ctx.obj = Settings.from_env()  # read once; every command takes its settings from here (cli.common.settings)
+
+
+@app.command("config")
+@handle_errors
+def config_cmd(as_json: bool = typer.Option(False, "--json", help="print JSON"),
+               reveal: bool = typer.Option(False, "--reveal", help="show secrets (the admin key) in clear")) -> None:
+    """The effective settings: each value, the environment variable it comes from, and what it means."""
+    rows = settings().describe(reveal=reveal)
+    if as_json:
+        print_json({row["name"]: {k: v for k, v in row.items() if k != "name"} for row in rows})
+        return
+    table = Table(title="lorafleet settings")
+    for col in ("setting", "variable", "value", "source", "meaning"):
+        table.add_column(col, overflow="fold")
+    for row in rows:
+        table.add_row(row["name"], row["env"], row["value"] or "-", row["source"], row["help"])
+    console.print(table)
+
+
 BaseOpt = typer.Option(None, "--base", help="base name or path (default: $LORAFLEET_BASE or smollm2-135m-instruct)")
 
 
 def _base_name(base: str | None) -> str | None:
-    return base or os.environ.get("LORAFLEET_BASE")
+    return base or settings().base
 
 
 def _load(base: str | None):
@@ -70,7 +95,7 @@ def lora_new(
     base: str | None = BaseOpt,
 ) -> None:
     """Create a new adapter for the base and write it in the PEFT format."""
-    from lorafleet.adapters import LoraAdapter, LoraSpec, save_peft  # noqa: PLC0415
+    from lorafleet.adapters import LoraAdapter, LoraSpec, save_peft  # noqa: PLC0415 - defers torch
 
     spec = LoraSpec(rank=rank, alpha=alpha, dropout=dropout, target_modules=targets)
     b = _load(base)
@@ -89,7 +114,7 @@ def lora_inspect(
     as_json: bool = typer.Option(False, "--json", help="print JSON"),
 ) -> None:
     """Validate an adapter directory against the base and report its size."""
-    from lorafleet.adapters import load_peft  # noqa: PLC0415
+    from lorafleet.adapters import load_peft  # noqa: PLC0415 - defers torch
 
     b = _load(base)
     summary = load_peft(directory, b).summary(b)
@@ -115,10 +140,9 @@ def generate_cmd(
     as_json: bool = typer.Option(False, "--json", help="print JSON"),
 ) -> None:
     """Generate a reply from the base, optionally through a personal adapter (through the serving engine)."""
-    from lorafleet.adapters import load_peft  # noqa: PLC0415
-    from lorafleet.serving.engine import Engine  # noqa: PLC0415
-    from lorafleet.serving.params import EngineConfig, SamplingParams  # noqa: PLC0415
-    from lorafleet.serving.sources import DictBlobs  # noqa: PLC0415
+    from lorafleet.adapters import load_peft  # noqa: PLC0415 - defers torch
+    from lorafleet.serving.engine import Engine  # noqa: PLC0415 - defers torch/transformers
+    from lorafleet.serving.sources import DictBlobs  # noqa: PLC0415 - defers torch
 
     b = _load(base)
     blobs = DictBlobs()

@@ -8,10 +8,7 @@ stderr and exit with status 2.
 
 from __future__ import annotations
 
-import functools
-import getpass
 import json
-from collections.abc import Callable
 from datetime import datetime
 from typing import Annotated, Any
 
@@ -20,8 +17,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from lorafleet.cli.common import handle_errors
-from lorafleet.registry.errors import RegistryError
+from lorafleet.cli.common import actor_name, handle_errors, settings
 from lorafleet.registry.records import AdapterInfo, AuditEntry, RevisionInfo
 from lorafleet.registry.registry import Registry
 
@@ -36,31 +32,8 @@ ReasonOpt = Annotated[str, typer.Option("--reason", "-r", help="Why (recorded in
 ActorOpt = Annotated[str | None, typer.Option("--actor", help="Who (default: cli:<OS user>).")]
 
 
-def _actor(actor: str | None) -> str:
-    if actor:
-        return actor
-    try:
-        return f"cli:{getpass.getuser()}"
-    except (KeyError, OSError):
-        return "cli"
-
-
-def _command(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """Turn RegistryError into a one-line message on stderr and exit status 2."""
-
-    @functools.wraps(fn)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        try:
-            return fn(*args, **kwargs)
-        except RegistryError as exc:
-            typer.echo(f"error: {exc}", err=True)
-            raise typer.Exit(2) from None
-
-    return wrapper
-
-
 def _open() -> Registry:
-    return Registry.open_default()
+    return Registry.open_default(settings())
 
 
 def _echo_json(obj: Any) -> None:
@@ -112,7 +85,7 @@ def _audit_table(entries: list[AuditEntry]) -> Table:
 
 
 @app.command()
-@_command
+@handle_errors
 def create(
     ref: Annotated[str, typer.Argument(help="tenant/user/adapter")],
     description: Annotated[str, typer.Option("--description", "-d", help="Free text.")] = "",
@@ -123,7 +96,7 @@ def create(
 ) -> None:
     """Create an adapter identity (no revisions yet), optionally stacked on a parent adapter."""
     with _open() as reg:
-        info = reg.create_adapter(ref, creator=_actor(None), description=description, exist_ok=exist_ok,
+        info = reg.create_adapter(ref, creator=actor_name(None), description=description, exist_ok=exist_ok,
                                   parent=parent)
     if as_json:
         _echo_json(info.to_dict())
@@ -133,7 +106,7 @@ def create(
 
 
 @app.command("parent")
-@_command
+@handle_errors
 def parent_(
     ref: Annotated[str, typer.Argument(help="tenant/user/adapter")],
     parent: Annotated[str | None, typer.Argument(help="New parent tenant/user/adapter (omit with --detach).")] = None,
@@ -147,7 +120,7 @@ def parent_(
         typer.echo("error: give either a PARENT or --detach", err=True)
         raise typer.Exit(2)
     with _open() as reg:
-        entry = reg.set_parent(ref, parent, actor=_actor(actor), reason=reason)
+        entry = reg.set_parent(ref, parent, actor=actor_name(actor), reason=reason)
     if as_json:
         _echo_json(entry.to_dict())
     else:
@@ -155,7 +128,7 @@ def parent_(
 
 
 @app.command("stack")
-@_command
+@handle_errors
 def stack_(
     address: Annotated[str, typer.Argument(help="t/u/a, t/u/a@alias or t/u/a#N")],
     as_json: JsonOpt = False,
@@ -175,7 +148,7 @@ def stack_(
 
 
 @app.command("ls")
-@_command
+@handle_errors
 def list_(
     tenant: Annotated[str | None, typer.Option(help="Only this tenant.")] = None,
     user: Annotated[str | None, typer.Option(help="Only this user.")] = None,
@@ -197,7 +170,7 @@ def list_(
 
 
 @app.command()
-@_command
+@handle_errors
 def show(
     address: Annotated[str, typer.Argument(help="t/u/a (adapter + live revision), t/u/a@alias or t/u/a#N")],
     as_json: JsonOpt = False,
@@ -233,7 +206,7 @@ def show(
 
 
 @app.command()
-@_command
+@handle_errors
 def history(
     ref: Annotated[str, typer.Argument(help="tenant/user/adapter")],
     as_json: JsonOpt = False,
@@ -248,7 +221,7 @@ def history(
 
 
 @app.command()
-@_command
+@handle_errors
 def alias(
     ref: Annotated[str, typer.Argument(help="tenant/user/adapter")],
     name: Annotated[str, typer.Argument(metavar="ALIAS", help="Alias name, e.g. live or candidate.")],
@@ -264,9 +237,9 @@ def alias(
         raise typer.Exit(2)
     with _open() as reg:
         if delete:
-            entry = reg.delete_alias(ref, name, actor=_actor(actor), reason=reason)
+            entry = reg.delete_alias(ref, name, actor=actor_name(actor), reason=reason)
         else:
-            entry = reg.set_alias(ref, name, number, actor=_actor(actor), reason=reason)
+            entry = reg.set_alias(ref, name, number, actor=actor_name(actor), reason=reason)
     _print_move(entry, as_json)
 
 
@@ -280,7 +253,7 @@ def _print_move(entry: AuditEntry, as_json: bool) -> None:
 
 
 @app.command()
-@_command
+@handle_errors
 def rollback(
     ref: Annotated[str, typer.Argument(help="tenant/user/adapter")],
     to: Annotated[int | None, typer.Option("--to", help="Revision to make live (default: the previous live).")] = None,
@@ -290,12 +263,12 @@ def rollback(
 ) -> None:
     """Move `live` back to the previous live revision (or to --to N)."""
     with _open() as reg:
-        entry = reg.rollback(ref, to=to, actor=_actor(actor), reason=reason)
+        entry = reg.rollback(ref, to=to, actor=actor_name(actor), reason=reason)
     _print_move(entry, as_json)
 
 
 @app.command()
-@_command
+@handle_errors
 def gc(
     keep_last: Annotated[int, typer.Option("--keep-last", help="Revisions to keep per adapter (plus aliased).")] = 10,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Only report what would be deleted.")] = False,
@@ -321,7 +294,7 @@ def gc(
 
 
 @app.command("audit")
-@_command
+@handle_errors
 def audit_(
     ref: Annotated[str | None, typer.Argument(help="tenant/user/adapter (default: all adapters)")] = None,
     limit: Annotated[int, typer.Option(help="Newest entries to show.")] = 50,
@@ -387,7 +360,7 @@ def import_(
             bar.update(task, advance=1, description=f"importing {result.ref}")
 
         results = imports.import_adapters(reg, b, paths, as_ref=as_ref, alias=alias, recursive=recursive,
-                                          strict=strict, creator=_actor(actor), progress=step)
+                                          strict=strict, creator=actor_name(actor), progress=step)
     failed = [r for r in results if r.status == "failed"]
     if as_json:
         _echo_json({"results": [r.to_dict() for r in results], "failed": len(failed)})

@@ -7,8 +7,9 @@ from pathlib import Path
 
 import typer
 
-from lorafleet.cli.common import console, quiet_libraries
-from lorafleet.cli.evaluate import _command
+from lorafleet.cli.common import console, handle_errors, settings
+from lorafleet.config import quiet_libraries
+from lorafleet.evaluation.errors import EvaluationError
 
 bench_app = typer.Typer(help="Benchmarks that answer a question with a table and plots.", no_args_is_help=True)
 
@@ -29,13 +30,12 @@ def register(app: typer.Typer) -> None:
 def _out_dir(out: Path | None, name: str) -> Path:
     if out is not None:
         return out
-    from lorafleet.config import data_dir  # noqa: PLC0415
 
-    return data_dir() / "reports" / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    return settings().data_dir / "reports" / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}"
 
 
 def _settings(quick: bool, **given):
-    from lorafleet.bench.scale import ScaleSettings  # noqa: PLC0415
+    from lorafleet.bench.scale import ScaleSettings  # noqa: PLC0415 - defers torch
 
     overrides = {k: v for k, v in given.items() if v is not None}
     if "personas" in overrides:
@@ -48,7 +48,7 @@ def _say(text: str) -> None:
 
 
 @bench_app.command("scale-down")
-@_command
+@handle_errors
 def scale_down(
     out: Path | None = OutOpt,
     quick: bool = QuickOpt,
@@ -67,7 +67,7 @@ def scale_down(
 ) -> None:
     """How small can a personal model be: bytes per user vs habit adherence, held-out loss, seed spread."""
     quiet_libraries()
-    from lorafleet.bench.scale import Format, full_formats, run_scale_down, smallest_keeping  # noqa: PLC0415
+    from lorafleet.bench.scale import Format, full_formats, run_scale_down, smallest_keeping  # noqa: PLC0415 - defers torch
 
     fmts = tuple(Format.parse(f) for f in formats.split(",") if f.strip()) if formats else None
     if full_grid:
@@ -87,7 +87,7 @@ def scale_down(
 
 
 @bench_app.command("scale-up")
-@_command
+@handle_errors
 def scale_up(
     out: Path | None = OutOpt,
     quick: bool = QuickOpt,
@@ -107,8 +107,7 @@ def scale_up(
 ) -> None:
     """Does a stronger base make it better: adherence, held-out loss, examples to reach 80%, per base."""
     quiet_libraries()
-    from lorafleet.bench.scale import Format, examples_to_reach, run_scale_up  # noqa: PLC0415
-    from lorafleet.evaluation.errors import EvaluationError  # noqa: PLC0415
+    from lorafleet.bench.scale import Format, examples_to_reach, run_scale_up  # noqa: PLC0415 - defers torch
 
     cps = None
     if checkpoints:

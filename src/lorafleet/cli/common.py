@@ -3,51 +3,42 @@
 from __future__ import annotations
 
 import functools
+import getpass
 import json
 import os
 import sys
-import warnings
 
+import click
 import typer
 from rich.console import Console
 from rich.markup import escape
+
+from lorafleet.config import Settings
+from lorafleet.errors import LorafleetError
 
 # Piped output (CI logs, transcripts) gets 120 columns instead of rich's 80, so tables stay readable.
 console = Console(width=None if sys.stdout.isatty() else 120)
 err_console = Console(stderr=True, width=None if sys.stderr.isatty() else 120)
 
 
-def quiet_libraries() -> None:
-    """transformers' progress bars and deprecation chatter are noise for a CLI user."""
-    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    warnings.filterwarnings("ignore", category=FutureWarning)
-    warnings.filterwarnings("ignore", category=UserWarning, module="transformers")
+def settings() -> Settings:
+    """This process's settings: read from the environment once by the root command (``ctx.obj``); a command
+    group mounted on another app (tests) reads them itself."""
+    ctx = click.get_current_context(silent=True)
+    root = ctx.find_root() if ctx is not None else None
+    if root is not None and isinstance(root.obj, Settings):
+        return root.obj
+    return Settings.from_env()
+
+
+def actor_name(actor: str | None = None) -> str:
+    """Who a command acts as in the audit log: ``--actor``, else ``cli:<OS user>``."""
+    if actor:
+        return actor
     try:
-        from transformers.utils import logging as hf_logging  # noqa: PLC0415
-
-        hf_logging.set_verbosity_error()
-        hf_logging.disable_progress_bar()
-    except ImportError:  # pragma: no cover
-        pass
-
-
-def user_errors() -> tuple[type[Exception], ...]:
-    """Exceptions that mean "bad input" — shown as a message, never a traceback."""
-    from lorafleet.adapters.errors import AdapterError  # noqa: PLC0415
-    from lorafleet.base.precision import BasePrecisionError  # noqa: PLC0415
-    from lorafleet.base.sources import BaseSourceError  # noqa: PLC0415
-    from lorafleet.training.data import DataError  # noqa: PLC0415
-    from lorafleet.training.trainer import TrainConfigError  # noqa: PLC0415
-
-    errors: list[type[Exception]] = [AdapterError, BasePrecisionError, BaseSourceError, DataError, TrainConfigError]
-    try:
-        from lorafleet.registry.errors import RegistryError  # noqa: PLC0415
-
-        errors.append(RegistryError)
-    except ImportError:  # pragma: no cover - registry not installed
-        pass
-    return tuple(errors)
+        return f"cli:{getpass.getuser()}"
+    except (KeyError, OSError):
+        return "cli"
 
 
 BaseDtypeOpt = typer.Option(None, "--base-dtype",
@@ -66,15 +57,15 @@ def use_base_dtype(value: str | None) -> None:
 
 
 def handle_errors(fn):
-    """Decorator for CLI commands: a user error prints ``error: ...`` on stderr and exits with code 2."""
-
+    """Decorator for CLI commands: a user error (:class:`LorafleetError`) prints ``error: ...`` on stderr and exits
+    with its exit code (2)."""
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         try:
             return fn(*args, **kwargs)
-        except user_errors() as exc:
-            err_console.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)  # one line, never wrapped
-            raise typer.Exit(2) from None
+        except LorafleetError as exc:
+            err_console.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
+            raise typer.Exit(exc.exit_code) from None
 
     return wrapper
 

@@ -9,8 +9,12 @@ from pathlib import Path
 import typer
 from rich.table import Table
 
-from lorafleet.cli.common import console, handle_errors, print_json
+from lorafleet.cli.common import console, handle_errors, print_json, settings
 from lorafleet.cli.serve import ADMIN_KEY_ENV
+from lorafleet.continual.schedule import PolicyError, UpdatePolicy
+from lorafleet.registry import InvalidArgumentError, InvalidNameError, Registry
+from lorafleet.registry.memory import MemoryStore
+from lorafleet.registry.names import check_segment
 
 memory_app = typer.Typer(help="What lorafleet remembers of a user: conversations, feedback; forgetting.",
                          no_args_is_help=True)
@@ -20,16 +24,10 @@ JsonOpt = typer.Option(False, "--json", help="print JSON")
 
 
 def _store():
-    from lorafleet.registry import Registry  # noqa: PLC0415
-    from lorafleet.registry.memory import MemoryStore  # noqa: PLC0415
-
-    return MemoryStore(Registry.open_default())
+    return MemoryStore(Registry.open_default(settings()))
 
 
 def _user(spec: str) -> tuple[str, str]:
-    from lorafleet.registry import InvalidNameError  # noqa: PLC0415
-    from lorafleet.registry.names import check_segment  # noqa: PLC0415
-
     parts = spec.split("/")
     if len(parts) != 2:
         raise InvalidNameError(f"expected tenant/user, got {spec!r}")
@@ -75,8 +73,6 @@ def memory_capture(ref: str = typer.Argument(..., help="tenant/user/adapter"),
                    state: str = typer.Argument(..., help="on | off")) -> None:
     """Turn capture of an adapter's served conversations on or off (off by default)."""
     if state not in ("on", "off"):
-        from lorafleet.registry import InvalidArgumentError  # noqa: PLC0415
-
         raise InvalidArgumentError(f"capture state must be 'on' or 'off', got {state!r}")
     settings = _store().configure(ref, capture=state == "on")
     console.print(f"capture for {ref}: {'on' if settings.capture else 'off'}")
@@ -90,9 +86,8 @@ def forget(user: str, *, yes: bool, server: str | None) -> None:
     if server:
         import httpx  # noqa: PLC0415
 
-        from lorafleet.registry import InvalidArgumentError  # noqa: PLC0415
 
-        key = os.environ.get(ADMIN_KEY_ENV)
+        key = settings().admin_key
         if not key:
             raise InvalidArgumentError(f"--server needs an admin key in ${ADMIN_KEY_ENV}")
         r = httpx.delete(f"{server.rstrip('/')}/v1/users/{tenant}/{name}",
@@ -122,8 +117,6 @@ def memory_forget(user: str = typer.Argument(..., help="tenant/user"),
 
 
 def _parse_gate(items: list[str]) -> dict:
-    from lorafleet.continual.schedule import PolicyError  # noqa: PLC0415
-
     out = {}
     for item in items:
         key, sep, value = item.partition("=")
@@ -154,7 +147,6 @@ def schedule_set(
     as_json: bool = JsonOpt,
 ) -> None:
     """Set an adapter's update policy (only the options given change), capture, and whether it runs."""
-    from lorafleet.continual.schedule import UpdatePolicy  # noqa: PLC0415
 
     store = _store()
     current = store.settings(ref).policy
@@ -174,16 +166,12 @@ def schedule_set(
 @handle_errors
 def schedule_show(ref: str = typer.Argument(..., help="tenant/user/adapter"), as_json: bool = JsonOpt) -> None:
     """An adapter's policy, watermark, pending job and last result."""
-    from lorafleet.registry import Registry  # noqa: PLC0415
-
     store = _store()
-    Registry.open_default().get_adapter(ref)
+    Registry.open_default(settings()).get_adapter(ref)
     _print_settings(store.settings(ref), as_json)
 
 
 def _print_settings(settings, as_json: bool) -> None:
-    from lorafleet.continual.schedule import UpdatePolicy  # noqa: PLC0415
-
     data = settings.to_dict()
     data["policy"] = UpdatePolicy.from_dict(settings.policy).to_dict()
     if as_json:

@@ -22,7 +22,15 @@ from pathlib import Path
 from rich.table import Table
 
 from lorafleet.cli.common import console
+from lorafleet.cli.common import settings as cli_settings
+from lorafleet.cli.train import run_worker_with_progress
+from lorafleet.digest import digest_of
+from lorafleet.evaluation import gate as gatemod
+from lorafleet.evaluation.generation import set_backend
+from lorafleet.evaluation.personas import Persona, get_persona
+from lorafleet.registry import NotFoundError, Registry
 from lorafleet.results import PLOTS_MISSING, pyplot
+from lorafleet.serving.params import EngineConfig, SamplingParams
 
 TENANT = "demo"
 DEMO_PERSONAS = ("ahab", "greta", "lister", "quiet", "wxbot", "splendid")
@@ -59,9 +67,7 @@ def _engine_backend(engine, blobs: dict[str, bytes]):
 
     Evaluation hands over adapter objects; their canonical bytes go into ``blobs``, which the engine's fetch
     reads before the registry."""
-    from lorafleet.adapters import to_bytes  # noqa: PLC0415
-    from lorafleet.serving.params import SamplingParams  # noqa: PLC0415
-    from lorafleet.serving.sources import digest_of  # noqa: PLC0415
+    from lorafleet.adapters import to_bytes  # noqa: PLC0415 - defers torch
 
     def generate(base, prompts, adapters, max_new_tokens):
         digests = []
@@ -91,10 +97,9 @@ def _reusable(registry, ref: str, dataset_digest: str, hyper: dict):
 
 def _train(registry, base, personas, settings: DemoSettings, *, warm_start: str = "none") -> dict:
     """Submit one job per persona that needs one, run them packed in this process; returns ref -> revision."""
-    from lorafleet.adapters import LoraSpec  # noqa: PLC0415
-    from lorafleet.cli.train import run_worker_with_progress  # noqa: PLC0415
-    from lorafleet.training.jobs import JobQueue  # noqa: PLC0415
-    from lorafleet.training.trainer import TrainConfig  # noqa: PLC0415
+    from lorafleet.adapters import LoraSpec  # noqa: PLC0415 - defers torch
+    from lorafleet.training.jobs import JobQueue  # noqa: PLC0415 - defers torch
+    from lorafleet.training.trainer import TrainConfig  # noqa: PLC0415 - defers torch
 
     queue = JobQueue(registry)
     spec = LoraSpec(rank=settings.rank, alpha=settings.alpha, target_modules="all")
@@ -126,8 +131,7 @@ def _train(registry, base, personas, settings: DemoSettings, *, warm_start: str 
 
 def _evaluate_and_gate(registry, base, pairs, settings: DemoSettings):
     """Evaluate revisions lacking metrics for their persona's eval set, then gate each. Returns metrics, decisions."""
-    from lorafleet.evaluation import gate as gatemod  # noqa: PLC0415
-    from lorafleet.evaluation.metrics import EvalSet, evaluate_adapters, evaluate_revisions  # noqa: PLC0415
+    from lorafleet.evaluation.metrics import EvalSet, evaluate_adapters, evaluate_revisions  # noqa: PLC0415 - defers torch
 
     todo = [(rev, EvalSet.from_persona(p)) for rev, p in pairs
             if rev.provenance.metrics.get("eval_digest") != EvalSet.from_persona(p).digest]
@@ -137,7 +141,7 @@ def _evaluate_and_gate(registry, base, pairs, settings: DemoSettings):
                                max_new_tokens=settings.max_new_tokens, probe_enabled=settings.probe)
 
     def measure_live(live_rev, eval_digest):  # live measured on the candidate's eval set (not stored)
-        from lorafleet.adapters import from_bytes  # noqa: PLC0415
+        from lorafleet.adapters import from_bytes  # noqa: PLC0415 - defers torch
 
         es = next(e for r, p in pairs for e in [EvalSet.from_persona(p)] if e.digest == eval_digest)
         _, blob = registry.load(live_rev.address, base_fingerprint=base.fingerprint)
@@ -219,14 +223,9 @@ def _write_report(out_dir: Path, base, personas, metrics, decisions, sizes, batc
 
 
 def run_demo(*, quick: bool = False, base: str | None = None, settings: DemoSettings | None = None) -> dict:
-    from lorafleet.adapters import from_bytes  # noqa: PLC0415
-    from lorafleet.base import load_base  # noqa: PLC0415
-    from lorafleet.config import data_dir  # noqa: PLC0415
-    from lorafleet.evaluation.generation import set_backend  # noqa: PLC0415
-    from lorafleet.evaluation.personas import Persona, get_persona  # noqa: PLC0415
-    from lorafleet.registry import Registry  # noqa: PLC0415
-    from lorafleet.serving.engine import Engine  # noqa: PLC0415
-    from lorafleet.serving.params import EngineConfig, SamplingParams  # noqa: PLC0415
+    from lorafleet.adapters import from_bytes  # noqa: PLC0415 - defers torch
+    from lorafleet.base import load_base  # noqa: PLC0415 - defers torch/transformers/triton
+    from lorafleet.serving.engine import Engine  # noqa: PLC0415 - defers torch/transformers
 
     settings = settings or (DemoSettings.quick() if quick else DemoSettings(base=base))
     start = time.perf_counter()
@@ -237,7 +236,7 @@ def run_demo(*, quick: bool = False, base: str | None = None, settings: DemoSett
     console.print(f"[bold]{info['name']}[/]: {info['parameters']:,} parameters, {info['layers']} layers, hidden "
                   f"{info['hidden_size']}, fingerprint {info['fingerprint'][:16]}…, loaded in {info['load_seconds']:.1f}s"
                   f"{' (from cache)' if info['from_cache'] else ''}")
-    registry = Registry.open_default()
+    registry = Registry.open_default(cli_settings())
     console.print(f"registry: {registry.db_url}  blobs: {registry.blob_url}")
 
     console.rule("2. six users, trained together")
@@ -285,7 +284,7 @@ def run_demo(*, quick: bool = False, base: str | None = None, settings: DemoSett
 
     seconds = time.perf_counter() - start
     console.rule("6. report")
-    out_dir = data_dir() / "reports" / f"demo-{datetime.now(UTC).strftime('%Y%m%d-%H%M%S')}"
+    out_dir = cli_settings().data_dir / "reports" / f"demo-{datetime.now(UTC).strftime('%Y%m%d-%H%M%S')}"
     report = _write_report(out_dir, b, personas, metrics, decisions, sizes, batch_rows, lifecycle, seconds)
     chart = out_dir / "adherence.png"
     console.print(f"report: {report}\nchart:  {chart if chart.exists() else 'none (' + PLOTS_MISSING + ')'}")
@@ -299,9 +298,6 @@ def run_demo(*, quick: bool = False, base: str | None = None, settings: DemoSett
 
 
 def _lifecycle(registry, base, engine, personas, settings: DemoSettings) -> list[str]:
-    from lorafleet.evaluation.personas import Persona  # noqa: PLC0415
-    from lorafleet.serving.params import SamplingParams  # noqa: PLC0415
-
     name, new_params = CHANGED
     old, ref = next((p, r) for p, r in personas if p.name == name)
     changed = Persona(name=f"{old.name}-v2", habit=old.habit, params=new_params, seed=old.seed + 1,
@@ -318,7 +314,6 @@ def _lifecycle(registry, base, engine, personas, settings: DemoSettings) -> list
                               SamplingParams(max_tokens=settings.max_new_tokens))[0]
         return res.raise_for_error().text.strip().replace("\n", " ")
 
-    from lorafleet.registry import NotFoundError  # noqa: PLC0415
 
     try:
         live1 = registry.resolve(ref)

@@ -7,25 +7,18 @@ The lead mounts these on the top-level app with :func:`register`. The registry c
 
 from __future__ import annotations
 
-import functools
-import getpass
-import os
 from pathlib import Path
 
 import typer
-from rich.markup import escape
 from rich.table import Table
 
-from lorafleet.cli.common import (
-    BaseDtypeOpt,
-    console,
-    err_console,
-    handle_errors,
-    print_json,
-    quiet_libraries,
-    use_base_dtype,
-)
+from lorafleet.cli.common import BaseDtypeOpt, actor_name, console, handle_errors, print_json, settings, use_base_dtype
+from lorafleet.config import quiet_libraries
 from lorafleet.evaluation.errors import EvaluationError
+from lorafleet.evaluation.gate import GateConfig, promote, rollback
+from lorafleet.evaluation.personas import SHIPPED, Persona, generate_personas, shipped_personas, write_personas
+from lorafleet.evaluation.stacks import stack_report
+from lorafleet.registry import Registry
 
 personas_app = typer.Typer(help="Synthetic personas with checkable habits (train/eval data).", no_args_is_help=True)
 
@@ -45,32 +38,7 @@ def register(app: typer.Typer) -> None:
     app.add_typer(personas_app, name="personas")
 
 
-def _command(fn):
-    """Evaluation errors (like the shared user errors) print one line and exit 2."""
-
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        try:
-            return fn(*args, **kwargs)
-        except EvaluationError as exc:
-            err_console.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False)
-            raise typer.Exit(2) from None
-
-    return handle_errors(wrapper)
-
-
-def _actor(actor: str | None) -> str:
-    if actor:
-        return actor
-    try:
-        return f"cli:{getpass.getuser()}"
-    except (KeyError, OSError):
-        return "cli"
-
-
 def _registry():
-    from lorafleet.registry import Registry  # noqa: PLC0415
-
     return Registry()
 
 
@@ -79,7 +47,7 @@ def _load_base(name: str | None):
     from lorafleet.base import load_base  # noqa: PLC0415 - torch import is slow; only when needed
 
     with console.status("loading the base model…"):
-        return load_base(name or os.environ.get("LORAFLEET_BASE"))
+        return load_base(name or settings().base)
 
 
 def _fmt(x, pct: bool = False) -> str:
@@ -108,7 +76,7 @@ def _evaluate_live_on(base_name: str | None, registry, cand_rev, manifest):
     state = {}
 
     def evaluate(live_rev, digest: str) -> dict:
-        from lorafleet.evaluation.metrics import eval_set_for, evaluate_adapters, load_for_eval  # noqa: PLC0415
+        from lorafleet.evaluation.metrics import eval_set_for, evaluate_adapters, load_for_eval  # noqa: PLC0415 - defers torch
 
         es = eval_set_for(cand_rev, manifest=manifest)
         if es.digest != digest:
@@ -126,7 +94,7 @@ def _evaluate_live_on(base_name: str | None, registry, cand_rev, manifest):
     return evaluate
 
 
-@_command
+@handle_errors
 def eval_cmd(
     address: str = typer.Argument(..., help="t/u/a (live), t/u/a@alias or t/u/a#N"),
     persona: str | None = typer.Option(None, "--persona", help="persona name (shipped, or in --persona-manifest)"),
@@ -140,7 +108,7 @@ def eval_cmd(
 ) -> None:
     """Evaluate a revision on its user's held-out set and the competence probe; store the metrics on it."""
     use_base_dtype(base_dtype)
-    from lorafleet.evaluation.metrics import eval_set_for, evaluate_revision  # noqa: PLC0415
+    from lorafleet.evaluation.metrics import eval_set_for, evaluate_revision  # noqa: PLC0415 - defers torch
 
     reg = _registry()
     try:
@@ -162,7 +130,7 @@ def eval_cmd(
         console.print(f"[yellow]probe lost[/] [bold]{s['prompt']}[/] → {s['response']}", highlight=False)
 
 
-@_command
+@handle_errors
 def promote_cmd(
     address: str = typer.Argument(..., help="the revision: t/u/a#N (or t/u/a@candidate)"),
     force: bool = typer.Option(False, "--force", help="bypass the gate (audited as forced)"),
@@ -179,8 +147,7 @@ def promote_cmd(
 ) -> None:
     """Promote a candidate to live if the gate passes (evaluating it first if needed); --force bypasses."""
     use_base_dtype(base_dtype)
-    from lorafleet.evaluation.gate import GateConfig, promote  # noqa: PLC0415
-    from lorafleet.evaluation.metrics import eval_set_for, evaluate_revision  # noqa: PLC0415
+    from lorafleet.evaluation.metrics import eval_set_for, evaluate_revision  # noqa: PLC0415 - defers torch
 
     config = GateConfig(adherence_margin=adherence_margin, loss_margin=loss_margin, max_ppl_ratio=max_ppl_ratio,
                         min_probe_retention=min_retention)
@@ -192,7 +159,7 @@ def promote_cmd(
             b = _load_base(base)
             with console.status(f"{rev.address} has no metrics yet; evaluating it on {es.name}…"):
                 rev, _ = evaluate_revision(reg, rev.address, b, es)
-        decision = promote(reg, rev.address, force=force, reason=reason, config=config, actor=_actor(actor),
+        decision = promote(reg, rev.address, force=force, reason=reason, config=config, actor=actor_name(actor),
                            evaluate=_evaluate_live_on(base, reg, rev, manifest))
     finally:
         reg.close()
@@ -206,7 +173,7 @@ def promote_cmd(
         raise typer.Exit(1)
 
 
-@_command
+@handle_errors
 def rollback_cmd(
     ref: str = typer.Argument(..., help="t/u/a"),
     to: int | None = typer.Option(None, "--to", help="revision number (default: the previous live one)"),
@@ -215,11 +182,10 @@ def rollback_cmd(
     as_json: bool = JsonOpt,
 ) -> None:
     """Move live back to the previous live revision (or --to N); instant and audited."""
-    from lorafleet.evaluation.gate import rollback  # noqa: PLC0415
 
     reg = _registry()
     try:
-        entry = rollback(reg, ref, to=to, actor=_actor(actor), reason=reason)
+        entry = rollback(reg, ref, to=to, actor=actor_name(actor), reason=reason)
     finally:
         reg.close()
     if as_json:
@@ -228,7 +194,7 @@ def rollback_cmd(
         console.print(f"{ref}: live #{entry.from_number} → #{entry.to_number}", highlight=False)
 
 
-@_command
+@handle_errors
 def report_cmd(
     ref: str = typer.Argument(..., help="t/u/a"),
     audit_limit: int = typer.Option(20, "--audit", min=1, max=1000, help="audit entries to show"),
@@ -268,7 +234,7 @@ def report_cmd(
     console.print(log)
 
 
-@_command
+@handle_errors
 def stack_report_cmd(
     ref: str = typer.Argument(..., help="the parent t/u/a that moved (e.g. acme/_org/support)"),
     everyone: bool = typer.Option(False, "--all", help="also re-evaluate members whose parents did not move"),
@@ -284,7 +250,6 @@ def stack_report_cmd(
     A report only: no alias moves. Exits 1 when a member is flagged.
     """
     use_base_dtype(base_dtype)
-    from lorafleet.evaluation.stacks import stack_report  # noqa: PLC0415
 
     reg = _registry()
     try:
@@ -292,7 +257,7 @@ def stack_report_cmd(
         b = _load_base(base)
         with console.status(f"re-evaluating the members stacked on {ref}…"):
             checks = stack_report(reg, b, ref, everyone=everyone, store=not no_store, manifest=manifest,
-                                  actor=_actor(actor))
+                                  actor=actor_name(actor))
     finally:
         reg.close()
     if as_json:
@@ -319,8 +284,6 @@ def stack_report_cmd(
 
 
 def _persona_list(manifest: Path | None):
-    from lorafleet.evaluation.personas import Persona, shipped_personas  # noqa: PLC0415
-
     if manifest is None:
         return shipped_personas()
     import json  # noqa: PLC0415
@@ -333,7 +296,7 @@ def _persona_list(manifest: Path | None):
 
 
 @personas_app.command("ls")
-@_command
+@handle_errors
 def personas_ls(manifest: Path | None = ManifestOpt, as_json: bool = JsonOpt) -> None:
     """List the shipped personas (or those of a generated manifest)."""
     personas = _persona_list(manifest)
@@ -349,7 +312,7 @@ def personas_ls(manifest: Path | None = ManifestOpt, as_json: bool = JsonOpt) ->
 
 
 @personas_app.command("show")
-@_command
+@handle_errors
 def personas_show(
     name: str = typer.Argument(..., help="persona name"),
     split: str = typer.Option("eval", "--split", help="train or eval"),
@@ -376,7 +339,7 @@ def personas_show(
 
 
 @personas_app.command("generate")
-@_command
+@handle_errors
 def personas_generate(
     out: Path = typer.Option(..., "--out", help="output directory"),
     count: int = typer.Option(8, "--count", min=0, help="how many personas"),
@@ -388,7 +351,6 @@ def personas_generate(
     as_json: bool = JsonOpt,
 ) -> None:
     """Write persona train/eval JSONL files and a personas.json manifest."""
-    from lorafleet.evaluation.personas import SHIPPED, generate_personas, write_personas  # noqa: PLC0415
 
     personas = list(SHIPPED) if shipped else generate_personas(count, seed, kinds=kinds, n_train=n_train, n_eval=n_eval)
     manifest = write_personas(personas, out)

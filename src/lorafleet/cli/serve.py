@@ -2,22 +2,23 @@
 
 from __future__ import annotations
 
-import os
-
 import typer
 from rich.table import Table
 
-from lorafleet.cli.common import BaseDtypeOpt, console, handle_errors, print_json, quiet_libraries, use_base_dtype
+from lorafleet.api.keys import KeyStore
+from lorafleet.cli.common import BaseDtypeOpt, console, handle_errors, print_json, settings, use_base_dtype
+from lorafleet.cluster.config import ClusterConfigError
+from lorafleet.cluster.launch import check_fits, config_from_env, connect, deploy, require_ray
+from lorafleet.config import quiet_libraries
+from lorafleet.registry import Registry
+from lorafleet.serving.params import EngineConfig
 
 keys_app = typer.Typer(help="API keys of the HTTP service (stored hashed).", no_args_is_help=True)
 ADMIN_KEY_ENV = "LORAFLEET_ADMIN_KEY"
 
 
 def _keys():
-    from lorafleet.api.keys import KeyStore  # noqa: PLC0415
-    from lorafleet.registry import Registry  # noqa: PLC0415
-
-    return KeyStore(Registry.open_default())
+    return KeyStore(Registry.open_default(settings()))
 
 
 @keys_app.command("create")
@@ -65,26 +66,50 @@ def build_service(base_name: str | None = None, *, worker: bool = True, engine_c
                   metrics_public: bool = False):
     """Load the base, open the registry, build the engine; shared by `serve` and tests/benchmarks."""
     quiet_libraries()
-    from lorafleet.api.service import Service  # noqa: PLC0415
-    from lorafleet.base import load_base  # noqa: PLC0415
-    from lorafleet.registry import Registry  # noqa: PLC0415
-    from lorafleet.serving.engine import Engine  # noqa: PLC0415
-    from lorafleet.serving.sources import registry_fetch  # noqa: PLC0415
+    from lorafleet.api.service import Service  # noqa: PLC0415 - defers torch/fastapi
+    from lorafleet.base import load_base  # noqa: PLC0415 - defers torch/transformers/triton
+    from lorafleet.serving.engine import Engine  # noqa: PLC0415 - defers torch/transformers
+    from lorafleet.serving.sources import registry_fetch  # noqa: PLC0415 - defers torch
 
-    registry = Registry.open_default()
-    base = load_base(base_name or os.environ.get("LORAFLEET_BASE"))
+    registry = Registry.open_default(settings())
+    base = load_base(base_name or settings().base)
     engine = Engine(base, registry_fetch(registry), engine_config)
     return Service(registry, base, engine, run_worker=worker, metrics_public=metrics_public)
 
 
 def bootstrap_admin_key(keys) -> None:
     """$LORAFLEET_ADMIN_KEY becomes an admin key; with none at all, create one and print it once."""
-    bootstrap = os.environ.get(ADMIN_KEY_ENV)
+    bootstrap = settings().admin_key
     if bootstrap:
         keys.ensure(bootstrap, admin=True, name=f"${ADMIN_KEY_ENV}")
     elif not any(k.is_admin for k in keys.list()):
         _, secret = keys.create(admin=True, name="bootstrap")
         console.print(f"no admin key existed; created one (shown once): [bold]{secret}[/]")
+
+
+def serve_ray(*, base: str | None, engine, replicas: int, replica_cpus: float, host: str, port: int,
+              address: str | None, metrics_public: bool = False) -> None:
+    """``lorafleet serve --cluster ray``: check the config, make sure an admin key exists, run until Ctrl-C."""
+    try:
+        config = config_from_env(settings(), base=base or settings().base, replicas=replicas,
+                                 replica_cpus=replica_cpus, engine=engine, metrics_public=metrics_public)
+        require_ray()
+    except ClusterConfigError as exc:
+        raise typer.BadParameter(str(exc), param_hint="--cluster ray") from None
+
+    with Registry(config.db_url, config.blob_url) as registry:  # keys live in the shared registry
+        bootstrap_admin_key(KeyStore(registry))
+    address = address or settings().ray_address
+    local = not address
+    connect(address)
+    if local:
+        try:
+            check_fits(config)
+        except ClusterConfigError as exc:
+            raise typer.BadParameter(str(exc), param_hint="--replica-cpus") from None
+    console.print(f"deploying {config.replicas} engine replica(s) of {config.base or 'the default base'} on Ray "
+                  f"Serve; serving on http://{host}:{port} (docs: /docs, fleet: /v1/fleet/residency)")
+    deploy(config, host=host, port=port, blocking=True)
 
 
 def register(app: typer.Typer) -> None:
@@ -119,7 +144,6 @@ def register(app: typer.Typer) -> None:
                            "start and serve as model 'name' (local/lora/name); repeat it")) -> None:
         """Serve the OpenAI-compatible API, the management API and /metrics over HTTP."""
         use_base_dtype(base_dtype)
-        from lorafleet.serving.params import EngineConfig  # noqa: PLC0415
 
         config = EngineConfig(max_batch=max_batch, max_active=max_active, max_cached=max_cached, max_rank=max_rank)
         if cluster not in ("local", "ray"):
@@ -132,14 +156,12 @@ def register(app: typer.Typer) -> None:
                 raise typer.BadParameter("not supported with --cluster ray; import them first with "
                                          "`lorafleet adapters import PATH --as local/lora/NAME --alias live`",
                                          param_hint="--lora-modules")
-            from lorafleet.cluster.launch import serve_ray  # noqa: PLC0415
-
             serve_ray(base=base, engine=config, replicas=replicas, replica_cpus=replica_cpus, host=host, port=port,
-                      address=ray_address, bootstrap_admin=bootstrap_admin_key, metrics_public=metrics_public)
+                      address=ray_address, metrics_public=metrics_public)
             return
         import uvicorn  # noqa: PLC0415
 
-        from lorafleet.api.app import create_app  # noqa: PLC0415
+        from lorafleet.api.app import create_app  # noqa: PLC0415 - defers torch/fastapi
 
         with console.status("loading the base and the registry…"):
             service = build_service(base, worker=worker, engine_config=config, metrics_public=metrics_public)

@@ -10,23 +10,25 @@ import typer
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from lorafleet.cli.common import BaseDtypeOpt, console, handle_errors, print_json, quiet_libraries, use_base_dtype
+from lorafleet.cli.common import BaseDtypeOpt, console, handle_errors, print_json, settings, use_base_dtype
+from lorafleet.config import quiet_libraries
+from lorafleet.continual.schedule import Scheduler
+from lorafleet.registry import Registry
+from lorafleet.training.data import load_jsonl
 
 jobs_app = typer.Typer(help="Training jobs: list, show, cancel.", no_args_is_help=True)
 
 
 def _registry():
-    from lorafleet.registry import Registry  # noqa: PLC0415
-
-    return Registry.open_default()
+    return Registry.open_default(settings())
 
 
 def _load_base(base: str | None):
     quiet_libraries()
-    from lorafleet.base import load_base  # noqa: PLC0415
+    from lorafleet.base import load_base  # noqa: PLC0415 - defers torch/transformers/triton
 
     with console.status("loading the base model…"):
-        return load_base(base or os.environ.get("LORAFLEET_BASE"))
+        return load_base(base or settings().base)
 
 
 def _job_row(job) -> list[str]:
@@ -48,7 +50,7 @@ def _jobs_table(jobs, title: str) -> Table:
 def run_worker_with_progress(registry, base, *, only: set[int] | None = None, until_idle: bool = True,
                              config=None, stop: threading.Event | None = None, hooks=()):
     """Run a worker in this process with one live progress bar per job."""
-    from lorafleet.training.worker import Worker  # noqa: PLC0415
+    from lorafleet.training.worker import Worker  # noqa: PLC0415 - defers torch
 
     with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total} steps"),
                   TextColumn("loss {task.fields[loss]}"), TimeElapsedColumn(), console=console) as bar:
@@ -66,7 +68,6 @@ def run_worker_with_progress(registry, base, *, only: set[int] | None = None, un
 
 def register(app: typer.Typer) -> None:
     """Add the training commands to the top-level CLI."""
-
     @app.command("train")
     @handle_errors
     def train_cmd(
@@ -91,10 +92,9 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Queue a training job for a personal adapter (``--wait`` runs it here)."""
         use_base_dtype(base_dtype)
-        from lorafleet.adapters import LoraSpec  # noqa: PLC0415
-        from lorafleet.training.data import load_jsonl  # noqa: PLC0415
-        from lorafleet.training.jobs import JobQueue  # noqa: PLC0415
-        from lorafleet.training.trainer import TrainConfig  # noqa: PLC0415
+        from lorafleet.adapters import LoraSpec  # noqa: PLC0415 - defers torch
+        from lorafleet.training.jobs import JobQueue  # noqa: PLC0415 - defers torch
+        from lorafleet.training.trainer import TrainConfig  # noqa: PLC0415 - defers torch
 
         spec = LoraSpec(rank=rank, alpha=alpha if alpha is not None else 2.0 * rank, target_modules=targets)
         config = TrainConfig(method=method, steps=steps, lr=lr, batch_size=batch_size, max_len=max_len, beta=beta,
@@ -136,8 +136,7 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Take training jobs from the queue and train them, several users per step."""
         use_base_dtype(base_dtype)
-        from lorafleet.continual.schedule import Scheduler  # noqa: PLC0415
-        from lorafleet.training.worker import WorkerConfig  # noqa: PLC0415
+        from lorafleet.training.worker import WorkerConfig  # noqa: PLC0415 - defers torch
 
         config = WorkerConfig(max_jobs=max_jobs, lease_seconds=lease, checkpoint_every=checkpoint_every)
         registry = _registry()
@@ -165,7 +164,7 @@ def jobs_ls(
     as_json: bool = typer.Option(False, "--json"),
 ) -> None:
     """List training jobs, newest first."""
-    from lorafleet.training.jobs import JobQueue  # noqa: PLC0415
+    from lorafleet.training.jobs import JobQueue  # noqa: PLC0415 - defers torch
 
     jobs = JobQueue(_registry()).list(state=state, ref=adapter, limit=limit, before_id=before)
     if as_json:
@@ -178,7 +177,7 @@ def jobs_ls(
 @handle_errors
 def jobs_show(job_id: int, as_json: bool = typer.Option(False, "--json")) -> None:
     """One job in full: config, progress, loss curve, result."""
-    from lorafleet.training.jobs import JobQueue  # noqa: PLC0415
+    from lorafleet.training.jobs import JobQueue  # noqa: PLC0415 - defers torch
 
     job = JobQueue(_registry()).get(job_id)
     if as_json:
@@ -196,7 +195,7 @@ def jobs_show(job_id: int, as_json: bool = typer.Option(False, "--json")) -> Non
 @handle_errors
 def jobs_cancel(job_id: int) -> None:
     """Cancel a queued job now, or a running one at its next step."""
-    from lorafleet.training.jobs import JobQueue  # noqa: PLC0415
+    from lorafleet.training.jobs import JobQueue  # noqa: PLC0415 - defers torch
 
     job = JobQueue(_registry()).cancel(job_id)
     console.print(f"job {job.id}: {job.state}{' (cancel requested)' if job.cancel_requested else ''}")

@@ -7,16 +7,17 @@ the ``args:`` of a ``serve run`` config file are parsed into (:meth:`ClusterConf
 
 from __future__ import annotations
 
-import os
 import types
 import typing
 from dataclasses import dataclass, field, fields
 from typing import Any
 
+from lorafleet.config import Settings
+from lorafleet.errors import LorafleetError
 from lorafleet.serving.params import EngineConfig
 
 
-class ClusterConfigError(ValueError):
+class ClusterConfigError(LorafleetError, ValueError):
     """A cluster setting is invalid; the message names it and the fix."""
 
 
@@ -135,8 +136,9 @@ class ClusterConfig:
         bad = sorted(set(engine_args) - engine_names)
         if bad:
             raise ClusterConfigError(f"unknown engine setting(s) {bad}; known: {sorted(engine_names)}")
-        args.setdefault("db_url", os.environ.get("LORAFLEET_DB_URL", ""))
-        args.setdefault("blob_url", os.environ.get("LORAFLEET_BLOB_URL", ""))
+        settings = Settings.from_env()
+        args.setdefault("db_url", settings.db_url or "")
+        args.setdefault("blob_url", settings.blob_url or "")
         args, engine_args = _coerce(cls, args), _coerce(EngineConfig, engine_args)
         try:
             engine = EngineConfig(**engine_args)

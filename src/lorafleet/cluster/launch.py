@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 
 from lorafleet.cluster.config import ClusterConfig, ClusterConfigError
+from lorafleet.config import Settings
 
 INSTALL_HINT = "Ray Serve is not installed: pip install 'lorafleet[ray]' (ray[serve]==2.60.0)"
 
@@ -31,7 +32,7 @@ def connect(address: str | None = None, *, num_cpus: float | None = None, object
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     if ray.is_initialized():
         return
-    address = address or os.environ.get("RAY_ADDRESS") or None
+    address = address or Settings.from_env().ray_address
     if address:
         ray.init(address=address, log_to_driver=not quiet)
         return
@@ -60,49 +61,18 @@ def deploy(config: ClusterConfig, *, host: str = "127.0.0.1", port: int = 8000, 
     """Start Serve's proxy on ``host:port`` and run the application; returns the ingress handle."""
     from ray import serve  # noqa: PLC0415
 
-    from lorafleet.cluster.ray_app import APP_NAME, build_app  # noqa: PLC0415
+    from lorafleet.cluster.ray_app import APP_NAME, build_app  # noqa: PLC0415 - defers fastapi/ray
 
     serve.start(http_options={"host": host, "port": port})
     return serve.run(build_app(config), name=APP_NAME, route_prefix="/", blocking=blocking)
 
 
-def config_from_env(**kwargs) -> ClusterConfig:
-    """A ``ClusterConfig`` whose registry comes from ``$LORAFLEET_DB_URL`` / ``$LORAFLEET_BLOB_URL``."""
-    db_url = os.environ.get("LORAFLEET_DB_URL", "")
-    blob_url = os.environ.get("LORAFLEET_BLOB_URL", "")
+def config_from_env(settings: Settings | None = None, **kwargs) -> ClusterConfig:
+    """A ``ClusterConfig`` whose registry comes from ``settings`` (default: ``$LORAFLEET_DB_URL`` /
+    ``$LORAFLEET_BLOB_URL``)."""
+    settings = settings or Settings.from_env()
+    db_url, blob_url = settings.db_url or "", settings.blob_url or ""
     if not blob_url and db_url.startswith("postgresql"):
-        from lorafleet.config import data_dir  # noqa: PLC0415
-
-        blob_url = str(data_dir() / "blobs")  # one machine's directory: fine for a single-node Ray
+        blob_url = str(settings.data_dir / "blobs")  # one machine's directory: fine for a single-node Ray
     kwargs.setdefault("base_dtype", os.environ.get("LORAFLEET_BASE_DTYPE") or None)  # replicas do not inherit env
     return ClusterConfig(db_url=db_url, blob_url=blob_url, **kwargs)
-
-
-def serve_ray(*, base: str | None, engine, replicas: int, replica_cpus: float, host: str, port: int,
-              address: str | None, bootstrap_admin, metrics_public: bool = False) -> None:
-    """``lorafleet serve --cluster ray``: check the config, make sure an admin key exists, run until Ctrl-C."""
-    import typer  # noqa: PLC0415
-
-    from lorafleet.cli.common import console  # noqa: PLC0415
-
-    try:
-        config = config_from_env(base=base or os.environ.get("LORAFLEET_BASE"), replicas=replicas,
-                                 replica_cpus=replica_cpus, engine=engine, metrics_public=metrics_public)
-        require_ray()
-    except ClusterConfigError as exc:
-        raise typer.BadParameter(str(exc), param_hint="--cluster ray") from None
-    from lorafleet.api.keys import KeyStore  # noqa: PLC0415
-    from lorafleet.registry import Registry  # noqa: PLC0415
-
-    with Registry(config.db_url, config.blob_url) as registry:  # keys live in the shared registry
-        bootstrap_admin(KeyStore(registry))
-    local = not (address or os.environ.get("RAY_ADDRESS"))
-    connect(address)
-    if local:
-        try:
-            check_fits(config)
-        except ClusterConfigError as exc:
-            raise typer.BadParameter(str(exc), param_hint="--replica-cpus") from None
-    console.print(f"deploying {config.replicas} engine replica(s) of {config.base or 'the default base'} on Ray "
-                  f"Serve; serving on http://{host}:{port} (docs: /docs, fleet: /v1/fleet/residency)")
-    deploy(config, host=host, port=port, blocking=True)

@@ -35,6 +35,9 @@ from ray.serve import Application
 
 from lorafleet.cluster.config import ClusterConfig
 from lorafleet.cluster.fleet import ROUTING_COUNTERS, FleetBoard, raw_metrics
+from lorafleet.config import quiet_libraries
+from lorafleet.digest import check_digest
+from lorafleet.registry import Registry
 
 log = logging.getLogger(__name__)
 APP_NAME = "lorafleet"
@@ -72,7 +75,6 @@ class AdapterLease:
 def _setup_process(threads: int) -> None:
     import torch  # noqa: PLC0415
 
-    from lorafleet.cli.common import quiet_libraries  # noqa: PLC0415
 
     torch.set_num_threads(threads)
     quiet_libraries()
@@ -89,10 +91,9 @@ class EngineReplica:
 
     async def __init__(self, config: ClusterConfig, board) -> None:
         _setup_process(config.torch_threads)
-        from lorafleet.base import load_base  # noqa: PLC0415
-        from lorafleet.registry import Registry  # noqa: PLC0415
-        from lorafleet.serving.engine import Engine  # noqa: PLC0415
-        from lorafleet.serving.sources import registry_fetch  # noqa: PLC0415
+        from lorafleet.base import load_base  # noqa: PLC0415 - defers torch/transformers/triton
+        from lorafleet.serving.engine import Engine  # noqa: PLC0415 - defers torch/transformers
+        from lorafleet.serving.sources import registry_fetch  # noqa: PLC0415 - defers torch
 
         self.config = config
         self.replica = serve.get_replica_context().replica_id.to_full_id_str()  # the replica actor's name
@@ -148,8 +149,7 @@ class EngineReplica:
     async def _make_lease(self, key: str) -> AdapterLease:
         """Pin the digest(s) of ``key`` in the engine and wait until they are in RAM (fetched, verified, parsed,
         validated). ``key`` is a digest, or a stack's digests joined by ``+``."""
-        from lorafleet.serving.residency import READY  # noqa: PLC0415
-        from lorafleet.serving.sources import check_digest  # noqa: PLC0415
+        from lorafleet.serving.residency import READY  # noqa: PLC0415 - defers torch
 
         digests = tuple(dict.fromkeys(check_digest(d) for d in key.split("+")))
         pinned: list[str] = []
@@ -178,7 +178,7 @@ class EngineReplica:
     async def _acquire(self, adapter) -> bool | None:
         """Count the request; make its adapter (or stack) a resident multiplexed model. Returns whether it
         already was."""
-        from lorafleet.cluster.remote import model_id  # noqa: PLC0415
+        from lorafleet.cluster.remote import model_id  # noqa: PLC0415 - defers torch/transformers
 
         self._count("requests")
         if adapter is None:
@@ -219,7 +219,7 @@ class EngineReplica:
 
     async def generate_stream(self, payload: dict):
         """Streaming: ``{"delta": text}`` items, then one ``{"result": ...}`` (or one ``{"invalid": why}``)."""
-        from lorafleet.serving.engine import RequestError  # noqa: PLC0415
+        from lorafleet.serving.engine import RequestError  # noqa: PLC0415 - defers torch/transformers
 
         hit = await self._acquire(payload["adapter"])
         try:
@@ -278,10 +278,9 @@ class Ingress:
 
     def __init__(self, config: ClusterConfig, engine, board) -> None:
         _setup_process(config.torch_threads)
-        from lorafleet.api.service import Service  # noqa: PLC0415
-        from lorafleet.base import load_base  # noqa: PLC0415
-        from lorafleet.cluster.remote import RemoteEngine  # noqa: PLC0415
-        from lorafleet.registry import Registry  # noqa: PLC0415
+        from lorafleet.api.service import Service  # noqa: PLC0415 - defers torch
+        from lorafleet.base import load_base  # noqa: PLC0415 - defers torch/transformers/triton
+        from lorafleet.cluster.remote import RemoteEngine  # noqa: PLC0415 - defers torch/transformers
 
         # The base is loaded here too: its name and fingerprint check requests, and uploads are validated
         # against its shapes before anything is committed.
@@ -290,8 +289,8 @@ class Ingress:
                                RemoteEngine(engine, board), run_worker=False, metrics_public=config.metrics_public)
 
     def __serve_build_asgi_app__(self):
-        from lorafleet.api.app import create_app  # noqa: PLC0415
-        from lorafleet.cluster.remote import install_replica_headers  # noqa: PLC0415
+        from lorafleet.api.app import create_app  # noqa: PLC0415 - defers torch
+        from lorafleet.cluster.remote import install_replica_headers  # noqa: PLC0415 - defers torch/transformers
 
         app = create_app(self.service)
         install_replica_headers(app)

@@ -22,8 +22,10 @@ from dataclasses import fields
 
 from lorafleet.api.errors import ApiError
 from lorafleet.cluster.fleet import fleet_view, merge_metrics
+from lorafleet.serving.contract import Levels, adapter_levels
 from lorafleet.serving.engine import RequestError, Result
 from lorafleet.serving.metrics import Metrics
+from lorafleet.serving.params import SamplingParams
 
 log = logging.getLogger(__name__)
 _RESULT_FIELDS = {f.name for f in fields(Result)}
@@ -170,16 +172,8 @@ class RemoteEngine:
     def stop(self) -> None:
         pass
 
-    def submit(self, prompt, adapter: str | None = None, sampling=None, *, request_id: str | None = None):
-        from lorafleet.serving.params import SamplingParams  # noqa: PLC0415
-        from lorafleet.serving.sources import check_digest  # noqa: PLC0415
-
-        if isinstance(adapter, str):
-            check_digest(adapter)
-        elif adapter is not None:  # a stack, root first (the engine checks the depth)
-            if not isinstance(adapter, (tuple, list)) or not adapter:
-                raise ValueError(f"adapter must be a digest, a tuple of digests (a stack) or None, got {adapter!r}")
-            adapter = tuple(check_digest(d) for d in adapter)
+    def submit(self, prompt, adapter: Levels | str | None = (), sampling=None, *, request_id: str | None = None):
+        adapter = adapter_levels(adapter) or None  # a stack, root first (the engine checks the depth); None: base
         with self._lock:
             self._seq += 1
             rid = request_id or f"remote-{self._seq}"
@@ -199,7 +193,6 @@ class RemoteEngine:
 
     def unpin(self, digest: str) -> None:
         """Nothing is pinned by hand in cluster mode, so there is nothing to release."""
-
     # -- the fleet view --------------------------------------------------------------------------------------
 
     def reports(self) -> list[dict]:

@@ -30,8 +30,12 @@ import time
 from dataclasses import asdict, dataclass, field, fields
 from datetime import UTC, datetime, timedelta
 
+from lorafleet.evaluation.errors import EvaluationError
+from lorafleet.evaluation.gate import GateConfig, gate
+from lorafleet.evaluation.personas import Persona, get_persona
 from lorafleet.registry import InvalidArgumentError, NotFoundError
 from lorafleet.registry.memory import MemorySettings, MemoryStore
+from lorafleet.training.data import dataset_from_records
 
 log = logging.getLogger(__name__)
 
@@ -120,9 +124,6 @@ class UpdatePolicy:
         return asdict(self)
 
     def persona(self):
-        from lorafleet.evaluation.errors import EvaluationError  # noqa: PLC0415
-        from lorafleet.evaluation.personas import Persona, get_persona  # noqa: PLC0415
-
         try:
             if isinstance(self.eval_persona, dict):
                 return Persona.from_dict(self.eval_persona)
@@ -131,9 +132,6 @@ class UpdatePolicy:
             raise PolicyError(f"eval_persona {self.eval_persona!r} is not a usable persona: {exc}") from None
 
     def gate_config(self):
-        from lorafleet.evaluation.errors import EvaluationError  # noqa: PLC0415
-        from lorafleet.evaluation.gate import GateConfig  # noqa: PLC0415
-
         try:  # without the probe the gate cannot require it
             return GateConfig(**{**({} if self.probe else {"require_probe": False}), **self.gate})
         except (TypeError, EvaluationError) as exc:
@@ -232,8 +230,7 @@ def eval_set_from(desc: dict):
     """Rebuild an eval set from a descriptor (or a revision's metrics); None if it cannot be rebuilt."""
     from pathlib import Path  # noqa: PLC0415
 
-    from lorafleet.evaluation.metrics import EvalSet  # noqa: PLC0415
-    from lorafleet.evaluation.personas import Persona  # noqa: PLC0415
+    from lorafleet.evaluation.metrics import EvalSet  # noqa: PLC0415 - defers torch
 
     try:
         if isinstance(desc.get("persona_spec"), dict):
@@ -265,7 +262,7 @@ def user_habits(registry, ref: str, *, exclude_digest: str | None = None) -> lis
 
 
 def _limit(es, n: int | None):
-    from lorafleet.evaluation.metrics import EvalSet  # noqa: PLC0415
+    from lorafleet.evaluation.metrics import EvalSet  # noqa: PLC0415 - defers torch
 
     if n is None or len(es) <= n:
         return es
@@ -281,7 +278,7 @@ class Scheduler:
 
     def __init__(self, registry, base, *, memory: MemoryStore | None = None, min_interval_s: float = 0.0,
                  clock=lambda: datetime.now(UTC)) -> None:
-        from lorafleet.training.jobs import JobQueue  # noqa: PLC0415
+        from lorafleet.training.jobs import JobQueue  # noqa: PLC0415 - defers torch
 
         self.registry = registry
         self.base = base
@@ -313,9 +310,8 @@ class Scheduler:
         return events
 
     def _maybe_submit(self, settings: MemorySettings) -> dict | None:
-        from lorafleet.adapters import LoraSpec  # noqa: PLC0415
-        from lorafleet.training.data import dataset_from_records  # noqa: PLC0415
-        from lorafleet.training.trainer import TrainConfig  # noqa: PLC0415
+        from lorafleet.adapters import LoraSpec  # noqa: PLC0415 - defers torch
+        from lorafleet.training.trainer import TrainConfig  # noqa: PLC0415 - defers torch
 
         policy = UpdatePolicy.from_dict(settings.policy)
         now = self.clock()
@@ -362,7 +358,7 @@ class Scheduler:
 
     def primary_eval_set(self, settings: MemorySettings, policy: UpdatePolicy, upto: int):
         """The window's eval set: the policy's persona, else the window's held-out feedback."""
-        from lorafleet.evaluation.metrics import EvalSet  # noqa: PLC0415
+        from lorafleet.evaluation.metrics import EvalSet  # noqa: PLC0415 - defers torch
 
         persona = policy.persona()
         if persona is not None:
@@ -379,9 +375,8 @@ class Scheduler:
     def evaluate_and_gate(self, settings: MemorySettings, policy: UpdatePolicy, address: str):
         """Evaluate candidate ``address`` (and live, side by side) on the window's eval set and on every earlier
         eval set of the user, store the metrics on the candidate, and run the gate (drift guard included)."""
-        from lorafleet.adapters import from_bytes  # noqa: PLC0415
-        from lorafleet.evaluation.gate import gate  # noqa: PLC0415
-        from lorafleet.evaluation.metrics import evaluate_adapters  # noqa: PLC0415
+        from lorafleet.adapters import from_bytes  # noqa: PLC0415 - defers torch
+        from lorafleet.evaluation.metrics import evaluate_adapters  # noqa: PLC0415 - defers torch
 
         primary = _limit(self.primary_eval_set(settings, policy, settings.pending_watermark), policy.eval_limit)
         earlier, seen = [], {primary.digest}

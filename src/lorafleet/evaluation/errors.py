@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from lorafleet.errors import LorafleetError
 
-class EvaluationError(ValueError):
+
+class EvaluationError(LorafleetError, ValueError):
     """Bad input to evaluation or the gate: unknown persona or habit, bad parameter, missing metrics."""

@@ -31,6 +31,7 @@ from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 
 from lorafleet.evaluation.errors import EvaluationError
+from lorafleet.registry.errors import NotFoundError
 
 LIVE, CANDIDATE, REFUSED = "live", "candidate", "refused"
 DEFAULT_ACTOR = "gate"
@@ -174,8 +175,6 @@ def check_drift(candidate: dict, config: GateConfig = GateConfig()) -> tuple[boo
 
 
 def _live(registry, ref: str):
-    from lorafleet.registry.errors import NotFoundError  # noqa: PLC0415
-
     try:
         return registry.resolve(f"{ref}@{LIVE}")
     except NotFoundError:

@@ -26,10 +26,15 @@ from pathlib import Path
 
 import torch
 
+from lorafleet.adapters import LoraHost, from_bytes
+from lorafleet.adapters.stack import AdapterStack, route_rows
 from lorafleet.evaluation import probe
 from lorafleet.evaluation.errors import EvaluationError
 from lorafleet.evaluation.generation import generate_responses
 from lorafleet.evaluation.personas import Persona, get_persona, records_digest
+from lorafleet.registry.stacks import stack_record
+from lorafleet.training.data import IGNORE, dataset_from_records, load_jsonl, tokenize_sft
+from lorafleet.training.losses import sft_token_loss
 
 MAX_LEN = 256
 SAMPLES = 3  # responses kept on the revision, for `lorafleet report`
@@ -49,8 +54,6 @@ class EvalSet:
     digest: str = field(init=False)
 
     def __post_init__(self) -> None:
-        from lorafleet.training.data import dataset_from_records  # noqa: PLC0415 - validates the records
-
         dataset_from_records(self.records, "sft", source=self.name)
         self.digest = records_digest(self.records)
 
@@ -60,8 +63,6 @@ class EvalSet:
 
     @classmethod
     def from_file(cls, path: str | Path) -> EvalSet:
-        from lorafleet.training.data import load_jsonl  # noqa: PLC0415
-
         ds = load_jsonl(path, "sft")
         return cls(f"file:{Path(path).name}", ds.records, path=str(Path(path).resolve()))
 
@@ -148,10 +149,6 @@ def _mean_nll(base, adapters: list, rows: list[tuple[int, list[int], list[int]]]
               batch: int = 16) -> list[float]:
     """Mean token NLL per group over ``rows = (group, ids, labels)``; ``adapters[group]`` (an adapter, a stack
     of adapters, or None = base)."""
-    from lorafleet.adapters import LoraHost  # noqa: PLC0415
-    from lorafleet.adapters.stack import route_rows  # noqa: PLC0415
-    from lorafleet.training.data import IGNORE  # noqa: PLC0415
-    from lorafleet.training.losses import sft_token_loss  # noqa: PLC0415
 
     host = LoraHost.attach(base.model)
     table, slot_of = route_rows(adapters)  # slot_of[group]: the group's slot per stack level
@@ -179,8 +176,6 @@ def _mean_nll(base, adapters: list, rows: list[tuple[int, list[int], list[int]]]
 
 def eval_losses(base, adapters: list, record_lists: list[list[dict]], *, max_len: int = MAX_LEN) -> list[float]:
     """Mean assistant-token NLL of ``record_lists[k]`` under ``adapters[k]`` (None = base), in shared batches."""
-    from lorafleet.training.data import tokenize_sft  # noqa: PLC0415
-
     rows = []
     for k, records in enumerate(record_lists):
         for r in records:
@@ -313,9 +308,6 @@ def evaluate_adapters(base, adapters: list, eval_sets: list[EvalSet], *, max_new
 def load_for_eval(registry, address: str, base) -> tuple[object, object, list[dict]]:
     """``(revision, adapter, stack)`` for evaluating ``address`` as it is served: a stacked adapter comes with its
     parents' live revisions (an ``AdapterStack``); ``stack`` lists every level (address, digest), root first."""
-    from lorafleet.adapters import from_bytes  # noqa: PLC0415
-    from lorafleet.adapters.stack import AdapterStack  # noqa: PLC0415
-    from lorafleet.registry.stacks import stack_record  # noqa: PLC0415
 
     levels = registry.load_stack(address, base_fingerprint=base.fingerprint)  # refuses another base's level
     adapters = tuple(from_bytes(blob, base) for _, blob in levels)

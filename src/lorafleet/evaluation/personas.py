@@ -26,6 +26,7 @@ from pathlib import Path
 from lorafleet.evaluation import bank
 from lorafleet.evaluation.errors import EvaluationError
 from lorafleet.evaluation.habits import HABITS, Habit, make_habit
+from lorafleet.training.data import dataset_from_records
 
 NAME_RE = re.compile(r"[a-z0-9][a-z0-9_-]{0,63}")
 MAX_TRAIN, MAX_EVAL = 256, 128
@@ -137,13 +138,9 @@ class PersonaData:
         return _prompts(self.eval)
 
     def train_dataset(self):
-        from lorafleet.training.data import dataset_from_records  # noqa: PLC0415 - keeps personas torch-free
-
         return dataset_from_records(self.train, "sft", source=f"persona:{self.persona.name}:train")
 
     def eval_dataset(self):
-        from lorafleet.training.data import dataset_from_records  # noqa: PLC0415
-
         return dataset_from_records(self.eval, "sft", source=f"persona:{self.persona.name}:eval")
 
 

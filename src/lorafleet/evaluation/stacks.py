@@ -23,6 +23,7 @@ from datetime import UTC, datetime
 
 from lorafleet.evaluation.errors import EvaluationError
 from lorafleet.evaluation.gate import GateConfig
+from lorafleet.registry.stacks import stack_record
 
 OK, FLAGGED, UNCHANGED, NO_LIVE, NO_EVAL = "ok", "flagged", "unchanged", "no live revision", "not evaluable"
 COMPARED = ("adherence", "eval_loss", "probe_ppl_ratio", "probe_retention")
@@ -93,8 +94,7 @@ def stack_report(registry, base, ref: str, *, config: GateConfig = GateConfig(),
     ``everyone`` re-evaluates members whose parents did not move too. Members are evaluated together (shared
     batches); the base's side of each eval set is cached as in :func:`evaluate_adapters`.
     """
-    from lorafleet.evaluation.metrics import eval_set_for, evaluate_adapters, load_for_eval  # noqa: PLC0415
-    from lorafleet.registry.stacks import stack_record  # noqa: PLC0415
+    from lorafleet.evaluation.metrics import eval_set_for, evaluate_adapters, load_for_eval  # noqa: PLC0415 - defers torch
 
     out: dict[str, MemberCheck] = {}
     todo = []  # (member ref, live revision, adapter, eval set, parents before, parents now)

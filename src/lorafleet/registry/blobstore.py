@@ -15,7 +15,6 @@ between leaves an unreferenced blob, which ``Registry.gc`` removes.
 from __future__ import annotations
 
 import errno
-import hashlib
 import logging
 import os
 import secrets
@@ -24,21 +23,20 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from lorafleet.config import Settings
+from lorafleet.digest import digest_of, is_digest
+
 from . import faults
 from .errors import CorruptBlobError, MissingBlobError, RegistryError, StorageFullError
-from .names import DIGEST_RE, check_digest
+from .names import check_digest
 
 logger = logging.getLogger(__name__)
 
 TMP_PREFIX = ".tmp-"
 
 
-def sha256_hex(data: bytes | bytearray | memoryview) -> str:
-    return hashlib.sha256(data).hexdigest()
-
-
 def _verify(digest: str, data: bytes, where: str) -> bytes:
-    actual = sha256_hex(data)
+    actual = digest_of(data)
     if actual != digest:
         raise CorruptBlobError(
             f"blob {digest} at {where} is corrupt: its {len(data)} bytes hash to {actual}; it was not returned. "
@@ -185,7 +183,7 @@ class LocalBlobStore(BlobStore):
                 continue
             for entry in os.scandir(sub.path):
                 digest = sub.name + entry.name
-                if DIGEST_RE.fullmatch(digest) and entry.is_file():
+                if is_digest(digest) and entry.is_file():
                     yield digest
 
     def clean_temp(self, older_than_s: float) -> int:
@@ -210,11 +208,11 @@ def _fsync_dir(path: Path) -> None:
 
 
 def fsspec_options(url: str, storage_options: dict[str, Any] | None = None) -> dict[str, Any]:
-    """fsspec options for ``url``: for S3, the endpoint from ``$LORAFLEET_S3_ENDPOINT`` and no listing cache
+    """fsspec options for ``url``: for S3, the endpoint from the settings (``$LORAFLEET_S3_ENDPOINT``) and no listing cache
     (shared by the blob store and ``lorafleet adapters import s3://…``)."""
     options = dict(storage_options or {})
     if url.split("://", 1)[0] in ("s3", "s3a"):
-        endpoint = os.environ.get("LORAFLEET_S3_ENDPOINT")
+        endpoint = Settings.from_env().s3_endpoint
         if endpoint and "endpoint_url" not in options:
             options["endpoint_url"] = endpoint
         # Always ask the server: a cached listing could make gc or exists() lie.
@@ -312,7 +310,7 @@ class FsspecBlobStore(BlobStore):
             return
         for path in found:
             parts = path.rstrip("/").split("/")
-            if len(parts) >= 2 and len(parts[-2]) == 2 and DIGEST_RE.fullmatch(parts[-2] + parts[-1]):
+            if len(parts) >= 2 and len(parts[-2]) == 2 and is_digest(parts[-2] + parts[-1]):
                 yield parts[-2] + parts[-1]
 
 

@@ -21,6 +21,8 @@ import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
+from lorafleet.digest import digest_of
+
 from .errors import InvalidNameError, RegistryError
 from .names import CANDIDATE, check_alias, check_segment, parse_ref
 from .records import Provenance
@@ -160,14 +162,13 @@ def commit_adapter(registry, base, ref: str, adapter, *, source: str, alias: str
     """Commit a validated adapter as the next revision of ``ref`` (created if new) unless the latest revision
     already holds the same bytes; point ``alias`` at it. Returns ``(status, revision)``."""
     from lorafleet.adapters import to_bytes  # noqa: PLC0415
-    from lorafleet.registry.blobstore import sha256_hex  # noqa: PLC0415
 
     check_alias(alias)
     blob = to_bytes(adapter)
     info = registry.create_adapter(ref, creator=creator, exist_ok=True)
     if info.latest is not None:
         latest = registry.resolve(f"{ref}#{info.latest}")
-        if latest.digest == sha256_hex(blob) and latest.provenance.base_fingerprint == base.fingerprint:
+        if latest.digest == digest_of(blob) and latest.provenance.base_fingerprint == base.fingerprint:
             if info.aliases.get(alias) != latest.number:
                 registry.set_alias(ref, alias, latest.number, actor=creator, reason=f"re-import of {source}")
                 latest = registry.resolve(f"{ref}#{latest.number}")

@@ -15,11 +15,12 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
+from lorafleet import digest
+
 from .errors import InvalidNameError
 
 SEGMENT_RE = re.compile(r"^[a-z0-9_][a-z0-9_.-]{0,62}$")
 ALIAS_RE = re.compile(r"^[a-z][a-z0-9_-]{0,31}$")
-DIGEST_RE = re.compile(r"^[0-9a-f]{64}$")
 
 SEGMENT_RULE = "1-63 characters of a-z, 0-9, '_', '.', '-', starting with a letter, digit or '_'"
 ALIAS_RULE = "1-32 characters of a-z, 0-9, '_', '-', starting with a letter"
@@ -69,9 +70,7 @@ def check_alias(value: object) -> str:
 
 def check_digest(value: object) -> str:
     """Return ``value`` if it is a lowercase hex sha256 digest, else raise."""
-    if not isinstance(value, str) or not DIGEST_RE.fullmatch(value):
-        raise InvalidNameError(f"invalid blob digest {_show(value)}: expected 64 lowercase hex characters (sha256)")
-    return value
+    return digest.check_digest(value, InvalidNameError, "blob digest")
 
 
 def parse_ref(ref: object) -> tuple[str, str, str]:

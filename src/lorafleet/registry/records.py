@@ -10,14 +10,14 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from lorafleet import __version__
+
 from .errors import InvalidProvenanceError
 
 
 @functools.cache
 def default_code_version() -> str:
     """``lorafleet.__version__`` plus the short git sha of the source checkout when there is one."""
-    from lorafleet import __version__
-
     try:
         out = subprocess.run(
             ["git", "rev-parse", "--short=12", "HEAD"],

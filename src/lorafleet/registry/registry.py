@@ -19,7 +19,6 @@ import binascii
 import copy
 import json
 import logging
-import os
 from collections.abc import Iterable, Sequence
 from dataclasses import replace
 from typing import Any
@@ -28,8 +27,11 @@ import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection, Row
 
+from lorafleet.config import Settings
+from lorafleet.digest import digest_of
+
 from . import db, faults, stacks
-from .blobstore import BlobStore, open_blob_store, sha256_hex
+from .blobstore import BlobStore, open_blob_store
 from .errors import (
     AlreadyExistsError,
     BaseMismatchError,
@@ -161,14 +163,10 @@ class Registry:
 
     def __init__(self, db_url: str | None = None, blob_url: str | None = None, *,
                  blob_options: dict[str, Any] | None = None):
-        db_url = db_url or os.environ.get("LORAFLEET_DB_URL") or None
-        blob_url = blob_url or os.environ.get("LORAFLEET_BLOB_URL") or None
-        if db_url is None or blob_url is None:
-            from lorafleet.config import data_dir
-
-            root = data_dir()
-            db_url = db_url or f"sqlite:///{root / 'registry.db'}"
-            blob_url = blob_url or str(root / "blobs")
+        if not db_url or not blob_url:
+            settings = Settings.from_env()
+            db_url = db_url or settings.registry_db_url
+            blob_url = blob_url or settings.registry_blob_url
         self.db_url = db_url
         self.blob_url = blob_url
         self._engine = db.create_engine(db_url)
@@ -181,9 +179,11 @@ class Registry:
             raise
 
     @classmethod
-    def open_default(cls) -> Registry:
-        """Open the registry named by ``$LORAFLEET_DB_URL`` / ``$LORAFLEET_BLOB_URL`` / ``$LORAFLEET_HOME``."""
-        return cls()
+    def open_default(cls, settings: Settings | None = None) -> Registry:
+        """Open the registry of ``settings`` (default: from the environment: ``$LORAFLEET_DB_URL`` /
+        ``$LORAFLEET_BLOB_URL`` / ``$LORAFLEET_HOME``)."""
+        settings = settings or Settings.from_env()
+        return cls(settings.registry_db_url, settings.registry_blob_url)
 
     @property
     def engine(self) -> sa.Engine:
@@ -454,7 +454,7 @@ class Registry:
                              metrics=copy.deepcopy(provenance.metrics))
         blob = bytes(blob)
         check_adapter_blob(blob)
-        digest = sha256_hex(blob)
+        digest = digest_of(blob)
 
         self.blobs.put(digest, blob)
         faults.checkpoint("after_blob")

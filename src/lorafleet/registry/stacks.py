@@ -15,7 +15,7 @@ changed:
 * the parent exists and belongs to the same tenant (a tenant's shared adapters live under a user such as
   ``_org``);
 * no cycles (an adapter is never its own ancestor);
-* at most :data:`MAX_DEPTH` levels, the adapter itself included (also for its existing members when it is
+* at most :data:`MAX_LEVELS` levels, the adapter itself included (also for its existing members when it is
   re-parented).
 
 Parent changes are audited (action ``parent.set``). These functions operate on a :class:`Registry`; the
@@ -29,6 +29,8 @@ from typing import TYPE_CHECKING
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
+from lorafleet.limits import MAX_LEVELS
+
 from . import db
 from .errors import BaseMismatchError, InvalidArgumentError, NotFoundError, RegistryError
 from .names import LIVE, parse_address, parse_ref
@@ -38,7 +40,6 @@ from .schema import adapters, audit
 if TYPE_CHECKING:
     from .registry import Registry
 
-MAX_DEPTH = 3  # levels in one stack, the requested adapter included
 
 
 class StackError(InvalidArgumentError):
@@ -69,7 +70,7 @@ def chain(reg: Registry, conn: Connection, ref: str, *, lock: bool = False) -> l
 def _height(conn: Connection, ref: str) -> int:
     """Levels in the subtree under ``ref``, ``ref`` included (1 = no members)."""
     frontier, height = [ref], 1
-    while frontier and height <= MAX_DEPTH:
+    while frontier and height <= MAX_LEVELS:
         rows = conn.execute(sa.select(adapters.c.tenant, adapters.c.username, adapters.c.name)
                             .where(adapters.c.parent_ref.in_(frontier))).all()
         frontier = [f"{t}/{u}/{n}" for t, u, n in rows]
@@ -105,11 +106,11 @@ def check_parent(reg: Registry, conn: Connection, ref: str, parent: object, *, n
             f"making {parent!r} the parent of {ref!r} would create a cycle ({' -> '.join([*ancestors, ref])})"
         )
     height = 1 if new else _height(conn, ref)
-    if len(ancestors) + height > MAX_DEPTH:
+    if len(ancestors) + height > MAX_LEVELS:
         below = "" if height == 1 else f" (and {ref!r} already has {height - 1} level(s) of members below it)"
         raise StackError(
             f"stack too deep: {' -> '.join([*ancestors, ref])} would have {len(ancestors) + height} levels{below}; "
-            f"at most {MAX_DEPTH} (organisation, team, person)"
+            f"at most {MAX_LEVELS} (organisation, team, person)"
         )
     return parent
 
@@ -136,8 +137,8 @@ def resolve_stack(reg: Registry, address: str) -> list[RevisionInfo]:
         rev, parent = reg._find_revision_and_parent(conn, addr)
         out = [rev]
         while parent is not None:
-            if len(out) >= MAX_DEPTH:
-                raise RegistryError(f"the stack of {addr.ref!r} is deeper than {MAX_DEPTH} levels")
+            if len(out) >= MAX_LEVELS:
+                raise RegistryError(f"the stack of {addr.ref!r} is deeper than {MAX_LEVELS} levels")
             try:
                 rev, next_parent = reg._find_revision_and_parent(conn, parse_address(f"{parent}@{LIVE}"))
             except NotFoundError as exc:
@@ -165,13 +166,13 @@ def load_stack(reg: Registry, address: str, *, base_fingerprint: str) -> list[tu
 
 
 def members(reg: Registry, ref: str) -> list[AdapterInfo]:
-    """Adapters stacked on ``ref``: its children, then their children (up to ``MAX_DEPTH - 1`` levels below)."""
+    """Adapters stacked on ``ref``: its children, then their children (up to ``MAX_LEVELS - 1`` levels below)."""
     parse_ref(ref)
     out = []
     with db.read_tx(reg.engine) as conn:
         reg._require_adapter(conn, ref)
         frontier = [ref]
-        for _ in range(MAX_DEPTH - 1):
+        for _ in range(MAX_LEVELS - 1):
             rows = conn.execute(
                 sa.select(adapters).where(adapters.c.parent_ref.in_(frontier))
                 .order_by(adapters.c.tenant, adapters.c.username, adapters.c.name)

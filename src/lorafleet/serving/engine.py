@@ -41,14 +41,16 @@ from torch import Tensor
 
 from lorafleet.adapters import AdapterError, LoraAdapter, LoraHost, SlotTable, from_bytes
 from lorafleet.adapters.stack import MAX_LEVELS
+from lorafleet.digest import check_digest
 from lorafleet.serving.chat import chat_prompt_ids
+from lorafleet.serving.contract import adapter_levels
 from lorafleet.serving.detok import TextStream
 from lorafleet.serving.kv import KVSlab
 from lorafleet.serving.metrics import Metrics
 from lorafleet.serving.params import EngineConfig, SamplingParams
 from lorafleet.serving.residency import READY, Residency
 from lorafleet.serving.sampling import request_generator, sample_rows
-from lorafleet.serving.sources import Fetch, check_digest
+from lorafleet.serving.sources import Fetch
 
 __all__ = ["Engine", "EngineConfig", "RequestError", "RequestHandle", "Result", "SamplingParams"]
 
@@ -348,14 +350,10 @@ class Engine:
         return ids
 
     def _levels(self, adapter) -> tuple[str, ...]:
-        if adapter is None:
+        levels = adapter_levels(adapter)
+        if not levels:
             return ()
-        if isinstance(adapter, str):
-            return (check_digest(adapter),)
-        if not isinstance(adapter, (tuple, list)):
-            raise ValueError(f"adapter must be a digest, a tuple of digests (a stack) or None, got {adapter!r}")
-        levels = tuple(check_digest(d) for d in adapter)
-        if not 1 <= len(levels) <= MAX_LEVELS:
+        if len(levels) > MAX_LEVELS:
             raise ValueError(f"an adapter stack has 1..{MAX_LEVELS} levels, got {len(levels)}")
         if len(set(levels)) > self.table.num_slots:
             raise ValueError(f"a stack of {len(set(levels))} adapters needs as many compute slots; this engine has "

@@ -34,7 +34,6 @@ r"""Where each adapter lives, keyed by digest: compute slot, host RAM, or cold (
 
 from __future__ import annotations
 
-import hashlib
 import itertools
 import logging
 import os
@@ -46,6 +45,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 from lorafleet.adapters import LoraAdapter, LoraSpec, SlotTable
+from lorafleet.digest import digest_of
 from lorafleet.serving.metrics import Metrics
 
 log = logging.getLogger(__name__)
@@ -417,7 +417,7 @@ class Residency:
                 raise TypeError(f"fetch returned {type(data).__name__}, expected bytes")
             with self._parse_slots:
                 if self.verify_digest:
-                    actual = hashlib.sha256(data).hexdigest()
+                    actual = digest_of(data)
                     if actual != digest:
                         raise AdapterLoadError(f"blob is corrupt: its sha256 is {actual[:12]}…, not the digest")
                 adapter = self._parse(bytes(data))

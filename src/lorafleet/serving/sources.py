@@ -6,32 +6,19 @@ sources serve tests, benchmarks and embedded use: an in-memory dict and a direct
 
 from __future__ import annotations
 
-import hashlib
 import os
-import re
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
 from lorafleet.adapters import LoraAdapter, to_bytes
+from lorafleet.digest import check_digest, digest_of
 
 Fetch = Callable[[str], bytes]
-DIGEST_RE = re.compile(r"^[0-9a-f]{64}$")
 
 
 class BlobNotFoundError(LookupError):
     """The source has no blob with that digest."""
-
-
-def digest_of(data: bytes) -> str:
-    """The content digest of adapter bytes: sha256 hex."""
-    return hashlib.sha256(data).hexdigest()
-
-
-def check_digest(digest: object) -> str:
-    if not isinstance(digest, str) or not DIGEST_RE.match(digest):
-        raise ValueError(f"adapter digest must be 64 lowercase hex characters (sha256), got {digest!r}")
-    return digest
 
 
 def _as_bytes(item: LoraAdapter | bytes) -> bytes:

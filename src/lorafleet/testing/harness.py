@@ -26,7 +26,7 @@ class LoopbackServer:
     """``create_app(service)`` under uvicorn in a thread on 127.0.0.1 (a real HTTP server, not ASGI in-process)."""
 
     def __init__(self, service, *, startup_timeout_s: float = 30.0) -> None:
-        from lorafleet.api.app import create_app  # noqa: PLC0415
+        from lorafleet.api.app import create_app  # noqa: PLC0415 - defers fastapi
 
         self.service = service
         self.app = create_app(service)

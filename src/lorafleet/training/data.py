@@ -12,13 +12,17 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from lorafleet.errors import LorafleetError
+
 IGNORE = -100  # label of tokens that carry no loss
 ROLES = ("system", "user", "assistant")
 MAX_FILE_BYTES = 256 * 1024 * 1024
 
 
-class DataError(ValueError):
+class DataError(LorafleetError, ValueError):
     """A dataset is unusable; the message names the file, the line and the problem."""
+
+    http_status, code = 422, "invalid_data"
 
 
 @dataclass

@@ -22,13 +22,16 @@ from torch import Tensor
 
 from lorafleet.adapters import LoraAdapter, LoraHost, as_lora
 from lorafleet.adapters.stack import MAX_LEVELS, AdapterStack, route_rows
+from lorafleet.errors import LorafleetError
 from lorafleet.registry import faults
 from lorafleet.training.data import IGNORE, Dataset, TokenizeReport, tokenize_pair, tokenize_sft
 from lorafleet.training.losses import dpo_loss, labelled_logprobs
 
 
-class TrainConfigError(ValueError):
+class TrainConfigError(LorafleetError, ValueError):
     """A training hyperparameter is out of range; the message names the field."""
+
+    http_status, code = 422, "invalid_config"
 
 
 @dataclass(frozen=True)

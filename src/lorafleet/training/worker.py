@@ -19,8 +19,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from lorafleet.adapters import AdapterError, LoraAdapter, from_bytes, to_bytes
+from lorafleet.digest import digest_of
 from lorafleet.registry import KeyConflictError, NotFoundError, Provenance, Registry
-from lorafleet.registry.blobstore import sha256_hex
 from lorafleet.training.checkpoint import checkpoint_from_bytes, checkpoint_to_bytes
 from lorafleet.training.data import dataset_from_records
 from lorafleet.training.jobs import Job, JobQueue, default_worker_id
@@ -137,7 +137,7 @@ class Worker:
 
     def _checkpoint(self, job_id: int) -> str:
         data = checkpoint_to_bytes(self.trainer.state_dict(self._key(job_id)))
-        digest = sha256_hex(data)
+        digest = digest_of(data)
         self.registry.blobs.put(digest, data)
         return digest
 
@@ -156,7 +156,7 @@ class Worker:
         try:
             existing = self._commit(job, run, track)
         except NotFoundError as exc:  # the adapter was deleted (its user forgotten) while training
-            self.registry.discard_blobs([sha256_hex(to_bytes(track.adapter))])  # the refused commit's blob
+            self.registry.discard_blobs([digest_of(to_bytes(track.adapter))])  # the refused commit's blob
             self._finish(job_id, "failed", error=str(exc))
             return
         self._finish(job_id, "succeeded", result_number=existing, report=_report(track))
@@ -180,7 +180,7 @@ class Worker:
                 existing = self.registry.commit(job.ref, blob, provenance, creator=job.creator,
                                                 aliases=("candidate",), create=False, key=job_key(job.id)).number
             except KeyConflictError:  # another attempt of this job committed first (other bytes): that one counts
-                self.registry.discard_blobs([sha256_hex(blob)])
+                self.registry.discard_blobs([digest_of(blob)])
                 existing = self._revision_of_job(job)
         return existing
 

@@ -37,9 +37,11 @@ from lorafleet.api.tinker.state import (
     new_id,
     utcnow,
 )
+from lorafleet.config import data_dir
+from lorafleet.digest import digest_of
 from lorafleet.registry import Provenance
 from lorafleet.registry.names import check_segment, parse_address
-from lorafleet.serving.sources import digest_of
+from lorafleet.serving.params import SamplingParams
 from lorafleet.training.checkpoint import checkpoint_from_bytes, checkpoint_to_bytes
 from lorafleet.training.losses import next_token_logprobs
 
@@ -534,8 +536,6 @@ class TinkerService:
         return sampler
 
     def sample(self, key: ApiKey, body: dict) -> tuple[concurrent.futures.Future, int]:
-        from lorafleet.serving.params import SamplingParams  # noqa: PLC0415
-
         engine = self.service.engine
         if engine is None:
             raise _user("sampling needs the serving engine, and this server runs without one")
@@ -686,7 +686,6 @@ class TinkerService:
 
 def default_home() -> Path:
     """Where training checkpoints (``save_state``) live: ``$LORAFLEET_HOME/tinker``."""
-    from lorafleet.config import data_dir  # noqa: PLC0415
 
     return data_dir() / "tinker"
 

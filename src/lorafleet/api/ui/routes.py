@@ -21,6 +21,8 @@ from lorafleet.api.auth import admin_key
 from lorafleet.api.errors import ApiError
 from lorafleet.api.keys import ApiKey
 from lorafleet.api.ui import fleet
+from lorafleet.evaluation import gate
+from lorafleet.evaluation.errors import EvaluationError
 
 router = APIRouter(prefix="/ui/api", tags=["dashboard"])
 Admin = Annotated[ApiKey, Depends(admin_key)]
@@ -174,9 +176,6 @@ def adapter_residency(tenant: Name, user: Name, name: Name, request: Request, _:
 
 @router.post("/adapters/{tenant}/{user}/{name}/promote", summary="Promote a revision to live through the gate")
 def promote(tenant: Name, user: Name, name: Name, body: PromoteRequest, request: Request, key: Admin) -> dict:
-    from lorafleet.evaluation import gate  # noqa: PLC0415
-    from lorafleet.evaluation.errors import EvaluationError  # noqa: PLC0415
-
     address = f"{_ref(tenant, user, name)}#{body.number}"
     try:
         decision = gate.promote(_svc(request).registry, address, force=body.force, reason=body.reason,
