@@ -16,10 +16,10 @@ import tinker
 from tinker import types
 
 from lorafleet.adapters import LoraAdapter, LoraSpec, to_bytes
+from lorafleet.api.forget import PLACES
 from lorafleet.api.service import Service
 from lorafleet.api.tinker import TinkerConfig, TinkerService
 from lorafleet.base import load_base
-from lorafleet.forget import PLACES
 from lorafleet.registry import Provenance, Registry
 from lorafleet.registry.retention import _referenced
 from lorafleet.registry.schema import metadata
@@ -200,7 +200,7 @@ def test_forget_leaves_nothing_anywhere(registry_url, tmp_path, monkeypatch):
 def test_forget_offline_reaches_checkpoint_files_of_a_past_server(tmp_path, monkeypatch):
     """`lorafleet forget` without a server: the Tinker checkpoint files a previous server process left are found by
     their sidecar and deleted; another user's files in the same tenant stay."""
-    from lorafleet.forget import forget_user
+    from lorafleet.api.forget import forget_user
 
     home = tmp_path / "home"
     monkeypatch.setenv("LORAFLEET_HOME", str(home))

@@ -26,7 +26,7 @@ FOUNDATION = {"__init__", "config", "results", "digest", "errors", "limits"}
 MAY_IMPORT: dict[str, set[str]] = {
     "adapters": set(),  # LoRA/VeRA weights, the operator, PEFT files: knows nothing of lorafleet
     "base": set(),  # loading the shared base model
-    "registry": set(),  # identities, revisions, aliases, blobs, memory (SQL + blob store)
+    "registry": {"adapters"},  # identities, revisions, aliases, blobs, memory; checks/imports/exports adapter blobs
     "serving": {"adapters", "base"},  # the engine: knows the registry only through a fetch(digest) callable
     "training": {"adapters", "base", "registry"},  # the trainer, the job queue and its worker
     "evaluation": {"adapters", "base", "registry", "serving", "training"},  # metrics, personas, the gate

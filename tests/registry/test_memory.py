@@ -8,6 +8,7 @@ import sqlalchemy as sa
 from registry_helpers import blob
 
 from lorafleet.adapters import LoraAdapter, LoraSpec, to_bytes
+from lorafleet.api.forget import forget_user
 from lorafleet.base import load_base
 from lorafleet.registry import InvalidArgumentError, NotFoundError, Provenance, Registry
 from lorafleet.registry.memory import FORGET_ACTION, MemoryStore, user_hash
@@ -145,7 +146,7 @@ def test_forget_leaves_nothing_readable(tmp_path):
     slot_of_own = next(s["slot"] for s in snap["slots"] if s["digest"] == r1.digest)
     assert any(s["digest"] == r1.digest for s in snap["slots"]) or any(r["digest"] == r1.digest for r in snap["ram"])
 
-    report = store.forget_user("acme", "alice", actor="admin-7", purge=engine.purge)
+    report = forget_user(store.registry, "acme", "alice", actor="admin-7", memory=store, purge=engine.purge)
     assert report["adapters"] == 1 and report["revisions"] == 2 and report["interactions"] == 1
     assert report["feedback"] == 1 and report["jobs"] == 1 and report["blobs_shared_kept"] == 1
 
@@ -173,7 +174,7 @@ def test_forget_leaves_nothing_readable(tmp_path):
     assert all(float(t[slot_of_own].abs().sum()) == 0.0 for t in engine.table.A.values())
     assert all(float(t[slot_of_own].abs().sum()) == 0.0 for t in engine.table.B.values())
     # forgetting again is harmless: nothing left to delete
-    again = store.forget_user("acme", "alice", actor="admin-7")
+    again = forget_user(store.registry, "acme", "alice", actor="admin-7", memory=store)
     assert again["adapters"] == 0 and again["blobs_deleted"] == 0
     engine.close()
     reg.close()
@@ -181,7 +182,7 @@ def test_forget_leaves_nothing_readable(tmp_path):
 
 def test_forget_names_bad_input(store):
     with pytest.raises(InvalidArgumentError, match="user segment"):
-        store.forget_user("acme", "Alice/../x")
+        forget_user(store.registry, "acme", "Alice/../x")
     assert store.registry.get_adapter(REF)  # nothing changed
 
 
@@ -196,7 +197,7 @@ def test_forget_on_both_databases(registry_url, tmp_path):
     store.configure(REF, capture=True)
     _capture(store, "resp-1", SECRET)
     store.add_feedback("resp-1", rating=1)
-    report = store.forget_user("acme", "alice", actor="admin")
+    report = forget_user(store.registry, "acme", "alice", actor="admin", memory=store)
     assert (report["revisions"], report["interactions"], report["feedback"]) == (2, 1, 1)
     assert not reg.blobs.exists(own.digest) and reg.blobs.exists(shared.digest)
     assert SECRET not in _rows_text(reg.engine) and "alice" not in _rows_text(reg.engine)

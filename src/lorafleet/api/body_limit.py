@@ -9,17 +9,7 @@ from __future__ import annotations
 
 import json
 
-from starlette.exceptions import HTTPException
-
-from lorafleet.api.errors import error_body
-
-
-class BodyTooLarge(HTTPException):
-    """Raised from ``receive`` once a body passes its limit; the app's handler answers 413 (``too_large``)."""
-
-    def __init__(self, limit: int) -> None:
-        super().__init__(413, f"request body over the limit of {limit} bytes", headers={"connection": "close"})
-        self.limit = limit
+from lorafleet.api.errors import BodyTooLarge, error_body
 
 
 def too_large_body(limit: int) -> bytes:

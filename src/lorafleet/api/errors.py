@@ -57,12 +57,18 @@ def _status_for(exc: Exception) -> tuple[int, str, str]:
     return 500, "server_error", "internal_error"
 
 
+class BodyTooLarge(StarletteHTTPException):
+    """Raised from ``receive`` once a body passes its limit; the app's handler answers 413 (``too_large``)."""
+
+    def __init__(self, limit: int) -> None:
+        super().__init__(413, f"request body over the limit of {limit} bytes", headers={"connection": "close"})
+        self.limit = limit
+
+
 def install(app: FastAPI) -> None:
     @app.exception_handler(ApiError)
     async def _api_error(_: Request, exc: ApiError):
         return JSONResponse(error_body(exc.message, exc.type, exc.code, exc.param), status_code=exc.status)
-
-    from lorafleet.api.body_limit import BodyTooLarge  # noqa: PLC0415
 
     @app.exception_handler(BodyTooLarge)
     async def _too_large(_: Request, exc: BodyTooLarge):

@@ -5,7 +5,7 @@
   (a choice between two answers to the same prompt: a DPO pair).
 * ``GET|PUT /v1/adapters/{tenant}/{user}/{name}/memory`` (admin) — capture opt-in and the update policy.
 * ``GET /v1/users/{tenant}/{user}/memory`` (admin) — what is stored about a user; ``?export=true`` all of it.
-* ``DELETE /v1/users/{tenant}/{user}`` (admin) — forget the user everywhere (see :mod:`lorafleet.forget`).
+* ``DELETE /v1/users/{tenant}/{user}`` (admin) — forget the user everywhere (see :mod:`lorafleet.api.forget`).
 
 Capture itself happens in the OpenAI routes through :func:`capture`.
 """
@@ -20,6 +20,7 @@ from pydantic import BaseModel, Field
 from starlette.concurrency import run_in_threadpool
 
 from lorafleet.api.auth import admin_key, current_key
+from lorafleet.api.forget import forget_user as forget
 from lorafleet.api.keys import ApiKey
 from lorafleet.continual.schedule import UpdatePolicy
 from lorafleet.registry.memory import MemoryStore
@@ -99,8 +100,6 @@ def show_user_memory(tenant: Name, user: Name, request: Request, _: Admin,
 
 @router.delete("/users/{tenant}/{user}", summary="Forget a user: interactions, revisions, blobs, caches (audited)")
 def forget_user(tenant: Name, user: Name, request: Request, key: Admin) -> dict:
-    from lorafleet.forget import forget_user as forget  # noqa: PLC0415
-
     svc = request.app.state.service
     purge = svc.engine.purge if svc.engine is not None and hasattr(svc.engine, "purge") else None
     return forget(svc.registry, tenant, user, actor=f"key:{key.id}", memory=memory(request), purge=purge,

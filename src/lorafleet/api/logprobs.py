@@ -12,10 +12,12 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from lorafleet.serving.chat import chat_prompt_ids
+
 
 def _adapter_item(svc, digests: tuple[str, ...]):
-    from lorafleet.adapters import from_bytes  # noqa: PLC0415
-    from lorafleet.adapters.stack import AdapterStack  # noqa: PLC0415
+    from lorafleet.adapters import from_bytes  # noqa: PLC0415 - defers torch
+    from lorafleet.adapters.stack import AdapterStack  # noqa: PLC0415 - defers torch
 
     levels = tuple(from_bytes(svc.registry.read_blob(d), svc.base) for d in digests)
     if not levels:
@@ -25,8 +27,6 @@ def _adapter_item(svc, digests: tuple[str, ...]):
 
 def prompt_ids(svc, prompt) -> list[int]:
     """The token ids the engine generated after (the same chat template / tokenization as the engine)."""
-    from lorafleet.serving.chat import chat_prompt_ids  # noqa: PLC0415
-
     tok = svc.base.tokenizer
     if isinstance(prompt, str):
         return tok(prompt, add_special_tokens=False)["input_ids"]
@@ -47,8 +47,8 @@ def returned_tokens(tokenizer, token_ids: list[int], text: str) -> list[int]:
 def token_logprobs(svc, digests: tuple[str, ...], prompt: list[int], completion: list[int],
                    top: int) -> list[tuple[int, float, list[tuple[int, float]]]]:
     """``[(token, logprob, [(alt_token, alt_logprob)] * top)]`` for each completion token."""
-    from lorafleet.adapters import LoraHost  # noqa: PLC0415
-    from lorafleet.adapters.stack import route_rows  # noqa: PLC0415
+    from lorafleet.adapters import LoraHost  # noqa: PLC0415 - defers torch
+    from lorafleet.adapters.stack import route_rows  # noqa: PLC0415 - defers torch
 
     if not completion:
         return []

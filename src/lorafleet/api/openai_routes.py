@@ -32,6 +32,7 @@ from lorafleet.registry import NotFoundError
 from lorafleet.registry.errors import InvalidNameError
 from lorafleet.registry.imports import DEFAULT_PREFIX
 from lorafleet.registry.names import parse_address
+from lorafleet.serving.chat import chat_prompt_ids
 from lorafleet.serving.params import SamplingParams
 
 router = APIRouter(prefix="/v1", tags=["openai"])
@@ -188,8 +189,6 @@ def prompt_ids(svc, prompt: str | list[dict], param: str) -> list[int]:
     """The prompt's token ids within the server's limits: characters are counted first (no tokenizer runs on an
     oversized prompt), then the chat template and the tokenizer run and the tokens are counted. Blocking: call it
     off the event loop."""
-    from lorafleet.serving.chat import chat_prompt_ids  # noqa: PLC0415
-
     limits = svc.limits
     chars = len(prompt) if isinstance(prompt, str) else sum(len(m["content"]) for m in prompt)
     if chars > limits.max_prompt_chars:
@@ -238,7 +237,7 @@ def _logprobs(request: Request, target: Target, prompt, body: _Sampling, result,
     top = body.top_logprobs_wanted()
     if top is None:
         return None
-    from lorafleet.api import logprobs as lp  # noqa: PLC0415
+    from lorafleet.api import logprobs as lp  # noqa: PLC0415 - defers torch
 
     svc = request.app.state.service
     tokens = lp.returned_tokens(svc.base.tokenizer, list(result.token_ids), result.text)
@@ -258,7 +257,7 @@ def _usage(result) -> dict:
 
 
 def _failed(result) -> ApiError:
-    from lorafleet.serving.engine import NONFINITE  # noqa: PLC0415
+    from lorafleet.serving.engine import NONFINITE  # noqa: PLC0415 - defers torch
 
     code = "non_finite_logits" if (result.error or "").startswith(NONFINITE) else "generation_failed"
     return ApiError(500, f"generation failed: {result.error}", type_="server_error", code=code)

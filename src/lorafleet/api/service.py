@@ -13,8 +13,9 @@ from lorafleet.api.keys import KeyStore
 from lorafleet.api.metrics import RequestCounter
 from lorafleet.continual.schedule import Scheduler
 from lorafleet.digest import digest_of
-from lorafleet.registry import NotFoundError, Provenance, Registry
+from lorafleet.registry import NotFoundError, Provenance, Registry, imports
 from lorafleet.registry.memory import MemoryStore
+from lorafleet.registry.registry import same_or_conflict
 from lorafleet.serving.contract import EngineLike
 from lorafleet.training.jobs import JobQueue
 from lorafleet.training.worker import Worker
@@ -122,8 +123,6 @@ class Service:
         if key is not None:
             done = self.registry.keyed(*key)
             if done is not None:
-                from lorafleet.registry.registry import same_or_conflict  # noqa: PLC0415
-
                 same_or_conflict(key, done, ref, digest_of(blob))
                 return done[1], True
         provenance = Provenance(base_fingerprint=self.base.fingerprint, method="upload",
@@ -135,8 +134,6 @@ class Service:
         """vLLM's ``load_lora_adapter`` / ``--lora-modules``: import the PEFT folder at ``lora_path`` as the
         adapter ``lora_name`` stands for and point ``live`` at it. A name already live is refused unless
         ``replace`` (vLLM's ``load_inplace``); the same weights again are a no-op."""
-        from lorafleet.registry import imports  # noqa: PLC0415
-
         ref = imports.lora_ref(lora_name)
         try:
             live = self.registry.get_adapter(ref).aliases.get("live")
@@ -150,8 +147,6 @@ class Service:
 
     def unload_lora(self, lora_name: str, *, actor: str):
         """vLLM's ``unload_lora_adapter``: remove the ``live`` alias (audited); the revisions stay."""
-        from lorafleet.registry import imports  # noqa: PLC0415
-
         ref = imports.lora_ref(lora_name)
         try:
             info = self.registry.get_adapter(ref)

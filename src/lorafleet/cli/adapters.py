@@ -17,7 +17,10 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from lorafleet.cli.common import actor_name, handle_errors, settings
+from lorafleet.cli.common import actor_name, console, err_console, handle_errors, settings
+from lorafleet.config import quiet_libraries
+from lorafleet.registry import imports
+from lorafleet.registry.exports import FORMATS, check_target, export_revision
 from lorafleet.registry.records import AdapterInfo, AuditEntry, RevisionInfo
 from lorafleet.registry.registry import Registry
 
@@ -319,8 +322,6 @@ def _load_base(base: str | None):
     import os  # noqa: PLC0415
 
     from lorafleet.base import load_base  # noqa: PLC0415 - torch import is slow; only when needed
-    from lorafleet.cli.common import console, quiet_libraries  # noqa: PLC0415
-
     quiet_libraries()
     with console.status("loading the base model…"):
         return load_base(base or os.environ.get("LORAFLEET_BASE"))
@@ -343,9 +344,6 @@ def import_(
 ) -> None:
     """Import PEFT adapter folders (as peft's save_pretrained writes them) as revisions, validated like an upload."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn  # noqa: PLC0415
-
-    from lorafleet.cli.common import console, err_console  # noqa: PLC0415
-    from lorafleet.registry import imports  # noqa: PLC0415
 
     if alias not in ("candidate", "live"):
         raise typer.BadParameter(f"must be 'candidate' or 'live', got {alias!r}", param_hint="--alias")
@@ -392,9 +390,6 @@ def export_(
     as_json: JsonOpt = False,
 ) -> None:
     """Export a revision as a PEFT folder or a llama.cpp GGUF LoRA file; never overwrites without --force."""
-    from lorafleet.cli.common import console  # noqa: PLC0415
-    from lorafleet.registry.exports import FORMATS, check_target, export_revision  # noqa: PLC0415
-
     if fmt not in FORMATS:
         raise typer.BadParameter(f"must be one of {', '.join(FORMATS)}, got {fmt!r}", param_hint="--format")
     check_target(directory, force=force)  # before the (slow) base load

@@ -51,7 +51,7 @@ def use_base_dtype(value: str | None) -> None:
     process loads — and for the processes it starts — through ``$LORAFLEET_BASE_DTYPE``."""
     if value is None:
         return
-    from lorafleet.base.precision import ENV_VAR, resolve_precision  # noqa: PLC0415
+    from lorafleet.base.precision import ENV_VAR, resolve_precision  # noqa: PLC0415 - defers torch
 
     os.environ[ENV_VAR] = resolve_precision(value)
 

@@ -96,7 +96,11 @@ def forget(user: str, *, yes: bool, server: str | None) -> None:
             raise InvalidArgumentError(f"the server refused: {r.status_code} {r.text[:300]}")
         report = r.json()
     else:
-        report = _store().forget_user(tenant, name, actor=f"cli:{os.environ.get('USER', 'unknown')}")
+        from lorafleet.api.forget import forget_user  # noqa: PLC0415 - defers fastapi (the api package)
+
+        store = _store()
+        report = forget_user(store.registry, tenant, name, actor=f"cli:{os.environ.get('USER', 'unknown')}",
+                             memory=store)
     console.print(f"forgot {tenant}/{name}: {report['adapters']} adapter(s), {report['revisions']} revision(s), "
                   f"{report['interactions']} interaction(s), {report['feedback']} feedback row(s), "
                   f"{report['blobs_deleted']} blob(s) deleted ({report['blobs_shared_kept']} shared kept); audit "

@@ -11,6 +11,7 @@ from lorafleet.cluster.config import ClusterConfigError
 from lorafleet.cluster.launch import check_fits, config_from_env, connect, deploy, require_ray
 from lorafleet.config import quiet_libraries
 from lorafleet.registry import Registry
+from lorafleet.registry.imports import parse_lora_module
 from lorafleet.serving.params import EngineConfig
 
 keys_app = typer.Typer(help="API keys of the HTTP service (stored hashed).", no_args_is_help=True)
@@ -148,8 +149,6 @@ def register(app: typer.Typer) -> None:
         config = EngineConfig(max_batch=max_batch, max_active=max_active, max_cached=max_cached, max_rank=max_rank)
         if cluster not in ("local", "ray"):
             raise typer.BadParameter(f"must be 'local' or 'ray', got {cluster!r}", param_hint="--cluster")
-        from lorafleet.registry.imports import parse_lora_module  # noqa: PLC0415
-
         modules = [parse_lora_module(m) for m in lora_modules or []]  # malformed values fail before the base loads
         if cluster == "ray":
             if modules:

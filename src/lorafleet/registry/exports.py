@@ -26,8 +26,8 @@ def check_target(directory: str | Path, *, force: bool = False) -> Path:
 def export_revision(registry, base, address: str, directory: str | Path, *, fmt: str = "peft",
                     force: bool = False) -> dict:
     """Write ``address`` (``t/u/a``, ``@alias`` or ``#N``) into ``directory``; returns what was written."""
-    from lorafleet.adapters import from_bytes, save_peft  # noqa: PLC0415
-    from lorafleet.adapters.gguf_io import GGUF_FILE, save_gguf_lora  # noqa: PLC0415
+    from lorafleet.adapters import from_bytes, save_peft  # noqa: PLC0415 - defers torch
+    from lorafleet.adapters.gguf_io import GGUF_FILE, save_gguf_lora  # noqa: PLC0415 - defers torch
 
     if fmt not in FORMATS:
         raise InvalidArgumentError(f"unknown export format {fmt!r}; choose one of {', '.join(FORMATS)}")

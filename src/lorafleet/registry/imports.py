@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 
 from lorafleet.digest import digest_of
 
+from .blobstore import fsspec_options
 from .errors import InvalidNameError, RegistryError
 from .names import CANDIDATE, check_alias, check_segment, parse_ref
 from .records import Provenance
@@ -65,15 +66,13 @@ def derive_name(text: str) -> str:
 
 
 def _adapter_error():
-    from lorafleet.adapters.errors import AdapterError  # noqa: PLC0415 - torch only when importing
+    from lorafleet.adapters.errors import AdapterError  # noqa: PLC0415 - defers torch
 
     return AdapterError
 
 
 def _open(path: str):
     import fsspec  # noqa: PLC0415
-
-    from .blobstore import fsspec_options  # noqa: PLC0415
 
     try:
         fs, root = fsspec.core.url_to_fs(str(path), **fsspec_options(str(path)))
@@ -85,7 +84,7 @@ def _open(path: str):
 def find_adapters(paths: Sequence[str], *, recursive: bool = False) -> list[Found]:
     """Every PEFT folder under ``paths``: a path that is one, else its sub-folders that are (any depth with
     ``recursive``). A path with none is an error naming it."""
-    from lorafleet.adapters.peft_io import CONFIG_FILE  # noqa: PLC0415
+    from lorafleet.adapters.peft_io import CONFIG_FILE  # noqa: PLC0415 - defers torch
 
     AdapterError = _adapter_error()  # noqa: N806
     out: list[Found] = []
@@ -142,7 +141,7 @@ def plan_refs(found: Sequence[Found], as_ref: str | None = None) -> list[str]:
 
 def read_adapter(found: Found, base, *, max_bytes: int | None = None):
     """Validate one PEFT folder on any file system, exactly like an upload; ``meta["ignored"]`` lists the rest."""
-    from lorafleet.adapters import peft_io  # noqa: PLC0415
+    from lorafleet.adapters import peft_io  # noqa: PLC0415 - defers torch
 
     fs, limit = found.fs, max_bytes or peft_io.MAX_ADAPTER_BYTES
     names = [posixpath.basename(p.rstrip("/")) for p in fs.ls(found.path, detail=False)]
@@ -161,7 +160,7 @@ def commit_adapter(registry, base, ref: str, adapter, *, source: str, alias: str
                    creator: str = "cli", method: str = "import") -> tuple[str, object]:
     """Commit a validated adapter as the next revision of ``ref`` (created if new) unless the latest revision
     already holds the same bytes; point ``alias`` at it. Returns ``(status, revision)``."""
-    from lorafleet.adapters import to_bytes  # noqa: PLC0415
+    from lorafleet.adapters import to_bytes  # noqa: PLC0415 - defers torch
 
     check_alias(alias)
     blob = to_bytes(adapter)

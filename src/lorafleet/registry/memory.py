@@ -11,7 +11,7 @@
 Capture is opt-in per adapter (``capture`` in the adapter's memory settings, off by default). Both tables are
 size-bounded per user: past ``max_interactions`` / ``max_feedback`` rows the oldest are deleted on insert.
 
-Forgetting: :mod:`lorafleet.forget` lists every place a user's data lives; this store's part
+Forgetting: :mod:`lorafleet.api.forget` lists every place a user's data lives; this store's part
 (:meth:`MemoryStore.forget_rows`) deletes, in one write transaction that holds the same lock as
 commits and gc, every row of the user (interactions, feedback, settings, adapters, revisions, aliases, audit
 rows, training jobs; another user's adapter stacked on one of theirs loses that parent) and every blob only they
@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from datetime import datetime
 
@@ -36,7 +35,7 @@ from .errors import InvalidArgumentError, NotFoundError
 from .names import check_segment, parse_ref
 from .records import utcnow
 from .retention import _referenced
-from .schema import adapters, audit, feedback, interactions, jobs, revisions, schedules
+from .schema import adapters, audit, feedback, interactions, jobs, metadata, revisions, schedules
 
 log = logging.getLogger(__name__)
 
@@ -306,14 +305,6 @@ class MemoryStore:
 
     # ---------------------------------------------------------------- forget
 
-    def forget_user(self, tenant: str, user: str, *, actor: str = "cli",
-                    purge: Callable[[str], object] | None = None) -> dict:
-        """Forget ``tenant/user`` everywhere :mod:`lorafleet.forget` lists (this store's rows and blobs, Tinker
-        checkpoint files, and ``purge(digest)`` for a serving engine's residency). Returns what was deleted."""
-        from lorafleet.forget import forget_user  # noqa: PLC0415 - the inventory spans rooms; it imports us
-
-        return forget_user(self.registry, tenant, user, actor=actor, memory=self, purge=purge)
-
     def forget_rows(self, tenant: str, user: str, *, actor: str = "cli",
                     extra_digests=()) -> tuple[dict, list[str]]:
         """The registry's part of forgetting (see the module docstring), in one write transaction: every row of
@@ -374,8 +365,6 @@ class MemoryStore:
 def adapter_owned_tables() -> list[sa.Table]:
     """Every table whose rows belong to one adapter (an ``adapter_id`` column), children before ``adapters``:
     forgetting deletes their rows of the user's adapters. A new such table is found here without a code change."""
-    from .schema import metadata  # noqa: PLC0415
-
     return [t for t in reversed(metadata.sorted_tables) if t is not adapters and "adapter_id" in t.c
             and t is not audit] + [audit]
 
@@ -383,6 +372,4 @@ def adapter_owned_tables() -> list[sa.Table]:
 def user_owned_tables() -> list[sa.Table]:
     """Every table other than ``adapters`` keyed by ``(tenant, username)`` (interactions, feedback, schedules, and
     any later one): forgetting deletes the user's rows of each."""
-    from .schema import metadata  # noqa: PLC0415
-
     return [t for t in metadata.sorted_tables if t is not adapters and {"tenant", "username"} <= set(t.c.keys())]

@@ -44,7 +44,7 @@ from .errors import (
 )
 from .names import CANDIDATE, LIVE, Address, check_alias, check_digest, check_segment, parse_address, parse_ref
 from .records import AdapterInfo, AuditEntry, GcReport, Provenance, RevisionInfo, utcnow
-from .retention import DEFAULT_GRACE_S, run_gc
+from .retention import DEFAULT_GRACE_S, discard_unreferenced, run_gc
 from .schema import adapters, aliases, audit, commit_keys, revisions
 
 logger = logging.getLogger(__name__)
@@ -732,8 +732,6 @@ class Registry:
 
     def discard_blobs(self, digests) -> list[str]:
         """Delete those of ``digests`` nothing references, now (see ``retention.discard_unreferenced``)."""
-        from .retention import discard_unreferenced  # noqa: PLC0415
-
         return discard_unreferenced(self, digests)
 
     def gc(self, *, keep_last: int = 10, dry_run: bool = False, grace_s: float = DEFAULT_GRACE_S) -> GcReport:
@@ -764,8 +762,8 @@ def same_or_conflict(key: tuple[str, str], done: tuple[str, RevisionInfo], ref: 
 
 def check_adapter_blob(blob: bytes) -> None:
     """Refuse bytes that are not a canonical adapter blob (they would fail every load later)."""
-    from lorafleet.adapters.errors import AdapterError  # noqa: PLC0415 - torch only when committing
-    from lorafleet.adapters.peft_io import decode_blob  # noqa: PLC0415
+    from lorafleet.adapters.errors import AdapterError  # noqa: PLC0415 - defers torch
+    from lorafleet.adapters.peft_io import decode_blob  # noqa: PLC0415 - defers torch
 
     try:
         decode_blob(blob)

@@ -652,7 +652,7 @@ class TinkerService:
         return {"training_runs": [r.to_dict() for r in runs[offset: offset + limit]],
                 "cursor": {"offset": offset, "limit": limit, "total_count": len(runs)}}
 
-    # ------------------------------------------------------------------ forgetting a user (lorafleet.forget)
+    # ------------------------------------------------------------------ forgetting a user (lorafleet.api.forget)
 
     def forget_user(self, tenant: str, user: str) -> tuple[dict, set[str]]:
         """Drop this process's state of ``tenant/user``'s adapters: their training runs (marked forgotten, so a

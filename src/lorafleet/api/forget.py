@@ -31,6 +31,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from lorafleet.registry.memory import MemoryStore
+from lorafleet.registry.names import check_segment
+
 log = logging.getLogger(__name__)
 
 
@@ -66,7 +69,7 @@ def _tinker_sessions(ctx: Forgetting) -> dict:
 
 
 def _tinker_checkpoints(ctx: Forgetting) -> dict:
-    from lorafleet.api.tinker.core import default_home, forget_checkpoint_files  # noqa: PLC0415
+    from lorafleet.api.tinker.core import default_home, forget_checkpoint_files  # noqa: PLC0415 - defers torch
 
     home = ctx.tinker_home or (ctx.tinker.home if ctx.tinker is not None else default_home())
     return {"tinker_checkpoint_files": forget_checkpoint_files(home, ctx.tenant, ctx.user)}
@@ -102,9 +105,6 @@ def forget_user(registry, tenant: str, user: str, *, actor: str = "cli", memory=
                 tinker_home: Path | None = None, purge: Callable[[str], object] | None = None) -> dict:
     """Forget ``tenant/user`` in every place of :data:`PLACES`; returns the merged counts (and ``places``: which
     ran). Bad names are refused before anything changes."""
-    from lorafleet.registry.memory import MemoryStore  # noqa: PLC0415
-    from lorafleet.registry.names import check_segment  # noqa: PLC0415
-
     check_segment(tenant, "tenant")
     check_segment(user, "user")
     ctx = Forgetting(tenant, user, actor, registry, memory or MemoryStore(registry), tinker=tinker,
