@@ -188,7 +188,7 @@ def child_llama(quick: bool, threads: int) -> dict:
                 else:
                     ps, done = prompts(64, PROMPT_LEN, 3), []
 
-                    def one(p):
+                    def one(p, done=done, port=port):
                         done.append(_post(port, {"prompt": p, "n_predict": NEW, "ignore_eos": True,
                                                  "temperature": 0, "cache_prompt": False})["tokens_predicted"])
 
@@ -209,7 +209,6 @@ def child_llama(quick: bool, threads: int) -> dict:
 
 def child_profile(precision: str) -> dict:
     """Where a batch-1 decode step's time goes: torch profiler over 32 engine decode steps (self CPU time by op)."""
-    import torch  # noqa: PLC0415
     from torch.profiler import ProfilerActivity, profile  # noqa: PLC0415
 
     from lorafleet.base import load_base  # noqa: PLC0415
