@@ -188,7 +188,7 @@ def child_llama(quick: bool, threads: int) -> dict:
                 else:
                     ps, done = prompts(64, PROMPT_LEN, 3), []
 
-                    def one(p):
+                    def one(p, done=done, port=port):
                         done.append(_post(port, {"prompt": p, "n_predict": NEW, "ignore_eos": True,
                                                  "temperature": 0, "cache_prompt": False})["tokens_predicted"])
 

@@ -269,7 +269,8 @@ def test_real_base_native_q4_1_agrees_with_fp32_greedy():
                "Explain photosynthesis in one sentence."]
     agree = total = 0
     for text in prompts:
-        ids = tok.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True)
+        chat = tok.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True, tokenize=False)
+        ids = tok(chat, add_special_tokens=False).input_ids
         with torch.no_grad():
             cont = ref.model.generate(torch.tensor([ids]), max_new_tokens=16, do_sample=False)[0]
             a = ref.model(cont[None]).logits[0, len(ids) - 1 : -1].argmax(-1)
