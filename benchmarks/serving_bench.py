@@ -232,8 +232,9 @@ def section_throughput(base, plain_peft, hf_plain, size, targets, report: Report
     engine = Engine(base, blobs, EngineConfig(max_batch=BATCH, max_active=BATCH, max_cached=max(256, kmax),
                                               max_rank=RANK))
     wait_ready(engine, digests)
-    warm = prompts_for(BATCH, size["prompt"], 99, vocab)
+    warm = prompts_for(BATCH, size["prompt"], 99, vocab)  # the same warm-up for every system: one batch, 2 tokens
     engine.generate(warm, [digests[i % kmax] for i in range(BATCH)], SamplingParams(max_tokens=2, ignore_eos=True))
+    hf_generate(hf_plain, warm, 2)
 
     workloads = {}
     for k in size["ks"]:
@@ -287,22 +288,31 @@ def section_throughput(base, plain_peft, hf_plain, size, targets, report: Report
             peft_model = peft_with_adapters(plain_peft, adapters[:need])
             load_s = time.perf_counter() - t0
         peft_model.eval()
+        hf_generate(peft_model, warm, 2, adapter_names=[f"a{i % need}" for i in range(BATCH)])  # the engine's warm-up
+        peft_runs: dict[int, dict] = {}
         with Progress(console=console, transient=True) as progress:
-            task = progress.add_task("b) peft mixed-adapter generate", total=len(size["peft_ks"]))
-            for k in size["peft_ks"]:
-                n, prompts = workloads[k]
-                names = [f"a{i % k}" for i in range(n)]
-                p = hf_generate(peft_model, prompts, size["new"], adapter_names=names)
-                same = sum(a == b.token_ids for a, b in zip(p["outputs"], engine_runs[k]["results"], strict=True))
-                peft_rows.append([k, n, fmt(engine_runs[k]["tok_s"]), fmt(p["tok_s"]),
-                                  fmt(engine_runs[k]["tok_s"] / p["tok_s"], 2), f"{same}/{n}"])
-                progress.advance(task)
+            task = progress.add_task("b) peft mixed-adapter generate", total=len(size["peft_ks"]) * size["reps"])
+            for _ in range(size["reps"]):  # the engine's repetitions, best shown for both
+                for k in size["peft_ks"]:
+                    n, prompts = workloads[k]
+                    names = [f"a{i % k}" for i in range(n)]
+                    p = hf_generate(peft_model, prompts, size["new"], adapter_names=names)
+                    if k not in peft_runs or p["tok_s"] > peft_runs[k]["tok_s"]:
+                        peft_runs[k] = p
+                    progress.advance(task)
+        for k in size["peft_ks"]:
+            n, p = workloads[k][0], peft_runs[k]
+            same = sum(a == b.token_ids for a, b in zip(p["outputs"], engine_runs[k]["results"], strict=True))
+            peft_rows.append([k, n, fmt(engine_runs[k]["tok_s"]), fmt(p["tok_s"]),
+                              fmt(engine_runs[k]["tok_s"] / p["tok_s"], 2), f"{same}/{n}"])
         report.add(
             "b) Engine vs peft mixed-adapter generate (same K, batch 32, prompts, tokens)",
             ["K", "requests", "engine tok/s", "peft tok/s", "engine / peft (target ≥ 3)", "identical outputs"],
             peft_rows,
             f"peft {_peft_version()}: a PeftModel holding the adapters (set up in {load_s:.0f} s, not counted), "
-            "generate(adapter_names=...) in static batches of 32. Both end to end, prefill included.",
+            "generate(adapter_names=...) in static batches of 32. Both end to end, prefill included. Both got the "
+            f"same warm-up (one batch of {BATCH}, 2 new tokens) and the same repetitions ({size['reps']}), best shown; the "
+            "engine's runs are those of a), made before peft's.",
         )
         del peft_model
         gc.collect()
@@ -336,7 +346,7 @@ def section_throughput(base, plain_peft, hf_plain, size, targets, report: Report
         ],
         "transformers: model.generate on an unwrapped copy of the base, static batches of 32. In the mixed "
         "workload a static batch runs until its longest request is done; only requested tokens are counted for both. "
-        f"Interleaved, best of {size['reps']}.",
+        f"Both warmed up the same way (one batch of {BATCH}, 2 new tokens); interleaved, best of {size['reps']}.",
     )
     engine.close()
 
