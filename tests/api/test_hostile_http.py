@@ -4,14 +4,13 @@ before the engine sees them, and /health keeps answering meanwhile."""
 
 from __future__ import annotations
 
-import threading
 import time
 
 import httpx
 import numpy as np
 import pytest
 
-from lorafleet.testing.hostile import chat_body, rss_bytes, send_chunked
+from lorafleet.testing.hostile import chat_body, health_pings, rss_bytes, send_chunked
 
 MB = 1024 * 1024
 
@@ -45,27 +44,10 @@ def test_declared_length_over_the_limit_is_refused_unread(server):
 
 def test_health_answers_and_rss_stays_flat_during_a_48mb_chunked_body(server):
     before = rss_bytes()
-    latencies: list[float] = []
-    stop = threading.Event()
-
-    def ping() -> None:
-        with httpx.Client(base_url=server.url, timeout=10) as c:
-            while not stop.is_set():
-                t = time.perf_counter()
-                assert c.get("/health").status_code == 200
-                latencies.append(time.perf_counter() - t)
-                time.sleep(0.005)
-
-    pinger = threading.Thread(target=ping, daemon=True)
-    pinger.start()
-    time.sleep(0.1)
-    results = [send_chunked(server.port, "/v1/chat/completions", chat_body(48 * MB, "acme/alice/style"),
-                            headers=_auth(server, "acme")) for _ in range(3)]
-    deadline = time.monotonic() + 10  # a loaded machine may schedule the pinger late: wait for a few pings
-    while len(latencies) < 5 and time.monotonic() < deadline:
-        time.sleep(0.05)
-    stop.set()
-    pinger.join(10)
+    with health_pings(server.url) as latencies:
+        time.sleep(0.1)
+        results = [send_chunked(server.port, "/v1/chat/completions", chat_body(48 * MB, "acme/alice/style"),
+                                headers=_auth(server, "acme")) for _ in range(3)]
     grown = rss_bytes() - before
     assert [r.status for r in results] == [413] * 3
     assert len(latencies) >= 5

@@ -148,25 +148,11 @@ def test_asample_prompt_token_limit(server, ctx, monkeypatch):
 
 def test_a_million_token_prompt_is_refused_while_health_answers(server, ctx):
     """3 MB of token ids (within the body limit): parsed and validated off the event loop, refused by length."""
-    import threading
-    import time
+    from lorafleet.testing.hostile import health_pings
 
     body = good("asample", ctx, server)
     body["prompt"]["chunks"][0]["tokens"] = [1] * 1_000_000
-    latencies, done = [], threading.Event()
-
-    def ping():
-        with httpx.Client(base_url=server.url, timeout=10) as c:
-            while not done.is_set():
-                t = time.perf_counter()
-                assert c.get("/health").status_code == 200
-                latencies.append(time.perf_counter() - t)
-                time.sleep(0.01)
-
-    pinger = threading.Thread(target=ping, daemon=True)
-    pinger.start()
-    r = ctx["client"].post("/asample", json=body)
-    done.set()
-    pinger.join(10)
+    with health_pings(server.url, interval=0.01, min_pings=1) as latencies:
+        r = ctx["client"].post("/asample", json=body)
     assert r.status_code == 400 and "prompt: 1000000 tokens exceed the base's context" in r.json()["error"]["message"]
     assert latencies and max(latencies) < 1.0, max(latencies)

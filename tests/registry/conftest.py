@@ -55,3 +55,15 @@ def s3_env(s3_server, monkeypatch):
         if key in os.environ:
             monkeypatch.delenv(key)
     return s3_server
+
+
+@pytest.fixture
+def cli_home(tmp_path, monkeypatch):
+    """An embedded registry under tmp_path for CLI tests: no DB/blob URLs from the environment, the tiny base,
+    wide tables (rich sizes them to the terminal)."""
+    monkeypatch.setenv("LORAFLEET_HOME", str(tmp_path / "home"))
+    monkeypatch.delenv("LORAFLEET_DB_URL", raising=False)
+    monkeypatch.delenv("LORAFLEET_BLOB_URL", raising=False)
+    monkeypatch.setenv("LORAFLEET_BASE", "tiny")
+    monkeypatch.setenv("COLUMNS", "240")
+    return tmp_path

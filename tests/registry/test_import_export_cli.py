@@ -20,13 +20,8 @@ runner = CliRunner()
 
 
 @pytest.fixture
-def env(tmp_path, monkeypatch):
-    monkeypatch.setenv("LORAFLEET_HOME", str(tmp_path / "home"))
-    monkeypatch.delenv("LORAFLEET_DB_URL", raising=False)
-    monkeypatch.delenv("LORAFLEET_BLOB_URL", raising=False)
-    monkeypatch.setenv("LORAFLEET_BASE", "tiny")
-    monkeypatch.setenv("COLUMNS", "240")
-    return tmp_path
+def env(cli_home):
+    return cli_home
 
 
 def _folders(tmp_path, names, bad=()):

@@ -15,16 +15,12 @@ runner = CliRunner()
 
 
 @pytest.fixture
-def env(tmp_path, monkeypatch):
-    monkeypatch.setenv("LORAFLEET_HOME", str(tmp_path / "home"))
-    monkeypatch.delenv("LORAFLEET_DB_URL", raising=False)
-    monkeypatch.delenv("LORAFLEET_BLOB_URL", raising=False)
-    monkeypatch.setenv("COLUMNS", "240")  # rich sizes tables to the terminal
+def env(cli_home):
     with Registry.open_default() as reg:
         for i in range(3):
             reg.commit(REF, blob(f"w{i}".encode()), prov(method="sft"))
         reg.set_alias(REF, "live", 2, actor="gate", reason="passed")
-    return tmp_path
+    return cli_home
 
 
 def invoke(*args: str):

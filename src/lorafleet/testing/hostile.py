@@ -8,7 +8,10 @@ import os
 import socket
 import threading
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
+
+import httpx
 
 
 @dataclass
@@ -97,3 +100,31 @@ def rss_bytes() -> int:
     """This process's resident set size (the loopback server runs in it)."""
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+@contextmanager
+def health_pings(url: str, *, interval: float = 0.005, min_pings: int = 5, wait: float = 10.0):
+    """Ping ``url``/health from a thread while the body runs; yields the list of latencies (seconds). On exit it
+    waits (up to ``wait`` s) for ``min_pings`` answers: a loaded machine may schedule the pinger late. A ping
+    that is not a 200 fails the pinger (the list then stops growing, so the caller's checks fail)."""
+    latencies: list[float] = []
+    stop = threading.Event()
+
+    def ping() -> None:
+        with httpx.Client(base_url=url, timeout=10) as c:
+            while not stop.is_set():
+                t = time.perf_counter()
+                assert c.get("/health").status_code == 200
+                latencies.append(time.perf_counter() - t)
+                time.sleep(interval)
+
+    pinger = threading.Thread(target=ping, daemon=True)
+    pinger.start()
+    try:
+        yield latencies
+        deadline = time.monotonic() + wait
+        while len(latencies) < min_pings and pinger.is_alive() and time.monotonic() < deadline:
+            time.sleep(0.05)
+    finally:
+        stop.set()
+        pinger.join(10)
