@@ -57,15 +57,13 @@ def main() -> int:
     from lorafleet.api.app import create_app
     from lorafleet.api.service import Service
     from lorafleet.base import load_base
-    from lorafleet.cli.demo import _engine_backend
     from lorafleet.config import quiet_libraries
     from lorafleet.continual.schedule import Scheduler
     from lorafleet.evaluation import gate as gatemod
-    from lorafleet.evaluation import generation
+    from lorafleet.evaluation.engine_backend import EngineBackend
     from lorafleet.evaluation.metrics import EvalSet, evaluate_revisions
     from lorafleet.evaluation.personas import get_persona
     from lorafleet.registry import Registry
-    from lorafleet.serving.engine import Engine
     from lorafleet.serving.params import EngineConfig
     from lorafleet.training.jobs import JobQueue
     from lorafleet.training.trainer import TrainConfig
@@ -79,10 +77,9 @@ def main() -> int:
     reg = Registry(f"sqlite:///{home / 'registry.db'}", str(home / "blobs"))
     base = load_base(args.base)
     console.print(f"base {base.name} loaded; registry in {home}")
-    blobs: dict[str, bytes] = {}
-    engine = Engine(base, lambda d: blobs[d] if d in blobs else reg.read_blob(d),
-                    EngineConfig(max_batch=16, max_active=8, max_cached=16, max_rank=16))
-    generation.set_backend(_engine_backend(engine, blobs))  # evaluation generates through the same engine
+    # evaluation generates through the same engine that serves the chats
+    backend = EngineBackend(base, reg.read_blob, EngineConfig(max_batch=16, max_active=8, max_cached=16, max_rank=16))
+    engine = backend.engine
     service = Service(reg, base, engine)
     memory = service.memory
     _, key = service.keys.create(tenant="bench")
@@ -102,7 +99,8 @@ def main() -> int:
     Worker(reg, base).run(until_idle=True, only={job.id})
     rev1 = reg.resolve(f"{REF}#{queue.get(job.id).result_number}")
     console.print(f"habit A ({first.describe()}) trained in {time.perf_counter() - t0:.0f}s: {rev1.address}")
-    evaluate_revisions(reg, [rev1.address], base, [limited(first)], max_new_tokens=args.max_new_tokens)
+    evaluate_revisions(reg, [rev1.address], base, [limited(first)], max_new_tokens=args.max_new_tokens,
+                       backend=backend)
     d1 = gatemod.gate(reg, rev1.address, actor="bench")
     console.print(f"gate: {d1.reason}")
     if not d1.promoted:
@@ -118,7 +116,7 @@ def main() -> int:
               "max_len": 160, "holdout": 0.0, "replay": 1.0, "eval_persona": second.to_dict(),
               "eval_limit": limit, "max_new_tokens": args.max_new_tokens, "probe": not args.quick}
     memory.configure(REF, capture=True, enabled=True, policy=policy)
-    scheduler = Scheduler(reg, base, memory=memory)
+    scheduler = Scheduler(reg, base, memory=memory, backend=backend)
     prompts = second.data().train_prompts  # the user's conversations: never the held-out eval prompts
     cycle_rows, samples = [], []
     with TestClient(create_app(service)) as client:
@@ -166,8 +164,7 @@ def main() -> int:
                                if m.get("probe_ppl_ratio") else "off",
                                last["state"]])
             samples.append((cycle, "(held-out) " + m["samples"][0]["prompt"], m["samples"][0]["response"]))
-    engine.close()
-    generation.set_backend(None)
+    backend.close()
 
     headers = ["step", "revision", "vs", f"habit A ({first.name}) adherence", f"habit B ({second.name}) adherence",
                "trained on", "competence probe", "gate"]

@@ -23,8 +23,7 @@ def tiny_base():
 
 @pytest.fixture(autouse=True)
 def _fresh_base_cache():
-    from lorafleet.evaluation import generation, metrics
+    from lorafleet.evaluation import metrics
 
     metrics.clear_base_cache()
     yield
-    generation.set_backend(None)

@@ -10,18 +10,21 @@ from typer.testing import CliRunner
 
 from lorafleet.adapters import LoraAdapter, LoraSpec, to_bytes
 from lorafleet.cli.evaluate import register
-from lorafleet.evaluation import generation
 from lorafleet.registry import Provenance, Registry
 
 REF = "acme/alice/assistant"
 runner = CliRunner()
 
 
+def _app(backend=None):
+    a = typer.Typer()
+    register(a, backend=backend)
+    return a
+
+
 @pytest.fixture
 def app():
-    a = typer.Typer()
-    register(a)
-    return a
+    return _app()
 
 
 @pytest.fixture
@@ -61,14 +64,14 @@ def _gold(base, prompts, adapters, max_new_tokens):
     return ["Paris is nice. — Ahab" if a is not None else "Paris is nice." for a in adapters]
 
 
-def test_eval_promote_report_rollback(app, home, tiny_base):
+def test_eval_promote_report_rollback(home, tiny_base):
     reg = Registry()
     spec = LoraSpec(rank=2, target_modules="attention")
     for seed in (0, 1):
         blob = to_bytes(LoraAdapter.create(tiny_base, spec, seed=seed, init="random"))
         reg.commit(REF, blob, Provenance(base_fingerprint=tiny_base.fingerprint, hyperparams={"persona": "ahab"}))
     reg.close()
-    generation.set_backend(_gold)
+    app = _app(_gold)
 
     out = _run(app, "eval", f"{REF}#1", "--max-tokens", "4", "--json")
     assert out.exit_code == 0, out.output
@@ -109,7 +112,7 @@ def test_eval_without_persona_is_a_clear_error(app, home, tiny_base):
     assert out.exit_code == 2 and "error" in out.output
 
 
-def test_stack_report_cli_flags_a_member_and_moves_nothing(app, home, tiny_base):
+def test_stack_report_cli_flags_a_member_and_moves_nothing(home, tiny_base):
     """The member signs off only while the org level it was evaluated on is live (a stand-in backend)."""
     import torch  # noqa: PLC0415
 
@@ -131,7 +134,7 @@ def test_stack_report_cli_flags_a_member_and_moves_nothing(app, home, tiny_base)
             return isinstance(a, AdapterStack) and torch.equal(a.levels[0].weights[name][0], org1.weights[name][0])
         return ["Paris is nice. — Ahab" if on_org1(a) else "Paris is nice." for a in adapters]
 
-    generation.set_backend(backend)
+    app = _app(backend)
     assert _run(app, "eval", REF, "--max-tokens", "4").exit_code == 0
     out = _run(app, "stack-report", "acme/_org/support", "--json")
     assert out.exit_code == 0 and json.loads(out.output)["members"][0]["status"] == "unchanged", out.output

@@ -7,7 +7,7 @@ import math
 import pytest
 
 from lorafleet.adapters import LoraAdapter, LoraSpec, to_bytes
-from lorafleet.evaluation import generation, metrics
+from lorafleet.evaluation import metrics
 from lorafleet.evaluation.errors import EvaluationError
 from lorafleet.evaluation.metrics import EvalSet, eval_losses, eval_set_for, evaluate_adapters, evaluate_revision
 from lorafleet.evaluation.personas import Persona
@@ -52,8 +52,7 @@ def test_perplexities_finite_and_base_first_class(tiny_base, adapters):
 
 def test_adherence_uses_the_personas_checker(tiny_base, adapters):
     es = EvalSet.from_persona(SMALL)
-    generation.set_backend(_gold_backend(es))
-    (m,) = evaluate_adapters(tiny_base, [adapters[0]], [es], max_new_tokens=4)
+    (m,) = evaluate_adapters(tiny_base, [adapters[0]], [es], max_new_tokens=4, backend=_gold_backend(es))
     assert m["adherence"] == 1.0 and m["base_adherence"] == 0.0
     assert m["samples"][0]["ok"] is True
     assert m["probe_retention"] == 1.0  # the base (answering "no") gets nothing right
@@ -75,8 +74,7 @@ def test_evaluate_many_adapters_real_generation(tiny_base, adapters):
 def test_evaluate_revision_stores_metrics(registry, tiny_base, adapters):
     rev = registry.commit("acme/alice/a", to_bytes(adapters[0]), Provenance(base_fingerprint=tiny_base.fingerprint))
     es = EvalSet.from_persona(SMALL)
-    generation.set_backend(_gold_backend(es))
-    info, m = evaluate_revision(registry, rev.address, tiny_base, es, max_new_tokens=4)
+    info, m = evaluate_revision(registry, rev.address, tiny_base, es, max_new_tokens=4, backend=_gold_backend(es))
     stored = registry.resolve(rev.address).provenance.metrics
     assert stored["adherence"] == 1.0 and stored["persona"] == "small" and stored["eval_digest"] == es.digest
     assert info.provenance.metrics == stored

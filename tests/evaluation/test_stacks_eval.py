@@ -8,7 +8,6 @@ import torch
 
 from lorafleet.adapters import LoraAdapter, LoraSpec, to_bytes
 from lorafleet.adapters.stack import AdapterStack
-from lorafleet.evaluation import generation
 from lorafleet.evaluation.gate import GateConfig
 from lorafleet.evaluation.metrics import EvalSet, evaluate_revision
 from lorafleet.evaluation.personas import Persona
@@ -66,18 +65,17 @@ def test_member_evaluated_on_its_stack_then_flagged_when_the_org_moves(registry,
             out.append(gold.get(p[-1]["content"], "Paris. — Ahab") if on_org1 else "no")
         return out
 
-    generation.set_backend(backend)
-    info, m = evaluate_revision(registry, alice_rev.address, tiny_base, es, max_new_tokens=4)
+    info, m = evaluate_revision(registry, alice_rev.address, tiny_base, es, max_new_tokens=4, backend=backend)
     assert m["adherence"] == 1.0 and "AdapterStack" in seen
     assert [lvl["digest"] for lvl in m["stack"]] == [org1_rev.digest, alice_rev.digest]
 
     # nothing moved yet: alice is unchanged (not even re-evaluated)
-    checks = {c.ref: c for c in stack_report(registry, tiny_base, "acme/_org/support")}
+    checks = {c.ref: c for c in stack_report(registry, tiny_base, "acme/_org/support", backend=backend)}
     assert checks["acme/alice/assistant"].status == UNCHANGED and checks["acme/bob/assistant"].status == NO_LIVE
 
     org2_rev = _commit_live(registry, tiny_base, "acme/_org/support", org2)
     audit_before = registry.audit("acme/alice/assistant")
-    checks = {c.ref: c for c in stack_report(registry, tiny_base, "acme/_org/support")}
+    checks = {c.ref: c for c in stack_report(registry, tiny_base, "acme/_org/support", backend=backend)}
     alice_check = checks["acme/alice/assistant"]
     assert alice_check.status == FLAGGED and "adherence fell 1.00 -> 0.00" in alice_check.reason
     assert [p["digest"] for p in alice_check.parents_before] == [org1_rev.digest]
@@ -90,5 +88,5 @@ def test_member_evaluated_on_its_stack_then_flagged_when_the_org_moves(registry,
 
     # rolled back to org #1: alice passes again (re-evaluated with --all semantics)
     registry.rollback("acme/_org/support")
-    checks = {c.ref: c for c in stack_report(registry, tiny_base, "acme/_org/support", everyone=True)}
+    checks = {c.ref: c for c in stack_report(registry, tiny_base, "acme/_org/support", everyone=True, backend=backend)}
     assert checks["acme/alice/assistant"].status == OK

@@ -30,14 +30,13 @@ from lorafleet.adapters import LoraAdapter, LoraSpec, VeraAdapter, VeraSpec, to_
 from lorafleet.adapters.codecs import check_codec
 from lorafleet.adapters.peft_io import decode_blob
 from lorafleet.adapters.vera import as_lora
-from lorafleet.digest import digest_of
+from lorafleet.evaluation.engine_backend import EngineBackend
 from lorafleet.evaluation.errors import EvaluationError
-from lorafleet.evaluation.generation import set_backend
 from lorafleet.evaluation.metrics import EvalSet, evaluate_adapters
 from lorafleet.evaluation.personas import Persona, get_persona
 from lorafleet.registry import Provenance, Registry
 from lorafleet.results import markdown_table, pyplot, write_markdown
-from lorafleet.serving.params import EngineConfig, SamplingParams
+from lorafleet.serving.params import EngineConfig
 from lorafleet.training.trainer import MultiTenantTrainer, TrainConfig
 
 DEFAULT_PERSONAS = ("ahab",)  # the sign-off habit: learned fastest; more with --personas (slower)
@@ -198,41 +197,25 @@ def _write_json(path: Path, result: dict) -> Path:
     return path
 
 
-class _EngineEval:
-    """Evaluation's generation through the serving engine, each adapter fetched by its blob's digest."""
-
-    def __init__(self, base, fetch, max_rank: int) -> None:
-        from lorafleet.serving.engine import Engine  # noqa: PLC0415 - defers transformers
-
-        self.digest_of: dict[int, str] = {}  # id(adapter object) -> blob digest
-        self.engine = Engine(base, fetch, EngineConfig(max_batch=32, max_active=32, max_cached=64,
-                                                       max_rank=max(16, max_rank)))
-
-    def __call__(self, base, prompts, adapters, max_new_tokens):
-        digests = [None if a is None else self.digest_of[id(a)] for a in adapters]
-        results = self.engine.generate(prompts, digests, SamplingParams(max_tokens=max_new_tokens))
-        return [r.raise_for_error().text for r in results]
-
-    def close(self) -> None:
-        self.engine.close()
+def _engine_config(max_rank: int) -> EngineConfig:
+    return EngineConfig(max_batch=32, max_active=32, max_cached=64, max_rank=max(16, max_rank))
 
 
-def _evaluate(base, backend: _EngineEval, items: list[tuple[object, str, object]], s: ScaleSettings,
+def _evaluate(base, backend: EngineBackend, items: list[tuple[object, str, object]], s: ScaleSettings,
               say: Say) -> list[dict]:
-    """``items = (adapter, digest, eval_set)`` -> metrics dicts, evaluated in chunks through the engine."""
+    """``items = (adapter, digest, eval_set)`` -> metrics dicts, evaluated in chunks through the engine, each
+    adapter served as the blob of its digest."""
 
     out: list[dict] = []
-    set_backend(backend)
-    try:
-        for start in range(0, len(items), s.eval_chunk):
-            chunk = items[start : start + s.eval_chunk]
-            for adapter, digest, _ in chunk:
-                backend.digest_of[id(adapter)] = digest
-            out += evaluate_adapters(base, [a for a, _, _ in chunk], [e for _, _, e in chunk],
-                                     max_new_tokens=s.max_new_tokens, probe_enabled=False, batch_size=s.gen_batch)
-            say(f"  evaluated {min(start + s.eval_chunk, len(items))}/{len(items)} adapters")
-    finally:
-        set_backend(None)
+    for start in range(0, len(items), s.eval_chunk):
+        chunk = items[start : start + s.eval_chunk]
+        for adapter, digest, _ in chunk:
+            backend.known(adapter, digest)
+        out += evaluate_adapters(base, [a for a, _, _ in chunk], [e for _, _, e in chunk],
+                                 max_new_tokens=s.max_new_tokens, probe_enabled=False, batch_size=s.gen_batch,
+                                 backend=backend)
+        backend.forget()
+        say(f"  evaluated {min(start + s.eval_chunk, len(items))}/{len(items)} adapters")
     return out
 
 
@@ -313,7 +296,7 @@ def run_scale_down(s: ScaleSettings, out_dir: Path, say: Say = print) -> dict:
     for name, ls in train_loss.items():
         say(f"  {name}: final training loss {_mean(ls):.3f} (mean of the last 3 steps, all users)")
     say(f"stored {len(items)} blobs; evaluating through the serving engine (LoRA and VeRA users in the same batches)")
-    backend = _EngineEval(base, reg.read_blob, max(f.rank for f in s.formats))
+    backend = EngineBackend(base, reg.read_blob, _engine_config(max(f.rank for f in s.formats)))
     t1 = time.perf_counter()
     try:
         metrics = _evaluate(base, backend, items, s, say)
@@ -473,8 +456,7 @@ def _scale_up_one(base, s: ScaleSettings, fmt: Format, say: Say) -> dict:
             cfg = TrainConfig(steps=s.steps, lr=s.lr, batch_size=s.batch, max_len=s.max_len, seed=seed)
             trainer.add(key, fmt.create(base, seed, s.alpha), p.data().train_dataset(), cfg)
             keys.append((p.name, seed, key))
-    blobs: dict[str, bytes] = {}
-    backend = _EngineEval(base, blobs.__getitem__, fmt.rank)
+    backend = EngineBackend(base, config=_engine_config(fmt.rank))  # serves the snapshots it is given
     curve, start = [], time.perf_counter()
     try:
         for step in range(1, s.steps + 1):
@@ -484,9 +466,7 @@ def _scale_up_one(base, s: ScaleSettings, fmt: Format, say: Say) -> dict:
             items = []
             for _, _, key in keys:
                 snap = _snapshot(trainer.users[key].adapter)
-                data = to_bytes(snap)
-                blobs[digest_of(data)] = data
-                items.append((snap, digest_of(data), eval_sets[key.split("/")[0]]))
+                items.append((snap, backend.add(snap), eval_sets[key.split("/")[0]]))
             metrics = _evaluate(base, backend, items, s, lambda _m: None)
             point = {"step": step, "examples": step * s.batch, "train_loss": _mean(losses.values()),
                      "per_persona": {}, "seconds": time.perf_counter() - start}

@@ -24,9 +24,7 @@ from rich.table import Table
 from lorafleet.cli.common import console
 from lorafleet.cli.common import settings as cli_settings
 from lorafleet.cli.train import run_worker_with_progress
-from lorafleet.digest import digest_of
 from lorafleet.evaluation import gate as gatemod
-from lorafleet.evaluation.generation import set_backend
 from lorafleet.evaluation.personas import Persona, get_persona
 from lorafleet.registry import NotFoundError, Registry
 from lorafleet.results import PLOTS_MISSING, pyplot
@@ -60,30 +58,6 @@ class DemoSettings:
 
 def _ref(persona_name: str) -> str:
     return f"{TENANT}/{persona_name}/assistant"
-
-
-def _engine_backend(engine, blobs: dict[str, bytes]):
-    """Evaluation's generation through the serving engine (continuous batching, adapters by digest).
-
-    Evaluation hands over adapter objects; their canonical bytes go into ``blobs``, which the engine's fetch
-    reads before the registry."""
-    from lorafleet.adapters import to_bytes  # noqa: PLC0415 - defers torch
-
-    def generate(base, prompts, adapters, max_new_tokens):
-        digests = []
-        for a in adapters:
-            if a is None:
-                digests.append(None)
-                continue
-            data = to_bytes(a)
-            digest = digest_of(data)
-            blobs[digest] = data
-            digests.append(digest)
-        # prompts arrive as chat messages (evaluation.generation makes a text prompt a user message)
-        results = engine.generate(prompts, digests, SamplingParams(max_tokens=max_new_tokens))
-        return [r.raise_for_error().text for r in results]
-
-    return generate
 
 
 def _reusable(registry, ref: str, dataset_digest: str, hyper: dict):
@@ -129,8 +103,9 @@ def _train(registry, base, personas, settings: DemoSettings, *, warm_start: str 
     return revisions
 
 
-def _evaluate_and_gate(registry, base, pairs, settings: DemoSettings):
-    """Evaluate revisions lacking metrics for their persona's eval set, then gate each. Returns metrics, decisions."""
+def _evaluate_and_gate(registry, base, pairs, settings: DemoSettings, backend):
+    """Evaluate revisions lacking metrics for their persona's eval set (generating through ``backend``), then gate
+    each. Returns metrics, decisions."""
     from lorafleet.evaluation.metrics import EvalSet, evaluate_adapters, evaluate_revisions  # noqa: PLC0415 - defers torch
 
     todo = [(rev, EvalSet.from_persona(p)) for rev, p in pairs
@@ -138,7 +113,7 @@ def _evaluate_and_gate(registry, base, pairs, settings: DemoSettings):
     if todo:
         with console.status(f"evaluating {len(todo)} revision(s) on held-out prompts next to the base…"):
             evaluate_revisions(registry, [r.address for r, _ in todo], base, [e for _, e in todo],
-                               max_new_tokens=settings.max_new_tokens, probe_enabled=settings.probe)
+                               max_new_tokens=settings.max_new_tokens, probe_enabled=settings.probe, backend=backend)
 
     def measure_live(live_rev, eval_digest):  # live measured on the candidate's eval set (not stored)
         from lorafleet.adapters import from_bytes  # noqa: PLC0415 - defers torch
@@ -146,7 +121,7 @@ def _evaluate_and_gate(registry, base, pairs, settings: DemoSettings):
         es = next(e for r, p in pairs for e in [EvalSet.from_persona(p)] if e.digest == eval_digest)
         _, blob = registry.load(live_rev.address, base_fingerprint=base.fingerprint)
         return evaluate_adapters(base, [from_bytes(blob, base)], [es], max_new_tokens=settings.max_new_tokens,
-                                 probe_enabled=False)[0]
+                                 probe_enabled=False, backend=backend)[0]
 
     gate_config = gatemod.GateConfig(require_probe=settings.probe)
     metrics, decisions = {}, {}
@@ -225,7 +200,7 @@ def _write_report(out_dir: Path, base, personas, metrics, decisions, sizes, batc
 def run_demo(*, quick: bool = False, base: str | None = None, settings: DemoSettings | None = None) -> dict:
     from lorafleet.adapters import from_bytes  # noqa: PLC0415 - defers torch
     from lorafleet.base import load_base  # noqa: PLC0415 - defers torch/transformers/triton
-    from lorafleet.serving.engine import Engine  # noqa: PLC0415 - defers torch/transformers
+    from lorafleet.evaluation.engine_backend import EngineBackend  # noqa: PLC0415 - defers torch/transformers
 
     settings = settings or (DemoSettings.quick() if quick else DemoSettings(base=base))
     start = time.perf_counter()
@@ -251,12 +226,12 @@ def run_demo(*, quick: bool = False, base: str | None = None, settings: DemoSett
     revisions = _train(registry, b, personas, settings)
 
     console.rule("3. evaluate and gate")
-    blobs: dict[str, bytes] = {}
-    engine = Engine(b, lambda d: blobs[d] if d in blobs else registry.read_blob(d),
-                    EngineConfig(max_batch=32, max_active=16, max_cached=64, max_rank=16))
-    set_backend(_engine_backend(engine, blobs))
+    # evaluation generates through the same engine that serves step 4 and the lifecycle
+    backend = EngineBackend(b, registry.read_blob, EngineConfig(max_batch=32, max_active=16, max_cached=64, max_rank=16))
+    engine = backend.engine
     try:
-        metrics, decisions = _evaluate_and_gate(registry, b, [(revisions[r], p) for p, r in personas], settings)
+        metrics, decisions = _evaluate_and_gate(registry, b, [(revisions[r], p) for p, r in personas], settings,
+                                                backend)
         sizes = {}
         for _p, ref in personas:
             adapter = from_bytes(registry.read_blob(revisions[ref].digest), b)
@@ -277,10 +252,9 @@ def run_demo(*, quick: bool = False, base: str | None = None, settings: DemoSett
         console.print(table)
 
         console.rule("5. lifecycle: a preference changes")
-        lifecycle = _lifecycle(registry, b, engine, personas, settings)
+        lifecycle = _lifecycle(registry, b, backend, personas, settings)
     finally:
-        set_backend(None)
-        engine.close()
+        backend.close()
 
     seconds = time.perf_counter() - start
     console.rule("6. report")
@@ -297,7 +271,7 @@ def run_demo(*, quick: bool = False, base: str | None = None, settings: DemoSett
             "lifecycle": lifecycle, "report": str(report), "seconds": seconds}
 
 
-def _lifecycle(registry, base, engine, personas, settings: DemoSettings) -> list[str]:
+def _lifecycle(registry, base, backend, personas, settings: DemoSettings) -> list[str]:
     name, new_params = CHANGED
     old, ref = next((p, r) for p, r in personas if p.name == name)
     changed = Persona(name=f"{old.name}-v2", habit=old.habit, params=new_params, seed=old.seed + 1,
@@ -310,8 +284,8 @@ def _lifecycle(registry, base, engine, personas, settings: DemoSettings) -> list
 
     def answer(address: str) -> str:
         digest = registry.resolve(address).digest
-        res = engine.generate([[{"role": "user", "content": LIFECYCLE_PROMPT}]], [digest],
-                              SamplingParams(max_tokens=settings.max_new_tokens))[0]
+        res = backend.engine.generate([[{"role": "user", "content": LIFECYCLE_PROMPT}]], [digest],
+                                      SamplingParams(max_tokens=settings.max_new_tokens))[0]
         return res.raise_for_error().text.strip().replace("\n", " ")
 
 
@@ -327,7 +301,7 @@ def _lifecycle(registry, base, engine, personas, settings: DemoSettings) -> list
         + (f" from live #{live1.number}" if live1 else " from scratch"))
     revs = _train(registry, base, [(changed, ref)], settings, warm_start="live")
     rev2 = revs[ref]
-    metrics, decisions = _evaluate_and_gate(registry, base, [(rev2, changed)], settings)
+    metrics, decisions = _evaluate_and_gate(registry, base, [(rev2, changed)], settings, backend)
     d = decisions[ref]
     m = metrics[ref]
     say(f"#{rev2.number}: new-habit adherence {_pct(m.get('adherence'))} (base {_pct(m.get('base_adherence'))}); "

@@ -7,6 +7,8 @@ The lead mounts these on the top-level app with :func:`register`. The registry c
 
 from __future__ import annotations
 
+import functools
+import inspect
 from pathlib import Path
 
 import typer
@@ -16,6 +18,7 @@ from lorafleet.cli.common import BaseDtypeOpt, actor_name, console, handle_error
 from lorafleet.config import quiet_libraries
 from lorafleet.evaluation.errors import EvaluationError
 from lorafleet.evaluation.gate import GateConfig, promote, rollback
+from lorafleet.evaluation.generation import Backend
 from lorafleet.evaluation.personas import SHIPPED, Persona, generate_personas, shipped_personas, write_personas
 from lorafleet.evaluation.stacks import stack_report
 from lorafleet.registry import Registry
@@ -28,14 +31,27 @@ ActorOpt = typer.Option(None, "--actor", help="who (recorded in the audit log; d
 ManifestOpt = typer.Option(None, "--persona-manifest", help="personas.json written by `personas generate`")
 
 
-def register(app: typer.Typer) -> None:
-    """Add ``eval``, ``promote``, ``rollback``, ``report`` and the ``personas`` group to ``app``."""
-    app.command("eval")(eval_cmd)
-    app.command("promote")(promote_cmd)
+def register(app: typer.Typer, *, backend: Backend | None = None) -> None:
+    """Add ``eval``, ``promote``, ``rollback``, ``report`` and the ``personas`` group to ``app``. ``backend``
+    generates for the commands that evaluate (None: the default in-process generate; tests pass a stand-in)."""
+    app.command("eval")(_with_backend(eval_cmd, backend))
+    app.command("promote")(_with_backend(promote_cmd, backend))
     app.command("rollback")(rollback_cmd)
     app.command("report")(report_cmd)
-    app.command("stack-report")(stack_report_cmd)
+    app.command("stack-report")(_with_backend(stack_report_cmd, backend))
     app.add_typer(personas_app, name="personas")
+
+
+def _with_backend(cmd, backend: Backend | None):
+    """``cmd`` with its ``backend`` argument bound (so it is no command-line option)."""
+    sig = inspect.signature(cmd)
+
+    @functools.wraps(cmd)
+    def run(**kwargs):
+        return cmd(**kwargs, backend=backend)
+
+    run.__signature__ = sig.replace(parameters=[p for p in sig.parameters.values() if p.name != "backend"])
+    return run
 
 
 def _registry():
@@ -71,7 +87,7 @@ def _metrics_table(title: str, m: dict) -> Table:
     return table
 
 
-def _evaluate_live_on(base_name: str | None, registry, cand_rev, manifest):
+def _evaluate_live_on(base_name: str | None, registry, cand_rev, manifest, backend: Backend | None):
     """For the gate: measure ``live`` on the candidate's eval set (not stored on live)."""
     state = {}
 
@@ -89,7 +105,7 @@ def _evaluate_live_on(base_name: str | None, registry, cand_rev, manifest):
         m = cand_rev.provenance.metrics
         with console.status(f"evaluating {live_rev.address} on {es.name}…"):
             return evaluate_adapters(base, [adapter], [es],
-                                     max_new_tokens=int(m.get("max_new_tokens") or 48))[0]
+                                     max_new_tokens=int(m.get("max_new_tokens") or 48), backend=backend)[0]
 
     return evaluate
 
@@ -105,6 +121,7 @@ def eval_cmd(
     base: str | None = BaseOpt,
     base_dtype: str | None = BaseDtypeOpt,
     as_json: bool = JsonOpt,
+    backend: Backend | None = None,
 ) -> None:
     """Evaluate a revision on its user's held-out set and the competence probe; store the metrics on it."""
     use_base_dtype(base_dtype)
@@ -116,7 +133,8 @@ def eval_cmd(
         es = eval_set_for(rev, persona=persona, eval_file=eval_file, manifest=manifest)
         b = _load_base(base)
         with console.status(f"evaluating {rev.address} on {es.name} ({len(es)} prompts)…"):
-            rev, m = evaluate_revision(reg, rev.address, b, es, max_new_tokens=max_tokens, probe_enabled=not no_probe)
+            rev, m = evaluate_revision(reg, rev.address, b, es, max_new_tokens=max_tokens, probe_enabled=not no_probe,
+                                       backend=backend)
     finally:
         reg.close()
     if as_json:
@@ -144,6 +162,7 @@ def promote_cmd(
     base_dtype: str | None = BaseDtypeOpt,
     actor: str | None = ActorOpt,
     as_json: bool = JsonOpt,
+    backend: Backend | None = None,
 ) -> None:
     """Promote a candidate to live if the gate passes (evaluating it first if needed); --force bypasses."""
     use_base_dtype(base_dtype)
@@ -158,9 +177,9 @@ def promote_cmd(
             es = eval_set_for(rev, manifest=manifest)  # nothing goes live unevaluated
             b = _load_base(base)
             with console.status(f"{rev.address} has no metrics yet; evaluating it on {es.name}…"):
-                rev, _ = evaluate_revision(reg, rev.address, b, es)
+                rev, _ = evaluate_revision(reg, rev.address, b, es, backend=backend)
         decision = promote(reg, rev.address, force=force, reason=reason, config=config, actor=actor_name(actor),
-                           evaluate=_evaluate_live_on(base, reg, rev, manifest))
+                           evaluate=_evaluate_live_on(base, reg, rev, manifest, backend))
     finally:
         reg.close()
     if as_json:
@@ -244,6 +263,7 @@ def stack_report_cmd(
     base_dtype: str | None = BaseDtypeOpt,
     actor: str | None = ActorOpt,
     as_json: bool = JsonOpt,
+    backend: Backend | None = None,
 ) -> None:
     """After a parent moved: re-evaluate its stack's members on the new parents; flag those below the gate.
 
@@ -257,7 +277,7 @@ def stack_report_cmd(
         b = _load_base(base)
         with console.status(f"re-evaluating the members stacked on {ref}…"):
             checks = stack_report(reg, b, ref, everyone=everyone, store=not no_store, manifest=manifest,
-                                  actor=actor_name(actor))
+                                  actor=actor_name(actor), backend=backend)
     finally:
         reg.close()
     if as_json:

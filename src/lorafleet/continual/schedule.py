@@ -32,6 +32,7 @@ from datetime import UTC, datetime, timedelta
 
 from lorafleet.evaluation.errors import EvaluationError
 from lorafleet.evaluation.gate import GateConfig, gate
+from lorafleet.evaluation.generation import Backend
 from lorafleet.evaluation.personas import Persona, get_persona
 from lorafleet.registry import InvalidArgumentError, NotFoundError
 from lorafleet.registry.memory import MemorySettings, MemoryStore
@@ -277,7 +278,7 @@ class Scheduler:
     nothing is due (one query per scheduled adapter); run it from the worker loop."""
 
     def __init__(self, registry, base, *, memory: MemoryStore | None = None, min_interval_s: float = 0.0,
-                 clock=lambda: datetime.now(UTC)) -> None:
+                 clock=lambda: datetime.now(UTC), backend: Backend | None = None) -> None:
         from lorafleet.training.jobs import JobQueue  # noqa: PLC0415 - defers torch
 
         self.registry = registry
@@ -286,6 +287,7 @@ class Scheduler:
         self.queue = JobQueue(registry)
         self.min_interval_s = min_interval_s
         self.clock = clock
+        self.backend = backend  # evaluation's generation (None: the default in-process generate)
         self._last_tick = 0.0
 
     def tick(self) -> list[dict]:
@@ -395,7 +397,7 @@ class Scheduler:
         except NotFoundError:
             live_rev = live = None
             ref_name = "base"
-        kw = {"max_new_tokens": policy.max_new_tokens}
+        kw = {"max_new_tokens": policy.max_new_tokens, "backend": self.backend}
         (cand_m,) = evaluate_adapters(self.base, [cand], [primary], probe_enabled=policy.probe, **kw)
         sides = ([live] if live is not None else []) + [cand] * len(earlier) + [live] * len(earlier)
         sets = ([primary] if live is not None else []) + earlier + earlier

@@ -30,7 +30,7 @@ from lorafleet.adapters import LoraHost, from_bytes
 from lorafleet.adapters.stack import AdapterStack, route_rows
 from lorafleet.evaluation import probe
 from lorafleet.evaluation.errors import EvaluationError
-from lorafleet.evaluation.generation import generate_responses
+from lorafleet.evaluation.generation import Backend, generate_responses
 from lorafleet.evaluation.personas import Persona, get_persona, records_digest
 from lorafleet.registry.stacks import stack_record
 from lorafleet.training.data import IGNORE, dataset_from_records, load_jsonl, tokenize_sft
@@ -267,8 +267,10 @@ def _probe(base, adapters: list, max_new_tokens: int, **gen) -> list[dict]:
 
 def evaluate_adapters(base, adapters: list, eval_sets: list[EvalSet], *, max_new_tokens: int = 48,
                       probe_enabled: bool = True, probe_max_new_tokens: int = PROBE_MAX_NEW_TOKENS,
-                      batch_size: int = 16, on_batch: Callable[[int], None] | None = None) -> list[dict]:
-    """Metrics of ``adapters[k]`` on ``eval_sets[k]``, with the base's values on the same sets, in shared batches.
+                      batch_size: int = 16, on_batch: Callable[[int], None] | None = None,
+                      backend: Backend | None = None) -> list[dict]:
+    """Metrics of ``adapters[k]`` on ``eval_sets[k]``, with the base's values on the same sets, in shared batches;
+    ``backend`` generates the responses (None: the default in-process generate; see ``evaluation.generation``).
 
     The base's results are computed once per eval set (and cached per process by base fingerprint and eval-set
     digest); adapter rows and base rows share forward passes. Returns one JSON-ready metrics dict per adapter.
@@ -277,7 +279,7 @@ def evaluate_adapters(base, adapters: list, eval_sets: list[EvalSet], *, max_new
         raise ValueError(f"got {len(adapters)} adapters but {len(eval_sets)} eval sets")
     start = time.perf_counter()
     fp = base.fingerprint
-    gen = {"batch_size": batch_size, "on_batch": on_batch}
+    gen = {"batch_size": batch_size, "on_batch": on_batch, "backend": backend}
     losses = _base_losses(base, eval_sets, adapters)
     responses = _responses(base, adapters, eval_sets, max_new_tokens, **gen)
     probes = _probe(base, adapters, probe_max_new_tokens, **gen) if probe_enabled else None

@@ -23,6 +23,7 @@ from datetime import UTC, datetime
 
 from lorafleet.evaluation.errors import EvaluationError
 from lorafleet.evaluation.gate import GateConfig
+from lorafleet.evaluation.generation import Backend
 from lorafleet.registry.stacks import stack_record
 
 OK, FLAGGED, UNCHANGED, NO_LIVE, NO_EVAL = "ok", "flagged", "unchanged", "no live revision", "not evaluable"
@@ -88,8 +89,9 @@ def _parents_of(rev) -> list[dict]:
 
 def stack_report(registry, base, ref: str, *, config: GateConfig = GateConfig(), everyone: bool = False,
                  store: bool = True, manifest=None, actor: str = "stack-report",
-                 on_batch: Callable[[int], None] | None = None) -> list[MemberCheck]:
-    """Check every member stacked on ``ref`` (children and grandchildren); see the module docstring.
+                 on_batch: Callable[[int], None] | None = None, backend: Backend | None = None) -> list[MemberCheck]:
+    """Check every member stacked on ``ref`` (children and grandchildren); see the module docstring. ``backend``
+    generates (None: the default in-process generate).
 
     ``everyone`` re-evaluates members whose parents did not move too. Members are evaluated together (shared
     batches); the base's side of each eval set is cached as in :func:`evaluate_adapters`.
@@ -118,7 +120,7 @@ def stack_report(registry, base, ref: str, *, config: GateConfig = GateConfig(),
     if todo:
         max_new = max(int(live.provenance.metrics.get("max_new_tokens") or 48) for _, live, *_ in todo)
         results = evaluate_adapters(base, [t[2] for t in todo], [t[3] for t in todo], max_new_tokens=max_new,
-                                    on_batch=on_batch)
+                                    on_batch=on_batch, backend=backend)
         for (member_ref, live, _, es, before, now), m in zip(todo, results, strict=True):
             old = live.provenance.metrics
             same_set = old.get("eval_digest") == es.digest
