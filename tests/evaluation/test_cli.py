@@ -147,3 +147,10 @@ def test_stack_report_cli_flags_a_member_and_moves_nothing(home, tiny_base):
     assert reg.resolve(REF).number == 1 and reg.audit(REF)[0].action == "alias.set"
     reg.close()
     assert _run(app, "stack-report", "acme/_org/nothing").exit_code == 2
+
+
+def test_the_backend_is_no_command_line_option(app):
+    for cmd in ("eval", "promote", "stack-report"):
+        out = _run(app, cmd, "--help")
+        assert out.exit_code == 0 and "--base" in out.output, cmd
+        assert "backend" not in out.output, cmd
