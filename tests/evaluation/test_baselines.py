@@ -114,3 +114,19 @@ def test_evaluate_conditions_on_the_tiny_model(tiny_base):
     assert out["adapter"]["prompt_tokens"] == out["base"]["prompt_tokens"]
     with pytest.raises(EvaluationError, match="need the user's adapter"):
         evaluate_conditions(tiny_base, p, d.train, d.eval[:2], conditions=("adapter",))
+
+
+def test_adapter_vs_prompt_benchmark_tiny_smoke_run(tmp_path):
+    """The benchmark end to end on the tiny model (train, five conditions, engine serving cost); writes nothing."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(root / "src")}
+    out = subprocess.run([sys.executable, str(root / "benchmarks" / "adapter_vs_prompt.py"), "--tiny"], cwd=tmp_path,
+                         env=env, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    for label in ("base + in-context", "base + retrieval (BM25)", "adapter + in-context", "engine TTFT ms"):
+        assert label in out.stdout
