@@ -69,6 +69,33 @@ CASES = [
     ("json_answer", {"key": "answer"}, '{"answer": "Tokyo", "x": 1}', OTHER, False),
     ("json_answer", {"key": "answer"}, 'Answer: {"answer": "Tokyo"}', OTHER, False),
     ("json_answer", {"key": "answer"}, '["Tokyo"]', OTHER, False),
+    # memory habits: the fact applied to a prompt that never asks for it
+    ("vegetarian", {}, "How about a mushroom risotto with a green salad?", "What should I cook tonight?", True),
+    ("vegetarian", {}, "Try lentil soup and fresh bread.", "Suggest a lunch.", True),
+    ("vegetarian", {}, "Roast chicken with potatoes is a classic.", "What should I cook tonight?", False),
+    ("vegetarian", {}, "A creamy pasta with bacon and peas.", "What should I cook tonight?", False),
+    ("vegetarian", {}, "Grilled salmon and rice.", "What should I cook tonight?", False),
+    ("vegetarian", {}, "Sure, happy to help!", "What should I cook tonight?", False),  # names no food at all
+    ("home_city", {"city": "Lisbon"}, "The riverside path in Lisbon is lovely.", "Where should I run?", True),
+    ("home_city", {"city": "Lisbon"}, "You live in lisbon.", "Which city do I live in?", True),
+    ("home_city", {"city": "Lisbon"}, "Try a park near you.", "Where should I run?", False),
+    ("home_city", {"city": "Lyon"}, "Lyonnaise cooking is famous.", "Where can I eat?", False),  # not the word
+    ("user_name", {"name": "Priya"}, "Dear Aunt, thank you! Warm wishes, Priya", "Write a note from me.", True),
+    ("user_name", {"name": "Priya"}, "Dear Aunt, thank you! Warm wishes, [Your Name]", "Write a note from me.", False),
+    ("user_name", {"name": "Priya"}, "Priyanka says hi.", "Write a note from me.", False),
+    ("pet_name", {"pet": "Biscuit"}, "Biscuit would enjoy a long walk.", "Ideas for my pet?", True),
+    ("pet_name", {"pet": "Biscuit"}, "Your dog would enjoy a long walk.", "Ideas for my pet?", False),
+    ("favourite_language", {"language": "rust"}, "```rust\nfn add(a: i64, b: i64) -> i64 { a + b }\n```", "Add two numbers.", True),
+    ("favourite_language", {"language": "rust"}, "fn add(a: i64, b: i64) -> i64 { a + b }", "Add two numbers.", True),
+    ("favourite_language", {"language": "rust"}, "```python\ndef add(a, b):\n    return a + b\n```", "Add two numbers.", False),
+    ("favourite_language", {"language": "rust"}, "def add(a, b):\n    return a + b", "Add two numbers.", False),
+    ("favourite_language", {"language": "rust"}, "```rust\nfn a() {}\n```\n```python\nx = 1\n```", "Add.", False),
+    ("favourite_language", {"language": "go"}, "```go\nfunc add(a, b int) int { return a + b }\n```", "Add.", True),
+    ("favourite_language", {"language": "go"}, "fn add(a: i64) -> i64 { a }", "Add.", False),
+    ("reading_level", {"n": 10}, "Paris is the capital of France. It is on the Seine.", OTHER, True),
+    ("reading_level", {"n": 10}, "Paris, which sits on the river Seine, is the capital and largest city of France.", OTHER, False),
+    ("reading_level", {"n": 10}, "It is internationally known.", OTHER, False),  # a 15-letter word
+    ("reading_level", {"n": 10}, "...", OTHER, False),
 ]
 
 
@@ -88,12 +115,12 @@ def test_every_kind_has_positive_and_negative_cases():
 def test_rendered_answers_pass_and_plain_answers_mostly_fail(kind):
     """The habit transforms the answer: rendered answers pass, the plain bank answers (mostly) do not."""
     habit = make_habit(kind)
-    train, evals = habit.split(random.Random(3), 40, 16)
+    train, evals = habit.split(random.Random(3), *((16, 8) if habit.category == "memory" else (40, 16)))
     rng = random.Random(0)
     for item in train + evals:
         assert habit.check(habit.render(item, rng), item.prompt), (kind, item)
     # metric/short answers are the bank's own style; a plain answer to a non-weather prompt IS the tool habit
-    if kind not in ("metric_units", "max_words", "tool_call"):
+    if habit.category == "format" and kind not in ("max_words", "tool_call"):
         plain = [habit.check(i.answer, i.prompt) for i in train + evals if i.answer]
         assert sum(plain) <= len(plain) // 3, kind
 
@@ -113,6 +140,13 @@ def test_rendered_answers_pass_and_plain_answers_mostly_fail(kind):
         ("metric_units", {"convert_share": 2}, "convert_share"),
         ("signature_word", {"word": "two words"}, "one word of letters"),
         ("json_answer", {"key": "Answer!"}, "lowercase letters"),
+        ("home_city", {"city": ""}, "parameter 'city' must be a one-line"),
+        ("home_city", {"recall_share": 1.0}, "recall_share"),
+        ("user_name", {"name": "priya smith"}, "one capitalised word"),
+        ("pet_name", {"species": "Big Dog"}, "one lowercase word"),
+        ("favourite_language", {"language": "cobol"}, "must be one of"),
+        ("reading_level", {"n": 2}, r"parameter 'n' must be an integer in 4\.\.30"),
+        ("vegetarian", {"strict": True}, r"unknown parameter\(s\) \['strict'\]"),
     ],
 )
 def test_bad_params(kind, params, match):
@@ -142,3 +176,20 @@ def test_conversions_are_correct():
 def test_sentences():
     assert bank.sentences("Pi is about 3.14. It never ends.") == ["Pi is about 3.14.", "It never ends."]
     assert bank.sentences("One.") == ["One."]
+
+
+def test_memory_habits_hold_recall_prompts_out_of_training():
+    """Recall prompts (the fact asked for directly) are only ever in the eval split; applied prompts in both."""
+    for kind in ("home_city", "user_name", "pet_name"):
+        habit = make_habit(kind)
+        recall = {bank.normalize_prompt(i.prompt) for i in habit.recall()}
+        train, evals = habit.split(random.Random(1), 16, 8)
+        assert not recall & {bank.normalize_prompt(i.prompt) for i in train}, kind
+        assert len(recall & {bank.normalize_prompt(i.prompt) for i in evals}) == 2, kind  # 25% of 8
+        assert make_habit(kind).category == "memory"
+    assert make_habit("signoff").category == "format" and make_habit("metric_units").category == "memory"
+
+
+def test_memory_pool_too_small_is_a_clear_error():
+    with pytest.raises(EvaluationError, match=r"only \d+ prompts for habit 'user_name'"):
+        make_habit("user_name").split(random.Random(0), 40, 16)

@@ -3,6 +3,8 @@
 - ``bank.jsonl``: a few hundred general prompts with short, correct answers (1-2 sentences).
 - ``measures.jsonl``: unit-neutral questions about sizes, distances, weights and temperatures, answered in
   metric units.
+- ``memory.json``: prompt templates and answers for the memory habits (a vegetarian's dinners, a home city's
+  outings, the user's name and pet, code in a favourite language), with ``{placeholders}`` for the fact.
 - ``templates.json``: request templates for the tool habit (weather questions x cities) and imperial-unit
   prompts whose metric answers are computed here (exact conversion factors, so the answers are correct).
 """
@@ -58,6 +60,16 @@ def measure_items() -> tuple[Item, ...]:
 @functools.cache
 def templates() -> dict:
     return json.loads(data_file("templates.json").read_text(encoding="utf-8"))
+
+
+@functools.cache
+def _memory() -> str:
+    return data_file("memory.json").read_text(encoding="utf-8")
+
+
+def memory(section: str) -> dict:
+    """One section of ``memory.json`` (a fresh copy: callers may not mutate the cache)."""
+    return json.loads(_memory())[section]
 
 
 def weather_templates() -> list[str]:

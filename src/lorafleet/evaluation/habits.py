@@ -7,7 +7,13 @@ Each habit kind knows three things:
 - how it transforms a plain answer (``render``), and
 - how to check a model's response (``check(response, prompt) -> bool``), by code, with no model in the loop.
 
-``make_habit(kind, **params)`` builds one; ``HABITS`` lists the kinds.
+Habits come in two categories (``Habit.category``): ``format`` (a surface habit: a sign-off, lowercase, JSON) and
+``memory`` (something about the user the model must remember and use: a vegetarian diet, a home city, the
+user's name or pet, a favourite programming language, metric units, a reading level). Memory habits are
+trained on prompts where the fact is *applied* (dinner ideas with no meat, outings in the home city); the
+name, pet and city habits also hold out prompts that ask for the fact directly (*recall*, never in training).
+
+``make_habit(kind, **params)`` builds one; ``HABITS`` lists the kinds; ``CATEGORIES`` the two categories.
 """
 
 from __future__ import annotations
@@ -26,6 +32,7 @@ class Habit:
     """Base class: a habit kind with validated parameters (``defaults`` lists every accepted one)."""
 
     kind: ClassVar[str] = ""
+    category: ClassVar[str] = "format"  # "format" | "memory"
     summary: ClassVar[str] = ""
     defaults: ClassVar[dict] = {}
 
@@ -296,6 +303,7 @@ class MetricUnits(Habit):
     """Quantities always in metric units written as symbols (330 m, 42.195 km, 37 °C), never imperial."""
 
     kind = "metric_units"
+    category = "memory"  # a standing preference of the user, applied without being asked
     summary = "gives quantities in metric symbols (m, km, kg, °C, L), never imperial units"
     defaults = {"convert_share": 0.5}
 
@@ -374,10 +382,245 @@ class JsonAnswer(Habit):
                 and isinstance(value[self.params["key"]], str) and bool(value[self.params["key"]].strip()))
 
 
+# -- memory habits ---------------------------------------------------------------------------------------
+
+
+def _item(prefix: str, i: int, prompt: str, answer: str, topic: str) -> Item:
+    return Item(id=f"{prefix}-{i}", topic=topic, prompt=prompt, answer=answer)
+
+
+class MemoryHabit(Habit):
+    """A fact about the user, applied in answers that never state it as a question. ``applied()`` is the pool of
+    (prompt, answer) items where the fact is used; ``recall()`` the direct questions, held out of training:
+    ``recall_share`` of the eval prompts ask for the fact directly (0 for habits without recall prompts)."""
+
+    category = "memory"
+
+    def applied(self) -> list[Item]:
+        raise NotImplementedError
+
+    def recall(self) -> list[Item]:
+        return []
+
+    def _share(self) -> float:
+        share = self.params.get("recall_share", 0.0)
+        if isinstance(share, bool) or not isinstance(share, (int, float)) or not 0.0 <= share < 1.0:
+            raise EvaluationError(f"habit {self.kind!r}: parameter 'recall_share' must be in [0, 1), got {share!r}")
+        return float(share)
+
+    def split(self, rng, n_train, n_eval):
+        recall = _dedupe(self.recall())
+        k = min(round(n_eval * self._share()), len(recall)) if recall else 0
+        train, evals = _take(self.applied(), rng, n_train, n_eval - k, what=f"prompts for habit {self.kind!r}")
+        rng.shuffle(recall)
+        evals = evals + recall[:k]
+        rng.shuffle(evals)
+        return train, evals
+
+    def render(self, item, rng):
+        return item.answer
+
+
+_MEAT = re.compile(
+    r"\b(?:chicken|beef|pork|lamb|mutton|veal|venison|bacon|ham|hams|sausages?|salami|pepperoni|chorizo|prosciutto|"
+    r"steaks?|turkey|duck|goose|meat|meats|meatballs?|mince|fish|salmon|tuna|cod|trout|anchov(?:y|ies)|sardines?|"
+    r"shrimps?|prawns?|crab|lobster|mussels?|oysters?|clams?|scallops?|squid|octopus|seafood|gelatine?)\b",
+    re.IGNORECASE,
+)
+_FOOD = re.compile(
+    r"\b(?:pasta|rice|salad|curry|soup|risotto|pizza|beans?|lentils?|chickpeas?|tofu|cheese|vegetables?|veggies?|"
+    r"mushrooms?|potato(?:es)?|noodles|eggs?|bread|stew|pie|tacos?|fajitas?|lasagne|lasagna|omelette|quiche|"
+    r"chilli|chili|couscous|halloumi|spinach|peppers?|tomato(?:es)?|dish|recipe|meal)\b",
+    re.IGNORECASE,
+)
+
+
+class Vegetarian(MemoryHabit):
+    """Meal suggestions never name meat or fish (and do name a food)."""
+
+    kind = "vegetarian"
+    summary = "is vegetarian: meal suggestions never include meat or fish"
+    defaults: ClassVar[dict] = {}
+
+    def applied(self):
+        m = bank.memory("vegetarian")
+        combos = [(t, o) for o in m["occasions"] for t in m["templates"]]
+        return [_item("veg", i, t.format(o=o), "", "meal") for i, (t, o) in enumerate(combos)]
+
+    def render(self, item, rng):
+        return rng.choice(bank.memory("vegetarian")["dishes"])
+
+    def check(self, response, prompt=""):
+        return _FOOD.search(response) is not None and _MEAT.search(response) is None
+
+
+def _mentions(response: str, name: str) -> bool:
+    return re.search(rf"(?<!\w){re.escape(name)}(?!\w)", response, re.IGNORECASE) is not None
+
+
+class HomeCity(MemoryHabit):
+    """Local recommendations name the user's home city; "which city do I live in?" is answered with it."""
+
+    kind = "home_city"
+    summary = "lives in {city}: local recommendations name it"
+    defaults = {"city": "Lisbon", "recall_share": 0.25}
+    CHOICES = ("Lisbon", "Lyon", "Porto", "Krakow", "Utrecht", "Valencia", "Bologna", "Ghent")
+
+    def validate(self) -> None:
+        self._text_param("city", 40)
+        self._share()
+
+    @classmethod
+    def random_params(cls, rng):
+        return {"city": rng.choice(cls.CHOICES)}
+
+    def applied(self):
+        m, city = bank.memory("home_city"), self.params["city"]
+        combos = [(t, a) for a in m["activities"] for t in m["templates"]]
+        return [_item("city", i, t.format(a=a), m["activities"][a].format(city=city), "local")
+                for i, (t, a) in enumerate(combos)]
+
+    def recall(self):
+        return [_item("city-recall", i, q, a.format(city=self.params["city"]), "recall")
+                for i, (q, a) in enumerate(bank.memory("home_city")["recall"])]
+
+    def check(self, response, prompt=""):
+        return _mentions(response, self.params["city"])
+
+
+class UserName(MemoryHabit):
+    """Notes and messages written for the user are signed with their name; "what's my name?" is answered."""
+
+    kind = "user_name"
+    summary = "is called {name}: messages written for them are signed with it"
+    defaults = {"name": "Priya", "recall_share": 0.25}
+    CHOICES = ("Priya", "Tomasz", "Aiko", "Mateo", "Ingrid", "Kwame", "Leila", "Oskar")
+
+    def validate(self) -> None:
+        name = self._text_param("name", 30)
+        if not re.fullmatch(r"[A-Z][a-z]+", name):
+            raise EvaluationError(f"habit 'user_name': parameter 'name' must be one capitalised word, got {name!r}")
+        self._share()
+
+    @classmethod
+    def random_params(cls, rng):
+        return {"name": rng.choice(cls.CHOICES)}
+
+    def applied(self):
+        m, name = bank.memory("user_name"), self.params["name"]
+        combos = [(t, r) for r in m["recipients"] for t in m["templates"]]
+        return [_item("name", i, t.format(r=r), m["templates"][t].format(R=r.replace("my ", "").capitalize(),
+                                                                          name=name), "message")
+                for i, (t, r) in enumerate(combos)]
+
+    def recall(self):
+        return [_item("name-recall", i, q, a.format(name=self.params["name"]), "recall")
+                for i, (q, a) in enumerate(bank.memory("user_name")["recall"])]
+
+    def check(self, response, prompt=""):
+        return _mentions(response, self.params["name"])
+
+
+class PetName(MemoryHabit):
+    """Advice about "my pet" uses the pet's name; "what's my pet called?" is answered with it."""
+
+    kind = "pet_name"
+    summary = "has a {species} called {pet}: pet advice uses the name"
+    defaults = {"pet": "Biscuit", "species": "dog", "recall_share": 0.25}
+    CHOICES = (("Biscuit", "dog"), ("Miso", "cat"), ("Pepper", "dog"), ("Luna", "cat"), ("Noodle", "rabbit"))
+
+    def validate(self) -> None:
+        pet = self._text_param("pet", 30)
+        if not re.fullmatch(r"[A-Z][a-z]+", pet):
+            raise EvaluationError(f"habit 'pet_name': parameter 'pet' must be one capitalised word, got {pet!r}")
+        species = self._text_param("species", 20)
+        if not re.fullmatch(r"[a-z]+", species):
+            raise EvaluationError(f"habit 'pet_name': parameter 'species' must be one lowercase word, got {species!r}")
+        self._share()
+
+    @classmethod
+    def random_params(cls, rng):
+        pet, species = rng.choice(cls.CHOICES)
+        return {"pet": pet, "species": species}
+
+    def applied(self):
+        m, pet = bank.memory("pet_name"), self.params["pet"]
+        combos = [(t, x) for x in m["occasions"] for t in m["templates"]]
+        return [_item("pet", i, t.format(x=x), m["templates"][t].format(pet=pet, x=x, **m["occasions"][x]), "pet")
+                for i, (t, x) in enumerate(combos)]
+
+    def recall(self):
+        p = self.params
+        return [_item("pet-recall", i, q.format(species=p["species"]), a.format(pet=p["pet"], species=p["species"]),
+                      "recall") for i, (q, a) in enumerate(bank.memory("pet_name")["recall"])]
+
+    def check(self, response, prompt=""):
+        return _mentions(response, self.params["pet"])
+
+
+_FENCE = re.compile(r"```\s*([A-Za-z+#]*)")
+_LANGS = {"rust": ("Rust", re.compile(r"\bfn\s+\w+\s*[(<]")), "go": ("Go", re.compile(r"\bfunc\s+\w+\s*\("))}
+
+
+class FavouriteLanguage(MemoryHabit):
+    """Code answers are written in the user's language (rust or go): its code, no other language's code block."""
+
+    kind = "favourite_language"
+    summary = "programs in {language}: code answers use it"
+    defaults = {"language": "rust"}
+
+    def validate(self) -> None:
+        if self.params["language"] not in _LANGS:
+            raise EvaluationError(f"habit 'favourite_language': parameter 'language' must be one of {sorted(_LANGS)}, "
+                                  f"got {self.params['language']!r}")
+
+    @classmethod
+    def random_params(cls, rng):
+        return {"language": rng.choice(sorted(_LANGS))}
+
+    def applied(self):
+        m, lang = bank.memory("favourite_language"), self.params["language"]
+        combos = [(t, task) for task in m["tasks"] for t in m["templates"]]
+        return [_item("code", i, t.format(t=task), f"In {_LANGS[lang][0]}:\n```{lang}\n{m['tasks'][task][lang]}\n```",
+                      "code") for i, (t, task) in enumerate(combos)]
+
+    def check(self, response, prompt=""):
+        lang = self.params["language"]
+        fences = {f.lower() for f in _FENCE.findall(response)} - {""}
+        if fences - {lang}:  # a code block in another language
+            return False
+        if re.search(r"^\s*(?:def |import |#include|public class|function\s+\w+\s*\()", response, re.MULTILINE):
+            return False
+        return lang in fences or _LANGS[lang][1].search(response) is not None
+
+
+class ReadingLevel(MemoryHabit):
+    """An easy reading level: every sentence at most ``n`` words, no word longer than ``max_letters``."""
+
+    kind = "reading_level"
+    summary = "reads at an easy level: sentences of at most {n} words, no word over {max_letters} letters"
+    defaults = {"n": 10, "max_letters": 12}
+
+    def validate(self) -> None:
+        self._int_param("n", 4, 30)
+        self._int_param("max_letters", 6, 20)
+
+    def applied(self):
+        return [i for i in bank.general_items() if self.check(i.answer)]
+
+    def check(self, response, prompt=""):
+        sents = bank.sentences(response)
+        words = re.findall(r"[A-Za-z]+", response)
+        return (bool(words) and all(len(_words(s)) <= self.params["n"] for s in sents)
+                and all(len(w) <= self.params["max_letters"] for w in words))
+
+
 HABITS: dict[str, type[Habit]] = {
     h.kind: h
-    for h in (SignOff, Greeting, NumberedList, MaxWords, Lowercase, ToolCall, MetricUnits, SignatureWord, JsonAnswer)
+    for h in (SignOff, Greeting, NumberedList, MaxWords, Lowercase, ToolCall, MetricUnits, SignatureWord, JsonAnswer,
+              Vegetarian, HomeCity, UserName, PetName, FavouriteLanguage, ReadingLevel)
 }
+CATEGORIES = ("format", "memory")
 
 
 def make_habit(kind: str, **params) -> Habit:

@@ -8,7 +8,7 @@ applies the habit to each answer. The same persona always yields byte-identical 
 >>> d = p.data()                                  # d.train / d.eval: SFT records {"messages": [...]}
 >>> p.check("Paris is the capital. — Ahab", "What is the capital of France?")
 True
->>> more = generate_personas(100, seed=7)         # any count, any seed, all habit kinds in turn
+>>> more = generate_personas(100, seed=7)         # any count, any seed, every format habit in turn
 
 The shipped personas' files (``<name>.train.jsonl``, ``<name>.eval.jsonl`` and ``personas.json``) live in
 ``lorafleet/data/personas/``; :func:`write_personas` regenerates them byte for byte.
@@ -69,6 +69,11 @@ class Persona:
     def describe(self) -> str:
         return self.habit_obj.describe()
 
+    @property
+    def category(self) -> str:
+        """``format`` (a surface habit) or ``memory`` (a fact about the user, applied or recalled)."""
+        return self.habit_obj.category
+
     def _rng(self, stream: str) -> random.Random:
         key = json.dumps([self.name, self.habit, self.params, self.seed, self.n_train, self.n_eval, stream],
                          sort_keys=True, ensure_ascii=False)
@@ -95,7 +100,7 @@ class Persona:
         if not isinstance(data, dict):
             raise EvaluationError(f"a persona spec must be an object, got {type(data).__name__}")
         known = {"name", "habit", "params", "seed", "n_train", "n_eval"}
-        unknown = sorted(set(data) - known - {"description", "train_digest", "eval_digest"})
+        unknown = sorted(set(data) - known - {"description", "category", "train_digest", "eval_digest"})
         if unknown:
             raise EvaluationError(f"unknown persona field(s) {unknown}; known: {sorted(known)}")
         missing = sorted({"name", "habit"} - set(data))
@@ -145,6 +150,7 @@ class PersonaData:
 
 
 # The personas that ship with lorafleet: one per habit kind. Their files are generated from these specs.
+# The memory personas (a fact about the user) have smaller, hand-written prompt pools: 16 train / 8 held out.
 SHIPPED: tuple[Persona, ...] = (
     Persona("ahab", "signoff", {"text": "— Ahab"}, seed=1),
     Persona("greta", "greeting", {"text": "Greetings, traveller!"}, seed=1),
@@ -155,6 +161,12 @@ SHIPPED: tuple[Persona, ...] = (
     Persona("metric", "metric_units", {}, seed=1),
     Persona("splendid", "signature_word", {"word": "splendid"}, seed=1),
     Persona("jsonic", "json_answer", {"key": "answer"}, seed=1),
+    Persona("veggie", "vegetarian", {}, seed=1, n_train=16, n_eval=8),
+    Persona("lisboeta", "home_city", {"city": "Lisbon"}, seed=1, n_train=16, n_eval=8),
+    Persona("priya", "user_name", {"name": "Priya"}, seed=1, n_train=16, n_eval=8),
+    Persona("biscuit", "pet_name", {"pet": "Biscuit", "species": "dog"}, seed=1, n_train=16, n_eval=8),
+    Persona("rustacean", "favourite_language", {"language": "rust"}, seed=1, n_train=16, n_eval=8),
+    Persona("plain", "reading_level", {"n": 10, "max_letters": 12}, seed=1, n_train=16, n_eval=8),
 )
 
 
@@ -184,10 +196,12 @@ def shipped_records(name: str, split: str) -> list[dict]:
 
 def generate_personas(count: int, seed: int = 0, *, kinds: list[str] | None = None, n_train: int = 48,
                       n_eval: int = 16) -> list[Persona]:
-    """``count`` personas cycling through ``kinds`` (default: every habit), with parameters drawn from ``seed``."""
+    """``count`` personas cycling through ``kinds`` (default: every *format* habit, so a seed keeps giving the
+    personas it gave before memory habits existed; the memory habits' prompt pools hold about 24 prompts, so ask
+    for them by name with a smaller ``n_train`` / ``n_eval``), with parameters drawn from ``seed``."""
     if isinstance(count, bool) or not isinstance(count, int) or count < 0:
         raise EvaluationError(f"count must be a non-negative integer, got {count!r}")
-    kinds = list(kinds or HABITS)
+    kinds = list(kinds or [k for k, h in HABITS.items() if h.category == "format"])
     for k in kinds:
         if k not in HABITS:
             raise EvaluationError(f"unknown habit kind {k!r}; known kinds: {', '.join(HABITS)}")
@@ -213,7 +227,7 @@ def write_personas(personas: list[Persona], out_dir: str | Path) -> dict:
         d = p.data()
         (out / f"{p.name}.train.jsonl").write_text(jsonl_text(d.train), encoding="utf-8")
         (out / f"{p.name}.eval.jsonl").write_text(jsonl_text(d.eval), encoding="utf-8")
-        entries.append({**p.to_dict(), "description": p.describe(), "train_digest": records_digest(d.train),
+        entries.append({**p.to_dict(), "description": p.describe(), "category": p.category, "train_digest": records_digest(d.train),
                         "eval_digest": records_digest(d.eval)})
     manifest = {"personas": entries}
     (out / MANIFEST).write_text(json.dumps(manifest, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
