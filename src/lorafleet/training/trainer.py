@@ -25,6 +25,7 @@ from lorafleet.adapters import LoraAdapter, LoraHost, as_lora
 from lorafleet.adapters.stack import MAX_LEVELS, AdapterStack
 from lorafleet.errors import LorafleetError
 from lorafleet.registry import faults
+from lorafleet.training.checkpoint import load_weights, weights_of
 from lorafleet.training.data import IGNORE, Dataset, TokenizeReport, tokenize_pair, tokenize_sft
 from lorafleet.training.losses import dpo_loss
 from lorafleet.training.step import backward_sum, packed_forward
@@ -259,17 +260,14 @@ class MultiTenantTrainer:
         """Everything needed to resume user ``key`` exactly: weights, optimizer, step, sampler position."""
         t = self.users[key]
         return {
-            "weights": {n: (A.detach().clone(), B.detach().clone()) for n, (A, B) in t.adapter.weights.items()},
+            "weights": weights_of(t.adapter),
             "optimizer": t.optimizer.state_dict(),
             "step": t.step, "cursor": t.cursor, "order": list(t.order), "epoch": t.epoch, "losses": list(t.losses),
         }
 
     def load_state_dict(self, key: str, state: dict) -> None:
         t = self.users[key]
-        with torch.no_grad():
-            for n, (A, B) in state["weights"].items():
-                t.adapter.weights[n][0].copy_(A)
-                t.adapter.weights[n][1].copy_(B)
+        load_weights(t.adapter, state["weights"])
         t.optimizer.load_state_dict(state["optimizer"])
         t.step, t.cursor, t.order, t.epoch = state["step"], state["cursor"], list(state["order"]), state["epoch"]
         t.losses = list(state["losses"])

@@ -42,7 +42,7 @@ from lorafleet.digest import digest_of
 from lorafleet.registry import Provenance
 from lorafleet.registry.names import check_segment, parse_address
 from lorafleet.serving.params import SamplingParams
-from lorafleet.training.checkpoint import checkpoint_from_bytes, checkpoint_to_bytes
+from lorafleet.training.checkpoint import checkpoint_from_bytes, checkpoint_to_bytes, load_weights, weights_of
 from lorafleet.training.losses import next_token_logprobs
 from lorafleet.training.step import backward_sum, packed_forward
 
@@ -397,7 +397,7 @@ class TinkerService:
         run, name = op.run, op.payload["name"]
         if run.checkpoint("training", name) is not None:
             raise _user(f"checkpoint {name!r} already exists in run {run.run_id}; pick another name")
-        state = {"weights": {n: (A.detach().clone(), B.detach().clone()) for n, (A, B) in run.adapter.weights.items()},
+        state = {"weights": weights_of(run.adapter),
                  "optimizer": run.optimizer.state_dict(), "step": run.steps, "cursor": 0, "order": [], "epoch": 0,
                  "losses": list(run.losses)}
         data = checkpoint_to_bytes(state)
@@ -420,10 +420,7 @@ class TinkerService:
             raise _user(f"checkpoint {ckpt.tinker_path} holds a LoRA {meta['spec']}, but run {run.run_id} is "
                         f"{run.adapter.spec.to_dict()}: create the training client with the same rank and targets")
         state = checkpoint_from_bytes(Path(ckpt.file).read_bytes())
-        with torch.no_grad():
-            for n, (A, B) in state["weights"].items():
-                run.adapter.weights[n][0].copy_(A)
-                run.adapter.weights[n][1].copy_(B)
+        load_weights(run.adapter, state["weights"])
         if op.payload["optimizer"]:
             run.optimizer.load_state_dict(state["optimizer"])
             run.steps = int(state["step"])
@@ -431,8 +428,7 @@ class TinkerService:
         return {"path": ckpt.tinker_path, "model_id": run.run_id, "type": "load_weights"}
 
     def _snapshot(self, run: Run) -> LoraAdapter:
-        weights = {n: (A.detach().clone(), B.detach().clone()) for n, (A, B) in run.adapter.weights.items()}
-        return LoraAdapter(spec=run.adapter.spec, weights=weights, base_name=self.base.name)
+        return LoraAdapter(spec=run.adapter.spec, weights=weights_of(run.adapter), base_name=self.base.name)
 
     def _save_sampler(self, op: Op) -> dict:
         with self._persist_lock:
