@@ -79,7 +79,7 @@ def test_dpo_prefers_chosen(tiny_base):
     from lorafleet.adapters import LoraHost, StackedWeights
     from lorafleet.training.data import tokenize_pair
     from lorafleet.training.losses import sequence_logprob
-    from lorafleet.training.trainer import _pad
+    from lorafleet.training.step import pad_rows
 
     trainer = MultiTenantTrainer(tiny_base)
     data = dataset_from_records(dpo_records(), "dpo")
@@ -94,7 +94,7 @@ def test_dpo_prefers_chosen(tiny_base):
     pair = tokenize_pair(tiny_base.tokenizer, data.records[0], 256)
     rows = [pair.chosen, pair.rejected]
     labels = [[-100] * pair.prompt_len + r[pair.prompt_len:] for r in rows]
-    ids, lab, mask = _pad(rows, labels, tiny_base.tokenizer.pad_token_id)
+    ids, lab, mask = pad_rows(rows, labels, tiny_base.tokenizer.pad_token_id)
     host = LoraHost.attach(tiny_base.model)
     with torch.no_grad():
         ref = sequence_logprob(tiny_base.model(input_ids=ids, attention_mask=mask).logits, lab)
@@ -156,10 +156,10 @@ def test_bad_train_config(kwargs, match):
 def test_labelled_logprobs_equals_full_logits_path(tiny_base):
     from lorafleet.training.data import tokenize_sft
     from lorafleet.training.losses import labelled_logprobs, shifted_token_logprobs
-    from lorafleet.training.trainer import _pad
+    from lorafleet.training.step import pad_rows
 
     items = [tokenize_sft(tiny_base.tokenizer, r, 256) for r in sft_records("eq", n=3)]
-    ids, lab, mask = _pad([i.input_ids for i in items], [i.labels for i in items], tiny_base.tokenizer.pad_token_id)
+    ids, lab, mask = pad_rows([i.input_ids for i in items], [i.labels for i in items], tiny_base.tokenizer.pad_token_id)
     with torch.no_grad():
         full, full_mask = shifted_token_logprobs(tiny_base.model(input_ids=ids, attention_mask=mask).logits, lab)
         sums, counts = labelled_logprobs(tiny_base.model, ids, mask, lab)

@@ -14,6 +14,19 @@ from safetensors.torch import save as st_save
 META_KEY = "lorafleet.checkpoint"
 
 
+def weights_of(adapter) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """A detached copy of an adapter's trainable ``(A, B)`` tensors, for a checkpoint or a snapshot."""
+    return {n: (A.detach().clone(), B.detach().clone()) for n, (A, B) in adapter.weights.items()}
+
+
+def load_weights(adapter, weights: dict) -> None:
+    """Copy checkpointed ``(A, B)`` tensors into an adapter's (trainable) tensors in place."""
+    with torch.no_grad():
+        for n, (A, B) in weights.items():
+            adapter.weights[n][0].copy_(A)
+            adapter.weights[n][1].copy_(B)
+
+
 def checkpoint_to_bytes(state: dict) -> bytes:
     """Serialize :meth:`MultiTenantTrainer.state_dict` output."""
     tensors: dict[str, torch.Tensor] = {}

@@ -3,7 +3,8 @@
 Each row goes through its own user's adapter via the shared operator (a step's :class:`StackedWeights`).
 The step's loss is the sum over users of each user's mean token loss; a user's parameters only touch that
 user's rows, so each adapter receives exactly the gradient of its own loss — the same update as a step
-taken alone. Each user has its own optimizer (AdamW or SGD), learning rate and step count.
+taken alone. Each user has its own optimizer (AdamW or SGD), learning rate and step count. The packed pass is
+:func:`lorafleet.training.step.packed_forward` (shared with the Tinker service).
 
 Training on top of a stack: a user added with frozen ``parents`` (e.g. the organisation's and the team's
 adapters, root first) has every row routed through the parents' levels as well (the operator sums the levels'
@@ -21,11 +22,13 @@ import torch
 from torch import Tensor
 
 from lorafleet.adapters import LoraAdapter, LoraHost, as_lora
-from lorafleet.adapters.stack import MAX_LEVELS, AdapterStack, route_rows
+from lorafleet.adapters.stack import MAX_LEVELS, AdapterStack
 from lorafleet.errors import LorafleetError
 from lorafleet.registry import faults
+from lorafleet.training.checkpoint import load_weights, weights_of
 from lorafleet.training.data import IGNORE, Dataset, TokenizeReport, tokenize_pair, tokenize_sft
-from lorafleet.training.losses import dpo_loss, labelled_logprobs
+from lorafleet.training.losses import dpo_loss
+from lorafleet.training.step import backward_sum, packed_forward
 
 
 class TrainConfigError(LorafleetError, ValueError):
@@ -120,18 +123,6 @@ def _make_optimizer(params: list[Tensor], cfg: TrainConfig) -> torch.optim.Optim
     return torch.optim.AdamW(params, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
 
 
-def _pad(rows: list[list[int]], labels: list[list[int]], pad_id: int) -> tuple[Tensor, Tensor, Tensor]:
-    width = max(len(r) for r in rows)
-    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    lab = torch.full((len(rows), width), IGNORE, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, (r, lb) in enumerate(zip(rows, labels, strict=True)):
-        ids[i, : len(r)] = torch.tensor(r)
-        lab[i, : len(lb)] = torch.tensor(lb)
-        mask[i, : len(r)] = 1
-    return ids, lab, mask
-
-
 class MultiTenantTrainer:
     """Trains many users' adapters together on one resident base (see the module docstring)."""
 
@@ -203,14 +194,12 @@ class MultiTenantTrainer:
         tracks = [t for t in tracks if not t.done]
         if not tracks:
             return {}
-        self.base.model.train(False)  # the base stays in eval mode (no base dropout); only adapters learn
         losses: dict[str, Tensor] = {}
         for method in ("sft", "dpo"):
             group = [t for t in tracks if t.config.method == method]
             if group:
                 losses.update((self._sft_losses if method == "sft" else self._dpo_losses)(group))
-        total = torch.stack(list(losses.values())).sum()
-        total.backward()
+        backward_sum(losses.values())  # one backward: each adapter gets its own loss's gradient
         out = {}
         for t in tracks:
             if t.config.grad_clip > 0:
@@ -230,14 +219,10 @@ class MultiTenantTrainer:
                 rows.append(item.input_ids)
                 labels.append(item.labels)
                 owners.append(k)
-        ids, lab, mask = _pad(rows, labels, self.base.tokenizer.pad_token_id)
-        device = self.base.device
         stacks = [t.stack for t in group]  # one expansion per user per step (tiny formats)
-        table, slots = route_rows([stacks[k] for k in owners], train=True)  # slots: (rows, levels)
-        with self.host.route(table, slots):
-            logp, count = labelled_logprobs(self.base.model, ids.to(device), mask.to(device), lab.to(device))
+        logp, count = packed_forward(self.base, stacks, owners, rows, labels)
         nll = -logp
-        owner_t = torch.tensor(owners, device=device)
+        owner_t = torch.tensor(owners, device=self.base.device)
         out = {}
         for k, t in enumerate(group):
             sel = owner_t == k
@@ -252,19 +237,12 @@ class MultiTenantTrainer:
                     rows.append(seq)
                     labels.append([IGNORE] * pair.prompt_len + seq[pair.prompt_len:])
                     owners.append(k)
-        ids, lab, mask = _pad(rows, labels, self.base.tokenizer.pad_token_id)
-        device = self.base.device
-        ids, lab, mask = ids.to(device), lab.to(device), mask.to(device)
         stacks = [t.stack for t in group]  # one expansion per user per step (tiny formats)
-        table, slots = route_rows([stacks[k] for k in owners], train=True)
-        with self.host.route(table, slots):
-            policy, _ = labelled_logprobs(self.base.model, ids, mask, lab)
+        policy, _ = packed_forward(self.base, stacks, owners, rows, labels)
         # reference = what the adapter sits on: the base, plus the frozen parents of a stack (no model copy)
-        ref_table, ref_slots = route_rows([AdapterStack(group[k].parents) if group[k].parents else None
-                                          for k in owners])
-        with torch.no_grad(), self.host.route(ref_table, ref_slots):
-            ref, _ = labelled_logprobs(self.base.model, ids, mask, lab)
-        owner_t = torch.tensor(owners[::2], device=device)  # one entry per pair
+        refs = [AdapterStack(t.parents) if t.parents else None for t in group]
+        ref, _ = packed_forward(self.base, refs, owners, rows, labels, grad=False, train=False)
+        owner_t = torch.tensor(owners[::2], device=self.base.device)  # one entry per pair
         pc, pr, rc, rr = policy[0::2], policy[1::2], ref[0::2], ref[1::2]
         out = {}
         for k, t in enumerate(group):
@@ -282,17 +260,14 @@ class MultiTenantTrainer:
         """Everything needed to resume user ``key`` exactly: weights, optimizer, step, sampler position."""
         t = self.users[key]
         return {
-            "weights": {n: (A.detach().clone(), B.detach().clone()) for n, (A, B) in t.adapter.weights.items()},
+            "weights": weights_of(t.adapter),
             "optimizer": t.optimizer.state_dict(),
             "step": t.step, "cursor": t.cursor, "order": list(t.order), "epoch": t.epoch, "losses": list(t.losses),
         }
 
     def load_state_dict(self, key: str, state: dict) -> None:
         t = self.users[key]
-        with torch.no_grad():
-            for n, (A, B) in state["weights"].items():
-                t.adapter.weights[n][0].copy_(A)
-                t.adapter.weights[n][1].copy_(B)
+        load_weights(t.adapter, state["weights"])
         t.optimizer.load_state_dict(state["optimizer"])
         t.step, t.cursor, t.order, t.epoch = state["step"], state["cursor"], list(state["order"]), state["epoch"]
         t.losses = list(state["losses"])
@@ -302,16 +277,13 @@ class MultiTenantTrainer:
 def sft_eval_loss(base, adapter: LoraAdapter | AdapterStack | None, dataset: Dataset, max_len: int = 256,
                   batch: int = 8) -> float:
     """Mean token NLL of an SFT dataset under ``adapter`` (a stack applies every level; None = the base alone)."""
-    host = LoraHost.attach(base.model)
     items = [tokenize_sft(base.tokenizer, r, max_len) for r in dataset.records]
     total, count = 0.0, 0
     adapter = as_lora(adapter)  # a tiny format (VeRA) is evaluated as its expanded LoRA
     for i in range(0, len(items), batch):
         chunk = items[i : i + batch]
-        ids, lab, mask = _pad([c.input_ids for c in chunk], [c.labels for c in chunk], base.tokenizer.pad_token_id)
-        table, slots = route_rows([adapter] * len(chunk))
-        with host.route(table, slots):
-            logp, n = labelled_logprobs(base.model, ids.to(base.device), mask.to(base.device), lab.to(base.device))
+        logp, n = packed_forward(base, [adapter], [0] * len(chunk), [c.input_ids for c in chunk],
+                                 [c.labels for c in chunk], train=False)
         total -= float(logp.sum())
         count += int(n.sum())
     return total / count if count else math.nan

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from lorafleet import __version__
-from lorafleet.adapters import LoraAdapter, LoraHost, LoraSpec, StackedWeights, from_bytes, to_bytes
+from lorafleet.adapters import LoraAdapter, LoraHost, LoraSpec, from_bytes, to_bytes
 from lorafleet.adapters.spec import ATTENTION_TARGETS, MAX_RANK, MLP_TARGETS
 from lorafleet.api.keys import ApiKey
 from lorafleet.api.tinker import losses, wire
@@ -42,8 +42,9 @@ from lorafleet.digest import digest_of
 from lorafleet.registry import Provenance
 from lorafleet.registry.names import check_segment, parse_address
 from lorafleet.serving.params import SamplingParams
-from lorafleet.training.checkpoint import checkpoint_from_bytes, checkpoint_to_bytes
+from lorafleet.training.checkpoint import checkpoint_from_bytes, checkpoint_to_bytes, load_weights, weights_of
 from lorafleet.training.losses import next_token_logprobs
+from lorafleet.training.step import backward_sum, packed_forward
 
 
 @dataclass(frozen=True)
@@ -316,33 +317,22 @@ class TinkerService:
         adapters = [next(op.run for op in ops if op.run.run_id == rid).adapter for rid in runs]
         rows = [(k, j) for k, op in enumerate(ops) for j in range(len(op.payload["data"]))]
         logps: dict[tuple[int, int], torch.Tensor] = {}
-        self.base.model.train(False)  # the base stays in eval mode; only adapter tensors learn
         for batch in self._micro_batches(ops, rows):
-            width = max(len(ops[k].payload["data"][j][0]) for k, j in batch)
-            ids = torch.zeros((len(batch), width), dtype=torch.long)  # (b, T)
-            tgt = torch.zeros((len(batch), width), dtype=torch.long)  # (b, T)
-            mask = torch.zeros((len(batch), width), dtype=torch.long)  # (b, T)
-            for r, (k, j) in enumerate(batch):
-                tokens, inputs = ops[k].payload["data"][j]
-                ids[r, : len(tokens)] = torch.tensor(tokens)
-                tgt[r, : len(tokens)] = inputs["target_tokens"]
-                mask[r, : len(tokens)] = 1
-            slots = [slot_of[ops[k].run.run_id] for k, _ in batch]
+            datums = [ops[k].payload["data"][j] for k, j in batch]
             grad = any(not ops[k].payload["forward_only"] for k, _ in batch)
-            dev = self.base.device
-            with torch.set_grad_enabled(grad), self.host.route(StackedWeights(adapters, train=True), slots):
-                logp = next_token_logprobs(self.base.model, ids.to(dev), mask.to(dev), tgt.to(dev))  # (b, T)
-            total = None
+            logp = packed_forward(self.base, adapters, [slot_of[ops[k].run.run_id] for k, _ in batch],
+                                  [tokens for tokens, _ in datums], [inputs["target_tokens"] for _, inputs in datums],
+                                  score=next_token_logprobs, pad_id=0, label_pad=0, grad=grad)  # (b, T)
+            terms = []
             for r, (k, j) in enumerate(batch):
                 op = ops[k]
-                tokens, inputs = op.payload["data"][j]
+                tokens, inputs = datums[r]
                 row = logp[r, : len(tokens)].cpu()  # (T_j,)
                 loss = losses.elementwise_loss(op.payload["loss_fn"], row, inputs)
                 logps[(k, j)] = torch.stack([row.detach(), loss.detach()])
                 if not op.payload["forward_only"]:
-                    total = loss.sum() if total is None else total + loss.sum()
-            if total is not None:
-                total.backward()  # gradients accumulate in each run's adapter until its optim_step
+                    terms.append(loss.sum())
+            backward_sum(terms)  # gradients accumulate in each run's adapter until its optim_step
         out = []
         for k, op in enumerate(ops):
             outputs, loss_sum, weight = [], 0.0, 0.0
@@ -407,7 +397,7 @@ class TinkerService:
         run, name = op.run, op.payload["name"]
         if run.checkpoint("training", name) is not None:
             raise _user(f"checkpoint {name!r} already exists in run {run.run_id}; pick another name")
-        state = {"weights": {n: (A.detach().clone(), B.detach().clone()) for n, (A, B) in run.adapter.weights.items()},
+        state = {"weights": weights_of(run.adapter),
                  "optimizer": run.optimizer.state_dict(), "step": run.steps, "cursor": 0, "order": [], "epoch": 0,
                  "losses": list(run.losses)}
         data = checkpoint_to_bytes(state)
@@ -430,10 +420,7 @@ class TinkerService:
             raise _user(f"checkpoint {ckpt.tinker_path} holds a LoRA {meta['spec']}, but run {run.run_id} is "
                         f"{run.adapter.spec.to_dict()}: create the training client with the same rank and targets")
         state = checkpoint_from_bytes(Path(ckpt.file).read_bytes())
-        with torch.no_grad():
-            for n, (A, B) in state["weights"].items():
-                run.adapter.weights[n][0].copy_(A)
-                run.adapter.weights[n][1].copy_(B)
+        load_weights(run.adapter, state["weights"])
         if op.payload["optimizer"]:
             run.optimizer.load_state_dict(state["optimizer"])
             run.steps = int(state["step"])
@@ -441,8 +428,7 @@ class TinkerService:
         return {"path": ckpt.tinker_path, "model_id": run.run_id, "type": "load_weights"}
 
     def _snapshot(self, run: Run) -> LoraAdapter:
-        weights = {n: (A.detach().clone(), B.detach().clone()) for n, (A, B) in run.adapter.weights.items()}
-        return LoraAdapter(spec=run.adapter.spec, weights=weights, base_name=self.base.name)
+        return LoraAdapter(spec=run.adapter.spec, weights=weights_of(run.adapter), base_name=self.base.name)
 
     def _save_sampler(self, op: Op) -> dict:
         with self._persist_lock:
@@ -623,17 +609,9 @@ class TinkerService:
                 self._adapters[digest] = adapter
                 while len(self._adapters) > 8:  # a few recent samplers' adapters, parsed
                     self._adapters.pop(next(iter(self._adapters)))
-        width = max(len(r) for r in rows) - 1
-        ids = torch.zeros((len(rows), width), dtype=torch.long)  # (n, T)
-        tgt = torch.zeros((len(rows), width), dtype=torch.long)  # (n, T)
-        mask = torch.zeros((len(rows), width), dtype=torch.long)  # (n, T)
-        for r, row in enumerate(rows):
-            ids[r, : len(row) - 1], tgt[r, : len(row) - 1], mask[r, : len(row) - 1] = (
-                torch.tensor(row[:-1]), torch.tensor(row[1:]), 1)
-        table = StackedWeights([adapter]) if adapter is not None else None
-        dev = self.base.device
-        with self.host.route(table, [0] * len(rows) if table is not None else None):
-            logp = next_token_logprobs(self.base.model, ids.to(dev), mask.to(dev), tgt.to(dev)).cpu()  # (n, T)
+        logp = packed_forward(self.base, [adapter], [0] * len(rows), [row[:-1] for row in rows],
+                              [row[1:] for row in rows], score=next_token_logprobs, pad_id=0, label_pad=0,
+                              train=False).cpu()  # (n, T)
         out, r = [], 0
         for c in completions:
             if not c:
