@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import pytest
 
-from lorafleet.evaluation import generation
 from lorafleet.evaluation.baselines import (
     CONDITIONS,
     Retriever,
@@ -95,8 +94,8 @@ def test_evaluate_conditions_scores_each_condition_with_the_checker(tiny_base):
     def follows_the_profile(base, chats, adapters, max_new_tokens):
         return [("Yes. — Ahab" if chat[0]["role"] == "system" else "Yes.") for chat in chats]
 
-    generation.set_backend(follows_the_profile)
-    out = evaluate_conditions(tiny_base, ahab, d.train, d.eval[:3], conditions=("base", "in_context", "retrieval"))
+    out = evaluate_conditions(tiny_base, ahab, d.train, d.eval[:3], conditions=("base", "in_context", "retrieval"),
+                              backend=follows_the_profile)
     assert out["in_context"]["adherence"] == 1.0 and out["in_context"]["passed"] == 3
     assert out["base"]["adherence"] == 0.0 and out["retrieval"]["adherence"] == 0.0
     assert out["in_context"]["prompt_tokens"] > out["retrieval"]["prompt_tokens"] > out["base"]["prompt_tokens"]

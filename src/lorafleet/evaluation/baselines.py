@@ -132,12 +132,14 @@ def prompt_tokens(tokenizer, messages: list[dict]) -> int:
 
 def evaluate_conditions(base, persona, examples: list[dict], eval_records: list[dict], *, adapter=None,
                         conditions: tuple[str, ...] = CONDITIONS, k: int = DEFAULT_K, max_new_tokens: int = 48,
-                        batch_size: int = 16, on_batch: Callable[[int], None] | None = None) -> dict[str, dict]:
+                        batch_size: int = 16, on_batch: Callable[[int], None] | None = None,
+                        backend=None) -> dict[str, dict]:
     """Held-out adherence and prompt tokens per condition for one user.
 
     ``persona``: its checker scores the responses and its description is the profile; ``examples``: the user's
     training records; ``eval_records``: held-out SFT records (their last user turn is the prompt); ``adapter``:
-    the user's trained adapter (needed for the adapter conditions). Returns ``{condition: {"adherence",
+    the user's trained adapter (needed for the adapter conditions); ``backend``: the generation backend (None: the
+    in-process default; see :func:`lorafleet.evaluation.generation.generate_responses`). Returns ``{condition: {"adherence",
     "prompt_tokens" (mean per request), "passed", "count", "responses"}}``.
     """
     from lorafleet.evaluation.generation import generate_responses  # noqa: PLC0415 - torch on demand
@@ -157,7 +159,7 @@ def evaluate_conditions(base, persona, examples: list[dict], eval_records: list[
         owners += [c] * len(msgs)
     adapters = [adapter if USES_ADAPTER[c] else None for c in owners]
     responses = generate_responses(base, rows, adapters, max_new_tokens=max_new_tokens, batch_size=batch_size,
-                                   on_batch=on_batch)
+                                   on_batch=on_batch, backend=backend)
     out = {}
     for c in conditions:
         idx = [i for i, o in enumerate(owners) if o == c]
