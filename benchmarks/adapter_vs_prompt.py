@@ -59,7 +59,7 @@ def main() -> int:
 
     from lorafleet.adapters import LoraAdapter, LoraSpec, from_bytes, to_bytes
     from lorafleet.base import load_base
-    from lorafleet.cli.common import quiet_libraries
+    from lorafleet.config import quiet_libraries
     from lorafleet.evaluation.baselines import CONDITIONS, USES_ADAPTER, condition_prompts, evaluate_conditions
     from lorafleet.evaluation.personas import get_persona
     from lorafleet.serving.engine import Engine, EngineConfig, SamplingParams

@@ -29,6 +29,7 @@ import re
 from collections.abc import Callable
 
 from lorafleet.evaluation.errors import EvaluationError
+from lorafleet.serving.chat import chat_prompt_ids
 
 CONDITIONS = ("base", "in_context", "retrieval", "adapter", "adapter_in_context")
 USES_ADAPTER = {"base": False, "in_context": False, "retrieval": False, "adapter": True, "adapter_in_context": True}
@@ -125,8 +126,6 @@ def condition_prompts(condition: str, prompts: list[str], examples: list[dict], 
 
 def prompt_tokens(tokenizer, messages: list[dict]) -> int:
     """Prompt tokens of one request: the chat template applied with the generation prompt, as served."""
-    from lorafleet.serving.chat import chat_prompt_ids  # noqa: PLC0415
-
     return len(chat_prompt_ids(tokenizer, messages))
 
 
