@@ -12,8 +12,6 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from lorafleet.serving.chat import chat_prompt_ids
-
 
 def _adapter_item(svc, digests: tuple[str, ...]):
     from lorafleet.adapters import from_bytes  # noqa: PLC0415 - defers torch
@@ -23,14 +21,6 @@ def _adapter_item(svc, digests: tuple[str, ...]):
     if not levels:
         return None
     return levels[0] if len(levels) == 1 else AdapterStack(levels)
-
-
-def prompt_ids(svc, prompt) -> list[int]:
-    """The token ids the engine generated after (the same chat template / tokenization as the engine)."""
-    tok = svc.base.tokenizer
-    if isinstance(prompt, str):
-        return tok(prompt, add_special_tokens=False)["input_ids"]
-    return chat_prompt_ids(tok, list(prompt))
 
 
 def returned_tokens(tokenizer, token_ids: list[int], text: str) -> list[int]:

@@ -202,9 +202,10 @@ def prompt_ids(svc, prompt: str | list[dict], param: str) -> list[int]:
     return ids
 
 
-def _submit(request: Request, target: Target, prompt, body: _Sampling) -> list:
+def _submit(request: Request, target: Target, prompt, body: _Sampling) -> tuple[list[int], list]:
     """Check the limits, tokenize and queue one engine request per choice (``n``); with a ``seed``, choice ``i``
-    uses ``seed + i``. Blocking: the routes run it in the thread pool."""
+    uses ``seed + i``. Returns the prompt's token ids and the handles. Blocking: the routes run it in the thread
+    pool."""
     svc = request.app.state.service
     body.refuse_unsupported()
     if svc.engine is None:
@@ -222,7 +223,7 @@ def _submit(request: Request, target: Target, prompt, body: _Sampling) -> list:
         for h in handles:
             h.cancel()
         raise ApiError(400, str(exc), param=param) from exc
-    return handles
+    return ids, handles
 
 
 def _results(handles) -> list:
@@ -233,7 +234,7 @@ def _results(handles) -> list:
     return results
 
 
-def _logprobs(request: Request, target: Target, prompt, body: _Sampling, result, kind: str):
+def _logprobs(request: Request, target: Target, ids: list[int], body: _Sampling, result, kind: str):
     top = body.top_logprobs_wanted()
     if top is None:
         return None
@@ -241,7 +242,7 @@ def _logprobs(request: Request, target: Target, prompt, body: _Sampling, result,
 
     svc = request.app.state.service
     tokens = lp.returned_tokens(svc.base.tokenizer, list(result.token_ids), result.text)
-    entries = lp.token_logprobs(svc, tuple(d for _, d in target.stack), lp.prompt_ids(svc, prompt), tokens, top)
+    entries = lp.token_logprobs(svc, tuple(d for _, d in target.stack), ids, tokens, top)
     return lp.chat_logprobs(svc, entries) if kind == "chat" else lp.completion_logprobs(svc, entries)
 
 
@@ -313,7 +314,7 @@ def _sse(payload: dict) -> str:
 async def chat_completions(body: ChatRequest, request: Request, key: Key):
     target = await run_in_threadpool(resolve_model, request, key, body.model)
     messages = [m.model_dump() for m in body.messages]
-    handles = await run_in_threadpool(_submit, request, target, messages, body)
+    ids, handles = await run_in_threadpool(_submit, request, target, messages, body)
     if body.stream:
         return _stream(request, handles[0], target, "chat",
                        bool(body.stream_options and body.stream_options.include_usage), messages)
@@ -321,7 +322,7 @@ async def chat_completions(body: ChatRequest, request: Request, key: Key):
     await run_in_threadpool(capture, request, target, messages, results[0].text, results[0].request_id, "chat")
     choices = []
     for i, result in enumerate(results):
-        logprobs = await run_in_threadpool(_logprobs, request, target, messages, body, result, "chat")
+        logprobs = await run_in_threadpool(_logprobs, request, target, ids, body, result, "chat")
         choices.append({"index": i, "message": {"role": "assistant", "content": result.text},
                         "finish_reason": result.finish_reason, "logprobs": logprobs})
     return {"id": results[0].request_id, "object": "chat.completion", "created": int(time.time()),
@@ -331,7 +332,7 @@ async def chat_completions(body: ChatRequest, request: Request, key: Key):
 @router.post("/completions", summary="Text completion through a personal model (OpenAI-compatible)")
 async def completions(body: CompletionRequest, request: Request, key: Key):
     target = await run_in_threadpool(resolve_model, request, key, body.model)
-    handles = await run_in_threadpool(_submit, request, target, body.prompt, body)
+    ids, handles = await run_in_threadpool(_submit, request, target, body.prompt, body)
     if body.stream:
         return _stream(request, handles[0], target, "completion",
                        bool(body.stream_options and body.stream_options.include_usage), body.prompt)
@@ -340,7 +341,7 @@ async def completions(body: CompletionRequest, request: Request, key: Key):
                             "completion")
     choices = []
     for i, result in enumerate(results):
-        logprobs = await run_in_threadpool(_logprobs, request, target, body.prompt, body, result, "completion")
+        logprobs = await run_in_threadpool(_logprobs, request, target, ids, body, result, "completion")
         choices.append({"index": i, "text": result.text, "finish_reason": result.finish_reason, "logprobs": logprobs})
     return {"id": results[0].request_id, "object": "text_completion", "created": int(time.time()),
             "model": target.model, "choices": choices, "usage": _usage_all(results), "lorafleet": target.metadata()}
