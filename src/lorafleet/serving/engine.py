@@ -46,6 +46,7 @@ from lorafleet.serving.chat import chat_prompt_ids
 from lorafleet.serving.contract import adapter_levels
 from lorafleet.serving.detok import TextStream
 from lorafleet.serving.kv import KVSlab
+from lorafleet.serving.lean import LeanDecoder, unsupported_reason
 from lorafleet.serving.metrics import Metrics
 from lorafleet.serving.params import EngineConfig, SamplingParams
 from lorafleet.serving.residency import READY, Residency
@@ -240,6 +241,13 @@ class Engine:
             eos.append(self.tokenizer.eos_token_id)
         self.eos_ids = frozenset(eos)
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        self._lean: LeanDecoder | None = None  # the lean one-token step (serving/lean.py) where the base takes it
+        if config.lean_decode:
+            reason = unsupported_reason(self.model)
+            if reason is None:
+                self._lean = LeanDecoder(self.model)
+            else:
+                log.info("decode steps take the full transformers forward: %s", reason)
 
         self._ids = itertools.count(1)
         self._inbox: deque[_Request] = deque()
@@ -658,10 +666,13 @@ class Engine:
         n = len(self._rows)
         mask, positions = self.slab.begin_decode()
         with self._route(self._slot_t[:n], self._depth()):
-            out = self.model(input_ids=self._last_tok[:n, None], position_ids=positions, attention_mask=mask,
-                             cache=self.slab.cache, use_cache=True)
+            if self._lean is not None:
+                logits = self._lean(self._last_tok[:n], positions, mask, self.slab)  # (n, V)
+            else:
+                logits = self.model(input_ids=self._last_tok[:n, None], position_ids=positions, attention_mask=mask,
+                                    cache=self.slab.cache, use_cache=True).logits[:, -1]
         self.slab.end_decode()
-        tokens_t, tokens, bad = self._sample(self._rows, out.logits[:, -1])
+        tokens_t, tokens, bad = self._sample(self._rows, logits)
         self._last_tok[:n] = tokens_t
         finished = [i for i, req in enumerate(self._rows)
                     if (bad[i] and self._fail_nonfinite(req)) or (not bad[i] and self._on_token(req, tokens[i]))]

@@ -46,6 +46,11 @@ class EngineConfig:
     join_wait_steps: int = field(
         default=4, metadata={"help": "...or once the oldest ready request has waited this many decode steps"}
     )
+    lean_decode: bool = field(
+        default=True,
+        metadata={"help": "one-token steps take the lean forward (serving/lean.py) where the base's architecture "
+                          "allows; False = always transformers' full forward (the reference)"},
+    )
     max_seq_len: int | None = field(
         default=None,
         metadata={"help": "cap on prompt + completion tokens; None = the base's max_position_embeddings"},
