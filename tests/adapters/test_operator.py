@@ -136,3 +136,34 @@ def test_route_is_scoped(tiny_base, three_adapters):
             pass
         after = tiny_base.model(ids).logits
     torch.testing.assert_close(before, after)
+
+
+@pytest.mark.parametrize("idx", [[3, 0, 3, 4, 0, 0, 1], [0, 0, 1, 1, 1, 4], [2], [4, 3, 2, 1, 0], [1] * 9])
+@pytest.mark.parametrize("T", [1, 3])
+def test_padded_and_gather_agree(idx, T):
+    """The decode path (rows in padded per-slot groups, each adapter read once) equals the per-row gather, for
+    the whole-table plan and the few-of-many-slots plan ([2], [1] * 9 over 5 slots) alike."""
+    from lorafleet.adapters.operator import _padded_bmm, _Plan  # noqa: PLC0415 - private helpers under test
+
+    A, B, scaling = _random_tables()
+    idx = torch.tensor(idx)
+    x = torch.randn(idx.shape[0], T, A.shape[2])
+    plan = _Plan(idx, A.shape[0])
+    assert (plan.used is None) == (3 * idx.unique().numel() >= A.shape[0])
+    torch.testing.assert_close(_padded_bmm(x, A, B, scaling, plan), _gather_bmm(x, A, B, scaling, idx),
+                               atol=1e-5, rtol=1e-5)
+
+
+def test_one_plan_serves_every_projection_of_a_routing():
+    """A routing's plans are shared by projections of different shapes and equal the reference for each."""
+    g = torch.Generator().manual_seed(5)
+    slots = torch.tensor([[2, -1], [0, 1], [-1, 3], [2, 2], [4, -1]])
+    plans: dict = {}
+    for d_in, d_out in ((12, 10), (7, 19)):
+        A = torch.randn(5, 3, d_in, generator=g)
+        B = torch.randn(5, d_out, 3, generator=g)
+        scaling = torch.rand(5, generator=g) + 0.5
+        x = torch.randn(5, 1, d_in, generator=g)
+        got = lora_delta(x, A, B, scaling, slots, plans=plans)
+        torch.testing.assert_close(got, lora_delta_reference(x, A, B, scaling, slots), atol=1e-5, rtol=1e-5)
+    assert len(plans) == 2  # one per level, computed once

@@ -98,6 +98,42 @@ def _segmented(x: Tensor, A: Tensor, B: Tensor, scale: Tensor, idx: Tensor) -> T
     return out
 
 
+class _Plan:
+    """How one level's rows map onto padded per-slot groups for :func:`_padded_bmm` (computed once per forward
+    and shared by every projection: it depends on the slots alone)."""
+
+    def __init__(self, idx: Tensor, num_slots: int) -> None:
+        used, inverse = torch.unique(idx, return_inverse=True)  # (u,), (n,)
+        u = used.numel()
+        if u == num_slots or 3 * u >= num_slots:  # read the whole table once: no copy of any adapter's weights
+            group, self.used = idx, None
+            self.groups = num_slots
+        else:  # few of many slots: copy those adapters once, then read them once
+            group, self.used = inverse, used
+            self.groups = u
+        counts = torch.bincount(group, minlength=self.groups)
+        self.width = int(counts.max())
+        order = torch.argsort(group, stable=True)
+        starts = torch.cumsum(counts, 0) - counts  # (groups,) first sorted position of each group
+        within = torch.empty_like(order)
+        within[order] = torch.arange(order.numel(), device=idx.device) - starts.index_select(0, group.index_select(0, order))
+        self.dest = group * self.width + within  # (n,) row -> padded position
+
+
+def _padded_bmm(x: Tensor, A: Tensor, B: Tensor, scale: Tensor, plan: _Plan) -> Tensor:
+    """Same result as :func:`_gather_bmm`, without a per-row copy of the weights: rows are placed into padded
+    per-slot groups ``(G, width, in)`` and each slot's ``A``/``B`` is read once by two ``bmm``. For decode steps of
+    many rows over many adapters this reads each adapter once per step instead of copying it once per row."""
+    n, t, d_in = x.shape
+    if plan.used is not None:
+        A, B, scale = A.index_select(0, plan.used), B.index_select(0, plan.used), scale.index_select(0, plan.used)
+    g, w = plan.groups, plan.width
+    xp = x.new_zeros(g * w, t * d_in).index_copy_(0, plan.dest, x.reshape(n, t * d_in))
+    h = torch.bmm(xp.view(g, w * t, d_in), A.transpose(1, 2)) * scale[:, None, None]  # (G, w*T, r)
+    out = torch.bmm(h, B.transpose(1, 2))  # (G, w*T, out)
+    return out.view(g * w, t * B.shape[1]).index_select(0, plan.dest).view(n, t, B.shape[1])
+
+
 def lora_delta(
     x: Tensor,
     A: Tensor,
@@ -105,16 +141,22 @@ def lora_delta(
     scaling: Tensor,
     slots: Tensor,
     dropout: Tensor | None = None,
+    plans: dict | None = None,
 ) -> Tensor:
     """The operator's fast path. Shapes as in the module docstring; returns ``delta: (Bsz, T, out)``.
 
     Only rows with an adapter are computed. Prefill/training (``T > 1``) runs one matmul pair per adapter
-    over all its rows' tokens; decode (``T == 1``) gathers per-row weights and runs two ``bmm``.
-    ``dropout: (S,)`` per-slot probabilities (training only). Differentiable w.r.t. ``x``, ``A`` and ``B``.
+    over all its rows' tokens; inference decode (``T == 1``, no grad) places rows into padded per-slot groups
+    and runs two ``bmm`` that read each adapter once (:func:`_padded_bmm`); decode with gradients gathers per-row
+    weights. ``dropout: (S,)`` per-slot probabilities (training only). ``plans``: a dict the caller keeps for
+    one routing (the same slots) so the row placement is computed once for all projections.
+    Differentiable w.r.t. ``x``, ``A`` and ``B``.
     """
     if triton_lora.wants_triton(x, A, B, dropout):  # CUDA inference: the Triton kernels (docs/operator.md)
         return triton_lora.lora_delta_triton(x, A, B, scaling, slots)
     slots = _as_levels(slots)
+    padded = x.shape[1] == 1 and dropout is None and not (torch.is_grad_enabled() and
+                                                         (x.requires_grad or A.requires_grad or B.requires_grad))
     delta: Tensor | None = None
     for level in range(slots.shape[1]):
         s = slots[:, level]
@@ -129,7 +171,15 @@ def lora_delta(
             idx, xs = s.index_select(0, rows), x.index_select(0, rows)  # (n,), (n, T, in)
         if dropout is not None:
             xs = _row_dropout(xs, dropout.index_select(0, idx))
-        if x.shape[1] >= GROUPED_MIN_TOKENS:
+        if padded:
+            key = (level, A.shape[0])
+            plan = None if plans is None else plans.get(key)
+            if plan is None:
+                plan = _Plan(idx, A.shape[0])
+                if plans is not None:
+                    plans[key] = plan
+            part = _padded_bmm(xs, A, B, scaling, plan)
+        elif x.shape[1] >= GROUPED_MIN_TOKENS:
             part = _segmented(xs, A, B, scaling, idx)
         else:
             part = _gather_bmm(xs, A, B, scaling, idx)
@@ -158,6 +208,7 @@ class LoraRouting(threading.local):
     def __init__(self) -> None:
         self.slots: Tensor | None = None  # (Bsz, L) long, -1 = no adapter; None = base only
         self.table: SlotWeights | None = None
+        self.plans: dict = {}  # the operator's row placement for these slots, shared by every projection
 
 
 class MultiLoraLinear(nn.Module):
@@ -184,7 +235,11 @@ class MultiLoraLinear(nn.Module):
         return self.base.weight
 
     def forward(self, x: Tensor) -> Tensor:
-        y = self.base(x)
+        return self.add_delta(x, self.base(x))
+
+    def add_delta(self, x: Tensor, y: Tensor) -> Tensor:
+        """``y`` (this layer's base output for ``x``, computed by the caller, e.g. one fused kernel call for several
+        projections) plus the routed rows' LoRA deltas; ``y`` itself when no row has an adapter here."""
         slots, table = self.routing.slots, self.routing.table
         if slots is None or table is None:
             return y
@@ -197,7 +252,7 @@ class MultiLoraLinear(nn.Module):
             y3 = y.view(shape[0], x3.shape[1], -1)  # (Bsz, T, out): the kernels accumulate into the base output
             triton_lora.lora_add_(y3, x3.contiguous(), ab[0], ab[1], table.scaling, slots, getattr(table, "ranks", None))
             return y
-        delta = lora_delta(x3, ab[0], ab[1], table.scaling, slots, table.dropout)
+        delta = lora_delta(x3, ab[0], ab[1], table.scaling, slots, table.dropout, self.routing.plans)
         return y + delta.reshape(*shape[:-1], -1).to(y.dtype)
 
 
@@ -243,14 +298,15 @@ class LoraHost:
 
         ``slots`` is ``(Bsz,)`` or ``(Bsz, L)`` for stacks; ``-1`` = no adapter; ``None`` = base only.
         """
-        previous = (self.routing.slots, self.routing.table)
+        previous = (self.routing.slots, self.routing.table, self.routing.plans)
         if slots is not None and not isinstance(slots, Tensor):
             slots = torch.tensor(slots, dtype=torch.long)
         device = next(self.model.parameters()).device
         # a private copy: the kernels' per-forward segment plan may be reused while this routing is unchanged
         self.routing.slots = None if slots is None else _as_levels(slots.to(device=device, dtype=torch.long)).clone()
         self.routing.table = table
+        self.routing.plans = {}
         try:
             yield self
         finally:
-            self.routing.slots, self.routing.table = previous
+            self.routing.slots, self.routing.table, self.routing.plans = previous

@@ -191,6 +191,47 @@ class QuantLinear(nn.Module):
         layer.note = note
         return layer
 
+    @staticmethod
+    def cannot_fuse(layers: list) -> str | None:
+        """Why :meth:`fuse` cannot take ``layers`` (None: it can)."""
+        first = layers[0] if layers else None
+        if len(layers) < 2 or any(not isinstance(m, QuantLinear) or m.kind != first.kind
+                                  or m.in_features != first.in_features for m in layers):
+            return "needs >= 2 QuantLinears of one kind and one in_features"
+        if first.kind == "int4" and any(m.out_features % 64 for m in layers[:-1]):
+            # torch's CPU int4 pack lays rows out in blocks of 64: only then are the parts' codes rows of the whole
+            return "int4 parts (all but the last) need out_features % 64 == 0"
+        return None
+
+    @classmethod
+    @torch.no_grad()
+    def fuse(cls, layers: list[QuantLinear]) -> QuantLinear:
+        """One layer computing ``cat([l(x) for l in layers], -1)`` with one kernel call (e.g. q/k/v, gate/up).
+
+        The fused layer holds the concatenated codes and each source layer's codes become a view of them, so the
+        codes are not stored twice; the int4 scales (which the op needs contiguous) and biases are copied.
+        """
+        why = cls.cannot_fuse(layers)
+        if why:
+            raise BasePrecisionError(f"QuantLinear.fuse: {why}")
+        first = layers[0]
+        sizes = [m.out_features for m in layers]
+        bias = None
+        if any(m.bias is not None for m in layers):
+            bias = torch.cat([m.bias if m.bias is not None else torch.zeros(m.out_features) for m in layers])
+        fused = cls(first.kind, first.in_features, sum(sizes), bias)
+        fused.note = f"{first.note}, fused x{len(layers)}"
+        shared = {"int4": ("packed",), "int8": ("qweight", "scale", "scale_bf16"), "bf16": ("weight_bf16",)}[first.kind]
+        for name in shared:
+            fused.register_buffer(name, torch.cat([getattr(m, name) for m in layers]))
+            offset = 0
+            for m, n in zip(layers, sizes, strict=True):
+                setattr(m, name, getattr(fused, name)[offset:offset + n])  # a view: the codes live once
+                offset += n
+        if first.kind == "int4":
+            fused.register_buffer("scales_zeros", torch.cat([m.scales_zeros for m in layers], dim=1).contiguous())
+        return fused
+
     # -- math ------------------------------------------------------------------------------------------------
 
     @property

@@ -245,7 +245,7 @@ class Engine:
         if config.lean_decode:
             reason = unsupported_reason(self.model)
             if reason is None:
-                self._lean = LeanDecoder(self.model)
+                self._lean = LeanDecoder.of(self.model)
             else:
                 log.info("decode steps take the full transformers forward: %s", reason)
 

@@ -33,6 +33,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from lorafleet.base.precision import QuantLinear
+
 SUPPORTED = frozenset({"llama"})  # model_type values whose decoder layer is the one above
 
 
@@ -57,8 +59,47 @@ def unsupported_reason(model: nn.Module) -> str | None:
     return None
 
 
+class _Fused:
+    """Several projections of one input (q/k/v, gate/up): the base part in one kernel call where the base is a
+    low-precision one (:meth:`QuantLinear.fuse`), then each projection's LoRA rows through the operator."""
+
+    def __init__(self, projections: list) -> None:
+        self.projections = projections
+        bases = [getattr(p, "base", p) for p in projections]
+        self.kernel = None if QuantLinear.cannot_fuse(bases) else QuantLinear.fuse(bases)
+        self.bounds = []
+        offset = 0
+        for b in bases:
+            self.bounds.append((offset, offset + b.out_features))
+            offset += b.out_features
+
+    @property
+    def extra_bytes(self) -> int:
+        """Bytes the fused layer adds (its int4 scales and biases: the codes are shared with the projections)."""
+        if self.kernel is None:
+            return 0
+        return sum(b.numel() * b.element_size() for name, b in self.kernel.named_buffers()
+                   if name in ("scales_zeros", "bias"))
+
+    def __call__(self, h: Tensor) -> list[Tensor]:
+        if self.kernel is None:
+            return [p(h) for p in self.projections]
+        y = self.kernel(h)
+        return [p.add_delta(h, y[:, a:b]) if hasattr(p, "add_delta") else y[:, a:b]
+                for p, (a, b) in zip(self.projections, self.bounds, strict=True)]
+
+
 class LeanDecoder:
     """A one-token-per-row forward over a Llama-family model's modules; see the module docstring."""
+
+    @classmethod
+    def of(cls, model: nn.Module) -> LeanDecoder:
+        """The model's lean decoder, built once (its fused kernels share the projections' codes)."""
+        lean = model.__dict__.get("_lorafleet_lean")
+        if lean is None:
+            lean = cls(model)
+            model.__dict__["_lorafleet_lean"] = lean  # a plain attribute: not a submodule, not in state_dict
+        return lean
 
     def __init__(self, model: nn.Module) -> None:
         reason = unsupported_reason(model)
@@ -81,11 +122,12 @@ class LeanDecoder:
             attn, mlp = layer.self_attn, layer.mlp
             self.layers.append((
                 layer.input_layernorm.weight, float(layer.input_layernorm.variance_epsilon),
-                attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj,
+                _Fused([attn.q_proj, attn.k_proj, attn.v_proj]), attn.o_proj,
                 layer.post_attention_layernorm.weight, float(layer.post_attention_layernorm.variance_epsilon),
-                mlp.gate_proj, mlp.up_proj, mlp.down_proj,
+                _Fused([mlp.gate_proj, mlp.up_proj]), mlp.down_proj,
             ))
         self.hidden = cfg.hidden_size
+        self.extra_bytes = sum(f.extra_bytes for layer in self.layers for f in (layer[2], layer[6]))
 
     @staticmethod
     def _rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
@@ -104,14 +146,16 @@ class LeanDecoder:
         cos, sin = self.rotary(x, positions)  # (n, 1, D) each
         cos, sin = cos.to(x.dtype), sin.to(x.dtype)
         one_row_mask = mask if n > 1 else None  # one row attends to its whole window: no mask needed
-        for i, (w1, e1, q_proj, k_proj, v_proj, o_proj, w2, e2, gate, up, down) in enumerate(self.layers):
+        for i, (w1, e1, qkv, o_proj, w2, e2, gate_up, down) in enumerate(self.layers):
             h = F.rms_norm(x, hidden, w1, e1)
-            q = self._rope(q_proj(h).view(n, hq, d), cos, sin)
-            k = self._rope(k_proj(h).view(n, hk, d), cos, sin)
-            keys, values = slab.write(i, k.view(n, hk, 1, d), v_proj(h).view(n, hk, 1, d))  # (n, hk, W, D)
+            q, k, v = qkv(h)
+            q = self._rope(q.reshape(n, hq, d), cos, sin)
+            k = self._rope(k.reshape(n, hk, d), cos, sin)
+            keys, values = slab.write(i, k.view(n, hk, 1, d), v.reshape(n, hk, 1, d))  # (n, hk, W, D)
             a = F.scaled_dot_product_attention(q.view(n, hk, self.group, d), keys, values, attn_mask=one_row_mask,
                                                scale=self.scale)  # (n, hk, group, D)
             x = x + o_proj(a.reshape(n, hq * d))
             h = F.rms_norm(x, hidden, w2, e2)
-            x = x + down(F.silu(gate(h)) * up(h))
+            gate, up = gate_up(h)
+            x = x + down(F.silu(gate) * up)
         return self.lm_head(F.rms_norm(x, hidden, *self.final_norm))
