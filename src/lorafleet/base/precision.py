@@ -105,16 +105,37 @@ class _QuantMatmul(torch.autograd.Function):
         return grad.to(w.dtype) @ w, None
 
 
-def _unpack_int4(packed: Tensor, n: int, k: int) -> Tensor:
-    """Codes ``(n, k)`` uint8 in 0..15 from torch's CPU int4 pack ``(n, k/2)``.
+_INT4_LAYOUTS: dict[tuple[int, int], Tensor] = {}  # (n, k) -> where each packed nibble's code sits in (n, k)
 
-    Layout (probed, torch 2.13): rows in blocks of 32; byte ``[32*nb + kk, 16*kpar + i]`` holds row ``32*nb + i``
-    in its low nibble and row ``32*nb + 16 + i`` in its high nibble, both at column ``2*kk + kpar``.
-    """
-    p = packed.view(n // 32, k // 2, 2, 16)
-    lo, hi = p & 15, p >> 4
-    codes = torch.stack((lo, hi), dim=1)  # (n/32, 2[lo,hi], k/2, 2[kpar], 16[i])
-    return codes.permute(0, 1, 4, 2, 3).reshape(n, k)
+
+def _int4_layout(n: int, k: int) -> Tensor:
+    """For torch's CPU int4 pack of an ``(n, k)`` code matrix: the flat ``(n*k)`` position of the code held by each
+    nibble of the packed bytes (low nibble first). Probed at run time, because the layout is the kernel's private
+    choice and differs by CPU (row blocks of 64 with AVX-512, 32 without): several packs of codes that spell each
+    position's index in base 16, one hex digit per pack, read back and reassembled. Cached per shape."""
+    key = (n, k)
+    layout = _INT4_LAYOUTS.get(key)
+    if layout is None:
+        index = torch.arange(n * k, dtype=torch.int64)
+        layout = torch.zeros(n * k, dtype=torch.int64)
+        digit = 0
+        while (n * k - 1) >> (4 * digit):
+            codes = ((index >> (4 * digit)) & 15).view(n, k).to(torch.int32)
+            packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 1).view(torch.uint8).reshape(-1)
+            nibbles = torch.stack((packed & 15, packed >> 4), dim=-1).reshape(-1).to(torch.int64)
+            layout |= nibbles << (4 * digit)
+            digit += 1
+        _INT4_LAYOUTS[key] = layout
+    return layout
+
+
+def _unpack_int4(packed: Tensor, n: int, k: int) -> Tensor:
+    """Codes ``(n, k)`` uint8 in 0..15 from torch's CPU int4 pack (see :func:`_int4_layout`)."""
+    flat = packed.contiguous().view(torch.uint8).reshape(-1)
+    nibbles = torch.stack((flat & 15, flat >> 4), dim=-1).reshape(-1)
+    codes = torch.empty(n * k, dtype=torch.uint8)
+    codes[_int4_layout(n, k)] = nibbles
+    return codes.view(n, k)
 
 
 class QuantLinear(nn.Module):
