@@ -304,3 +304,16 @@ def test_cli_base_dtype(monkeypatch, tmp_path):
     assert result.exit_code == 2 and "unknown base precision" in result.output, result.output
     listed = runner.invoke(app, ["jobs", "ls", "--json"])
     assert listed.exit_code == 0 and json.loads(listed.output) == []  # nothing queued, nothing created
+
+
+@pytest.mark.parametrize("n,k", [(32, 64), (64, 64), (96, 64), (128, 96)])
+def test_int4_unpack_reads_torchs_pack_back_on_this_cpu(n, k):
+    """torch's CPU int4 pack layout differs by CPU; the probed decoder (structural or the position map) reads
+    back exactly what was packed, and the position map agrees with it."""
+    codes = torch.randint(0, 16, (n, k), dtype=torch.int32, generator=torch.Generator().manual_seed(n + k))
+    packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 1)
+    assert torch.equal(P._unpack_int4(packed, n, k).to(torch.int32), codes)
+    flat = packed.view(torch.uint8).reshape(-1)
+    by_map = torch.empty(n * k, dtype=torch.uint8)
+    by_map[P._int4_layout(n, k)] = torch.stack((flat & 15, flat >> 4), dim=-1).reshape(-1)
+    assert torch.equal(by_map.view(n, k).to(torch.int32), codes)

@@ -105,37 +105,74 @@ class _QuantMatmul(torch.autograd.Function):
         return grad.to(w.dtype) @ w, None
 
 
-_INT4_LAYOUTS: dict[tuple[int, int], Tensor] = {}  # (n, k) -> where each packed nibble's code sits in (n, k)
+def _blocked(block: int, k_pairs: bool):
+    """A decoder of torch's CPU int4 pack with rows in blocks of ``block``: byte ``[b, col, i]`` holds row
+    ``block*b + i`` (low nibble) and ``block*b + block/2 + i`` (high nibble); ``k_pairs``: the AVX2 variant, whose
+    bytes go over column pairs ``[b, col/2, col%2, i]``."""
+    half = block // 2
+
+    def decode(packed: Tensor, n: int, k: int) -> Tensor:
+        if k_pairs:
+            p = packed.reshape(n // block, k // 2, 2, half)
+            codes = torch.stack((p & 15, p >> 4), dim=1)  # (n/B, 2, k/2, 2, B/2)
+            return codes.permute(0, 1, 4, 2, 3).reshape(n, k)
+        p = packed.reshape(n // block, k, half)
+        codes = torch.stack((p & 15, p >> 4), dim=1)  # (n/B, 2, k, B/2)
+        return codes.permute(0, 1, 3, 2).reshape(n, k)
+
+    return decode
+
+
+_INT4_CANDIDATES = (_blocked(64, False), _blocked(32, True))  # AVX-512 and AVX2 layouts (torch 2.13)
+_INT4_DECODERS: dict[tuple[int, int], object] = {}
 
 
 def _int4_layout(n: int, k: int) -> Tensor:
     """For torch's CPU int4 pack of an ``(n, k)`` code matrix: the flat ``(n*k)`` position of the code held by each
-    nibble of the packed bytes (low nibble first). Probed at run time, because the layout is the kernel's private
-    choice and differs by CPU (row blocks of 64 with AVX-512, 32 without): several packs of codes that spell each
-    position's index in base 16, one hex digit per pack, read back and reassembled. Cached per shape."""
-    key = (n, k)
-    layout = _INT4_LAYOUTS.get(key)
-    if layout is None:
-        index = torch.arange(n * k, dtype=torch.int64)
-        layout = torch.zeros(n * k, dtype=torch.int64)
-        digit = 0
-        while (n * k - 1) >> (4 * digit):
-            codes = ((index >> (4 * digit)) & 15).view(n, k).to(torch.int32)
-            packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 1).view(torch.uint8).reshape(-1)
-            nibbles = torch.stack((packed & 15, packed >> 4), dim=-1).reshape(-1).to(torch.int64)
-            layout |= nibbles << (4 * digit)
-            digit += 1
-        _INT4_LAYOUTS[key] = layout
+    nibble of the packed bytes (low nibble first), found by packing codes that spell each position's index in base
+    16, one hex digit per pack. Works for any layout; slower to apply than a structural decoder."""
+    index = torch.arange(n * k, dtype=torch.int64)
+    layout = torch.zeros(n * k, dtype=torch.int64)
+    digit = 0
+    while (n * k - 1) >> (4 * digit):
+        codes = ((index >> (4 * digit)) & 15).view(n, k).to(torch.int32)
+        packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 1).view(torch.uint8).reshape(-1)
+        layout |= torch.stack((packed & 15, packed >> 4), dim=-1).reshape(-1).to(torch.int64) << (4 * digit)
+        digit += 1
     return layout
 
 
+def _int4_decoder(n: int, k: int):
+    """How to unpack this shape's codes. The pack layout is the kernel's private choice and differs by CPU (row
+    blocks of 64 with AVX-512, 32 without), so it is probed once per shape: the first structural decoder that
+    reads a random pack back exactly, else the position map of :func:`_int4_layout`. Cached per shape."""
+    decoder = _INT4_DECODERS.get((n, k))
+    if decoder is None:
+        probe = torch.randint(0, 16, (n, k), dtype=torch.int32, generator=torch.Generator().manual_seed(n * 7919 + k))
+        packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(probe, 1).view(torch.uint8)
+        for candidate in _INT4_CANDIDATES:
+            try:
+                if torch.equal(candidate(packed, n, k).to(torch.int32), probe):
+                    decoder = candidate
+                    break
+            except RuntimeError:  # the shape does not tile this candidate's blocks
+                continue
+        if decoder is None:
+            layout = _int4_layout(n, k)
+
+            def decoder(packed: Tensor, n: int, k: int, layout: Tensor = layout) -> Tensor:
+                flat = packed.reshape(-1)
+                codes = torch.empty(n * k, dtype=torch.uint8)
+                codes[layout] = torch.stack((flat & 15, flat >> 4), dim=-1).reshape(-1)
+                return codes.view(n, k)
+
+        _INT4_DECODERS[(n, k)] = decoder
+    return decoder
+
+
 def _unpack_int4(packed: Tensor, n: int, k: int) -> Tensor:
-    """Codes ``(n, k)`` uint8 in 0..15 from torch's CPU int4 pack (see :func:`_int4_layout`)."""
-    flat = packed.contiguous().view(torch.uint8).reshape(-1)
-    nibbles = torch.stack((flat & 15, flat >> 4), dim=-1).reshape(-1)
-    codes = torch.empty(n * k, dtype=torch.uint8)
-    codes[_int4_layout(n, k)] = nibbles
-    return codes.view(n, k)
+    """Codes ``(n, k)`` uint8 in 0..15 from torch's CPU int4 pack (see :func:`_int4_decoder`)."""
+    return _int4_decoder(n, k)(packed.contiguous().view(torch.uint8), n, k)
 
 
 class QuantLinear(nn.Module):
