@@ -196,8 +196,8 @@ def test_bad_inputs_are_named(server, tk):
     with pytest.raises(Exception, match=r"'weights'\] has \d+ entries but model_input has \d+ tokens"):
         tc.forward_backward([bad], "cross_entropy").result()
     good = datum(server.base.tokenizer, "the cat sat")
-    with pytest.raises(Exception, match="loss_fn 'ppo' is not supported"):
-        tc.forward_backward([good], "ppo").result()
+    with pytest.raises(Exception, match="loss_fn 'gspo' is not supported"):
+        tc.forward_backward([good], "gspo").result()
     with pytest.raises(Exception, match="model_input is empty"):
         tc.forward_backward([types.Datum(model_input=types.ModelInput.from_ints([]),
                                          loss_fn_inputs={"target_tokens": [], "weights": []})], "cross_entropy").result()
@@ -239,3 +239,48 @@ def test_importance_sampling_loss(server, tk):
         "target_tokens": ce.loss_fn_inputs["target_tokens"], "logprobs": (logp - 0.1).tolist(), "advantages": adv})
     out = tc.forward_backward([d], "importance_sampling").result()
     assert out.metrics["loss:sum"] == pytest.approx(float(-(np.exp(0.1) * adv).sum()), abs=1e-4)
+
+
+def test_ppo_cispo_dro_losses(server, tk):
+    """ppo / cispo / dro through the SDK, with and without loss_fn_config: loss:sum is the Tinker docs' formula
+    over the server's own log-probs, each trains the run (the log-probs move), and a bad config is a 400 naming it."""
+    sc = sdk(server)
+    tc = sc.create_lora_training_client(base_model=server.base.name, rank=4, seed=6).result()
+    ce = datum(server.base.tokenizer, TEXTS[1])
+    logp = tc.forward([ce], "cross_entropy").result().loss_fn_outputs[0]["logprobs"].to_numpy().astype(np.float64)
+    delta = np.resize([-0.6, -0.1, 0.0, 0.1, 0.6], len(logp))  # log-ratios inside and outside the clip ranges
+    adv = np.resize([1.0, -1.0, 0.5, -0.5], len(logp))
+    q = logp - delta
+    rl = types.Datum(model_input=ce.model_input, loss_fn_inputs={
+        "target_tokens": ce.loss_fn_inputs["target_tokens"], "logprobs": q.astype(np.float32).tolist(),
+        "advantages": adv.astype(np.float32).tolist()})
+    r = np.exp(delta)
+    cases = [("ppo", None, -np.minimum(r * adv, np.clip(r, 0.8, 1.2) * adv)),
+             ("ppo", {"clip_low_threshold": 0.95, "clip_high_threshold": 1.05},
+              -np.minimum(r * adv, np.clip(r, 0.95, 1.05) * adv)),
+             ("cispo", None, -np.clip(r, 0.0, 4.0) * logp * adv),
+             ("cispo", {"clip_low_threshold": 0.9, "clip_high_threshold": 1.1}, -np.clip(r, 0.9, 1.1) * logp * adv),
+             ("dro", {"beta": 0.3}, -(logp * adv - 0.15 * delta ** 2))]
+    for loss_fn, config, want in cases:
+        out = tc.forward([rl], loss_fn, config).result()
+        assert out.metrics["loss:sum"] == pytest.approx(float(want.sum()), abs=2e-4), (loss_fn, config)
+        np.testing.assert_allclose(out.loss_fn_outputs[0]["elementwise_loss"].to_numpy(), want, atol=2e-5)
+    for loss_fn, config, _ in cases:  # each one trains: a step moves the log-probs
+        tc.forward_backward([rl], loss_fn, config).result()
+        tc.optim_step(types.AdamParams(learning_rate=1e-2)).result()
+        after = tc.forward([ce], "cross_entropy").result().loss_fn_outputs[0]["logprobs"].to_numpy()
+        assert np.abs(after - logp).max() > 1e-4, loss_fn
+        logp = after.astype(np.float64)
+    assert tk.runs[tc.model_id].loss_configs["dro"] == {"beta": 0.3}
+    datums = tk.runs[tc.model_id].datums
+    with pytest.raises(Exception, match=r"loss_fn 'dro' needs loss_fn_config\['beta'\]"):
+        tc.forward_backward([rl], "dro").result()
+    with pytest.raises(Exception, match=r"loss_fn_config \['clip_ratio'\] not understood: loss_fn 'ppo' takes"):
+        tc.forward_backward([rl], "ppo", {"clip_ratio": 0.2}).result()
+    with pytest.raises(Exception, match="clip_low_threshold 2.0 is above clip_high_threshold 1.2"):
+        tc.forward_backward([rl], "ppo", {"clip_low_threshold": 2.0}).result()
+    with pytest.raises(Exception, match=r"loss_fn_config\['beta'\] must be a finite number >= 0, got 'big'"):
+        tc.forward_backward([rl], "dro", {"beta": "big"}).result()
+    with pytest.raises(Exception, match="is missing \\['logprobs', 'advantages'\\]"):
+        tc.forward_backward([ce], "cispo").result()
+    assert tk.runs[tc.model_id].datums == datums  # nothing was applied

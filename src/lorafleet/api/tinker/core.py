@@ -231,8 +231,7 @@ class TinkerService:
     def forward_backward(self, key: ApiKey, request: dict) -> concurrent.futures.Future:
         run = self.run_of(key, request["model_id"])
         loss_fn = request["loss_fn"]
-        if loss_fn not in losses.LOSS_INPUTS:
-            raise _user(f"loss_fn {loss_fn!r} is not supported by lorafleet; supported: {sorted(losses.LOSS_INPUTS)}")
+        config = losses.loss_config(loss_fn, request.get("loss_fn_config"))  # the loss's keys, defaults filled in
         if not request["data"]:
             raise _user("forward_backward: data is empty")
         needed, data, total = losses.LOSS_INPUTS[loss_fn], [], 0
@@ -260,7 +259,8 @@ class TinkerService:
             data.append((tokens, clean))
         if total > self.config.max_request_tokens:
             raise _user(f"forward_backward: {total} tokens in one request; at most {self.config.max_request_tokens}")
-        payload = {"loss_fn": loss_fn, "data": data, "forward_only": bool(request["forward_only"])}
+        payload = {"loss_fn": loss_fn, "loss_config": config, "data": data,
+                   "forward_only": bool(request["forward_only"])}
         return self._submit(run, request.get("seq_id") or None, "forward_backward", payload)
 
     def optim_step(self, key: ApiKey, body: dict) -> concurrent.futures.Future:
@@ -328,7 +328,7 @@ class TinkerService:
                 op = ops[k]
                 tokens, inputs = datums[r]
                 row = logp[r, : len(tokens)].cpu()  # (T_j,)
-                loss = losses.elementwise_loss(op.payload["loss_fn"], row, inputs)
+                loss = losses.elementwise_loss(op.payload["loss_fn"], row, inputs, op.payload["loss_config"])
                 logps[(k, j)] = torch.stack([row.detach(), loss.detach()])
                 if not op.payload["forward_only"]:
                     terms.append(loss.sum())
@@ -347,6 +347,8 @@ class TinkerService:
                 run.datums += len(outputs)
                 run.tokens += int(weight)
                 run.loss_fns.add(op.payload["loss_fn"])
+                if op.payload["loss_config"]:
+                    run.loss_configs[op.payload["loss_fn"]] = dict(op.payload["loss_config"])
                 run.losses.append(loss_sum / weight if weight else 0.0)
             out.append(wire.encode_forward_backward_output(outputs, {"loss:sum": loss_sum}))
         return out
@@ -449,7 +451,7 @@ class TinkerService:
         if run.checkpoint("sampler", name) is not None:
             raise _user(f"sampler checkpoint {name!r} already exists in run {run.run_id}; pick another name")
         path = self._path(run, "sampler", name)
-        hyper = {"loss": sorted(run.loss_fns), "steps": run.steps, "datums": run.datums, "target_tokens": run.tokens,
+        hyper = {"loss": sorted(run.loss_fns), "loss_fn_config": dict(run.loss_configs), "steps": run.steps, "datums": run.datums, "target_tokens": run.tokens,
                  "rank": run.adapter.spec.rank, "alpha": run.adapter.spec.alpha,
                  "target_modules": list(run.adapter.spec.target_modules), "adam": run.last_adam,
                  "train_loss": run.losses[-1] if run.losses else None, "tinker_run": run.run_id,

@@ -75,6 +75,7 @@ class Run:
     datums: int = 0  # datums seen by forward_backward (not forward-only)
     tokens: int = 0  # weighted target tokens seen
     loss_fns: set = field(default_factory=set)
+    loss_configs: dict = field(default_factory=dict)  # loss_fn -> the loss_fn_config it last trained with
     last_adam: dict = field(default_factory=dict)
     losses: list = field(default_factory=list)  # per forward_backward: weighted mean token loss
     pending_grad: bool = False
