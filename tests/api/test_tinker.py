@@ -284,3 +284,81 @@ def test_ppo_cispo_dro_losses(server, tk):
     with pytest.raises(Exception, match="is missing \\['logprobs', 'advantages'\\]"):
         tc.forward_backward([ce], "cispo").result()
     assert tk.runs[tc.model_id].datums == datums  # nothing was applied
+
+
+def test_checkpoint_user_metadata_and_session_search(server, tk):
+    """save_state / save_weights_for_sampler user_metadata is stored with the checkpoint (the sidecar, the revision's
+    provenance) and listed; RestClient.search_sessions finds sessions by user_metadata, name and status."""
+    import warnings
+
+    import httpx
+
+    tag = f"exp-{len(tk.sessions)}"
+    sc = tinker.ServiceClient({"experiment": tag, "team": "rl"}, display_name=f"Nightly RL {tag}",
+                              base_url=server.url, api_key="tml-" + server.keys["acme"])
+    tc = sc.create_lora_training_client(base_model=server.base.name, rank=4, seed=2,
+                                        user_metadata={"lorafleet_adapter": "alice/tinker-meta"}).result()
+    data = [datum(server.base.tokenizer, TEXTS[2])]
+    tc.forward_backward(data, "cross_entropy").result()
+    tc.optim_step(types.AdamParams(learning_rate=1e-2)).result()
+    sampler_path = tc.save_weights_for_sampler("m1", user_metadata={"reward": "0.75", "stage": "rl"}).result().path
+    state_path = tc.save_state("s1", user_metadata={"stage": "resume-me"}).result().path
+    rest = tinker.RestClient(base_url=server.url, api_key="tml-" + server.keys["acme"])
+    listed = {c.tinker_path: c for c in rest.list_checkpoints(tc.model_id).result().checkpoints}
+    rev = server.registry.resolve("acme/alice/tinker-meta#1")
+    assert listed[sampler_path].user_metadata == {"reward": "0.75", "stage": "rl",
+                                                  "lorafleet_revision": "1", "lorafleet_digest": rev.digest}
+    assert listed[state_path].user_metadata == {"stage": "resume-me"}
+    assert rev.provenance.hyperparams["user_metadata"] == {"reward": "0.75", "stage": "rl"}  # in the registry
+    # A training checkpoint's metadata lives in its sidecar: listed again after a restart (the run left memory).
+    assert tk.find_checkpoint(server.service.keys.verify(server.keys["acme"]), state_path,
+                              "training").user_metadata == {"stage": "resume-me"}
+    # Reserved keys and wrong shapes are refused, and nothing is saved.
+    with pytest.raises(Exception, match="the 'lorafleet_' prefix is reserved"):
+        tc.save_weights_for_sampler("m2", user_metadata={"lorafleet_revision": "9"}).result()
+    h = {"X-API-Key": "tml-" + server.keys["acme"]}
+    r = httpx.post(f"{server.url}/api/v1/save_weights_for_sampler", headers=h,
+                   json={"model_id": tc.model_id, "path": "m3", "user_metadata": {"reward": 5}})
+    assert r.status_code == 400 and "user_metadata.reward" in r.json()["error"]["message"]
+    assert [c.checkpoint_id for c in rest.list_checkpoints(tc.model_id).result().checkpoints] == [
+        "sampler_weights/m1", "weights/s1"]
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # search_sessions is marked experimental in the SDK
+        page = rest.search_sessions(types.SessionSearchRequest(user_metadata={"experiment": tag})).result()
+        assert [s.session_id for s in page.sessions] == [tk.runs[tc.model_id].session_id]
+        hit = page.sessions[0]
+        assert hit.user_metadata == {"experiment": tag, "team": "rl"} and hit.checkpoints_count == 2
+        assert hit.display_name == f"Nightly RL {tag}" and hit.project_id == "acme" and hit.status.type == "active"
+        by_name = rest.search_sessions(types.SessionSearchRequest(display_name=f"rl nightly {tag}")).result()
+        assert [s.session_id for s in by_name.sessions] == [hit.session_id]
+        assert not rest.search_sessions(types.SessionSearchRequest(
+            user_metadata={"experiment": tag, "team": "sft"})).result().sessions  # every pair must hold
+        # Another tenant's key does not see it, even when asking for every accessible owner.
+        other = tinker.RestClient(base_url=server.url, api_key="tml-" + server.keys["globex"])
+        assert not other.search_sessions(types.SessionSearchRequest(
+            user_metadata={"experiment": tag}, owner=types.AccessibleSearchOwner())).result().sessions
+        with pytest.raises(Exception, match=r"project_ids \['acme'\] cannot be listed with this key"):
+            other.search_sessions(types.SessionSearchRequest(project_ids=["acme"])).result()
+        # Paging: newest first, next_cursor until exhausted.
+        for _ in range(3):
+            tinker.ServiceClient({"experiment": tag + "-page"}, base_url=server.url,
+                                 api_key="tml-" + server.keys["acme"]).create_sampling_client(
+                base_model=server.base.name).result()
+        seen, req = [], types.SessionSearchRequest(user_metadata={"experiment": tag + "-page"}, limit=2)
+        while True:
+            page = rest.search_sessions(req).result()
+            seen += [(s.created_at, s.session_id) for s in page.sessions]
+            if page.next_cursor is None:
+                break
+            req = req.model_copy(update={"cursor": page.next_cursor})
+        assert len(seen) == 3 and seen == sorted(seen, reverse=True)
+        # A finished session matches a client_finished status query.
+        sc.close("success").result()
+        r = httpx.post(f"{server.url}/api/v1/create_model", headers=h, json={  # the server refuses it too
+            "session_id": hit.session_id, "model_seq_id": 99, "base_model": server.base.name,
+            "lora_config": {"rank": 4}})
+        assert r.status_code == 400 and "has finished (success)" in r.json()["error"]["message"]
+        done = rest.search_sessions(types.SessionSearchRequest(
+            user_metadata={"experiment": tag}, statuses=[types.ClientFinishedSessionStatusQuery()])).result()
+        assert [s.session_id for s in done.sessions] == [hit.session_id]

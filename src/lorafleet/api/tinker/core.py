@@ -16,6 +16,7 @@ import secrets
 import threading
 import weakref
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 
 import numpy as np
@@ -32,6 +33,7 @@ from lorafleet.api.tinker.state import (
     FutureStore,
     Run,
     SamplerSession,
+    Session,
     TinkerNotFoundError,
     TinkerUserError,
     new_id,
@@ -73,7 +75,7 @@ class TinkerService:
         self.service, self.config = service, config or TinkerConfig()
         self.base, self.registry = service.base, service.registry
         self.home = home or default_home()
-        self.sessions: dict[str, str | None] = {}  # session_id -> tenant
+        self.sessions: dict[str, Session] = {}
         self.runs: dict[str, Run] = {}
         self.samplers: dict[str, SamplerSession] = {}
         self.futures = FutureStore()
@@ -109,17 +111,102 @@ class TinkerService:
         return {"supported_models": [{"model_name": self.base.name, "max_context_length": self.max_seq_len,
                                       "trainable": True, "sampleable": self.service.engine is not None}]}
 
-    def create_session(self, key: ApiKey) -> str:
-        session_id = new_id("session")
+    def create_session(self, key: ApiKey, body: dict | None = None) -> str:
+        body = body or {}
+        project = body.get("project_id")
+        if project is not None and project != self.project_of(key):
+            raise _user(f"project_id {project!r}: this key's only project is its tenant, "
+                        f"{self.project_of(key)!r}")
+        session = Session(new_id("session"), key.tenant, f"tinker:{key.prefix}",
+                          user_metadata={str(k): str(v) for k, v in (body.get("user_metadata") or {}).items()},
+                          display_name=body.get("display_name"))
         with self._lock:
-            self.sessions[session_id] = key.tenant
-        return session_id
+            self.sessions[session.session_id] = session
+        return session.session_id
 
-    def check_session(self, key: ApiKey, session_id: str) -> None:
+    def project_of(self, key: ApiKey) -> str:
+        """Tinker's project of a key: its tenant (an admin key's sessions are in project 'admin')."""
+        return _project(key.tenant)
+
+    def session_of(self, key: ApiKey, session_id: str) -> Session:
         with self._lock:
-            known = session_id in self.sessions and (key.is_admin or self.sessions[session_id] == key.tenant)
-        if not known:
+            session = self.sessions.get(session_id)
+        if session is None or not (key.is_admin or session.tenant == key.tenant):
             raise TinkerNotFoundError(f"session {session_id!r} does not exist (create one with create_session)")
+        return session
+
+    def check_session(self, key: ApiKey, session_id: str, *, live: bool = True) -> None:
+        session = self.session_of(key, session_id)
+        if live and session.finished is not None:
+            raise _user(f"session {session_id!r} has finished ({session.finished}); start a new ServiceClient")
+
+    def finish_session(self, key: ApiKey, session_id: str, body: dict) -> None:
+        session = self.session_of(key, session_id)
+        with self._lock:
+            if session.finished is None:  # first wins, as on Tinker
+                session.finished = (body.get("reason") or {}).get("type", "success")
+
+    def search_sessions(self, key: ApiKey, body: dict) -> dict:
+        """``RestClient.search_sessions``: the key's sessions (every tenant's for an admin key) matching every
+        given filter, newest first, paged by a ``(created_at, session_id)`` cursor."""
+        owner = (body.get("owner") or {}).get("type", "own")
+        if owner == "user":
+            raise _user("sessions/search: owner type 'user' is not supported by lorafleet (use 'own' or "
+                        "'accessible'; a key sees its own tenant's sessions)")
+        projects = body.get("project_ids")
+        allowed = None if key.is_admin else {self.project_of(key)}
+        if projects is not None and allowed is not None and not set(projects) <= allowed:
+            raise _user(f"sessions/search: project_ids {sorted(set(projects) - allowed)} cannot be listed with this "
+                        f"key (its project is {self.project_of(key)!r})")
+        wanted_meta = body.get("user_metadata") or {}
+        name_words = (body.get("display_name") or "").lower().split()
+        sid = body.get("session_id")
+
+        def status_ok(s: Session) -> bool:
+            queries = body.get("statuses")
+            if queries is None:
+                return True
+            status = s.status()
+            return any(q["type"] == status["type"] and (
+                q["type"] != "client_finished" or not q.get("reasons") or status["reason"]["type"] in q["reasons"])
+                for q in queries)
+
+        def named(s: Session) -> bool:  # session_id and display_name: either one matches
+            if sid is None and not name_words:
+                return True
+            by_name = bool(name_words) and all(w in (s.display_name or "").lower() for w in name_words)
+            return s.session_id == sid or by_name
+
+        with self._lock:
+            sessions = list(self.sessions.values())
+        found = [s for s in sessions
+                 if (key.is_admin or s.tenant == key.tenant)
+                 and (projects is None or _project(s.tenant) in projects)
+                 and all(s.user_metadata.get(k) == v for k, v in wanted_meta.items())
+                 and named(s) and status_ok(s)]
+        found.sort(key=lambda s: (s.created, s.session_id), reverse=True)
+        cursor = body.get("cursor")
+        if cursor is not None:
+            try:
+                last = (datetime.fromisoformat(cursor["last_created_at"]), cursor["last_session_id"])
+            except ValueError:
+                raise _user(f"sessions/search: cursor.last_created_at {cursor['last_created_at']!r} is not an "
+                            "ISO 8601 time (pass a response's next_cursor back unchanged)") from None
+            if last[0].tzinfo is None:
+                raise _user("sessions/search: cursor.last_created_at needs a time zone")
+            found = [s for s in found if (s.created, s.session_id) < last]
+        page = found[: body.get("limit", 50)]
+        more = len(found) > len(page)
+        return {"sessions": [self._summary(s) for s in page],
+                "next_cursor": {"last_created_at": page[-1].created.isoformat(),
+                                "last_session_id": page[-1].session_id} if more else None}
+
+    def _summary(self, s: Session) -> dict:
+        runs = [r for r in list(self.runs.values()) if r.session_id == s.session_id]
+        return {"session_id": s.session_id, "created_at": s.created.isoformat(), "owner": s.owner,
+                "project_id": _project(s.tenant), "status": s.status(),
+                "checkpoints_count": sum(len(r.checkpoints) for r in runs), "display_name": s.display_name,
+                "user_metadata": dict(s.user_metadata) or None}
 
     def check_base(self, base_model: str | None) -> None:
         if base_model is not None and base_model != self.base.name:
@@ -288,7 +375,11 @@ class TinkerService:
             check_segment(str(name), "checkpoint name")
         elif not sampler or body.get("sampling_session_seq_id") is None:
             name = f"step-{run.steps:06d}"  # the SDK always names durable saves; a default keeps curl usable
-        payload = {"name": name, "session_id": run.session_id}
+        metadata = dict(body.get("user_metadata") or {})
+        reserved = sorted(k for k in metadata if k.startswith("lorafleet_"))
+        if reserved:
+            raise _user(f"user_metadata keys {reserved}: the 'lorafleet_' prefix is reserved for the server's own keys")
+        payload = {"name": name, "session_id": run.session_id, "user_metadata": metadata}
         return self._submit(run, body.get("seq_id"), "save_sampler" if sampler else "save_state", payload)
 
     def load(self, key: ApiKey, body: dict) -> tuple[concurrent.futures.Future, str]:
@@ -328,7 +419,7 @@ class TinkerService:
                 op = ops[k]
                 tokens, inputs = datums[r]
                 row = logp[r, : len(tokens)].cpu()  # (T_j,)
-                loss = losses.elementwise_loss(op.payload["loss_fn"], row, inputs, op.payload["loss_config"])
+                loss = losses.elementwise_loss(op.payload["loss_fn"], row, inputs, op.payload.get("loss_config"))
                 logps[(k, j)] = torch.stack([row.detach(), loss.detach()])
                 if not op.payload["forward_only"]:
                     terms.append(loss.sum())
@@ -347,7 +438,7 @@ class TinkerService:
                 run.datums += len(outputs)
                 run.tokens += int(weight)
                 run.loss_fns.add(op.payload["loss_fn"])
-                if op.payload["loss_config"]:
+                if op.payload.get("loss_config"):
                     run.loss_configs[op.payload["loss_fn"]] = dict(op.payload["loss_config"])
                 run.losses.append(loss_sum / weight if weight else 0.0)
             out.append(wire.encode_forward_backward_output(outputs, {"loss:sum": loss_sum}))
@@ -406,13 +497,16 @@ class TinkerService:
         folder = self.home / run.tenant / run.run_id
         folder.mkdir(parents=True, exist_ok=True)
         file = folder / f"{name}.safetensors"
+        meta = op.payload.get("user_metadata") or {}
         (folder / f"{name}.json").write_text(json.dumps({"spec": run.adapter.spec.to_dict(), "ref": run.ref,
-                                                          "base_fingerprint": self.base.fingerprint}))
+                                                          "base_fingerprint": self.base.fingerprint,
+                                                          "user_metadata": meta}))
         tmp = file.with_suffix(".tmp")
         tmp.write_bytes(data)
         tmp.replace(file)  # atomic: a crash leaves no half-written checkpoint
         path = self._path(run, "training", name)
-        run.checkpoints.append(Checkpoint(f"weights/{name}", "training", path, utcnow(), len(data), file=str(file)))
+        run.checkpoints.append(Checkpoint(f"weights/{name}", "training", path, utcnow(), len(data), file=str(file),
+                                          user_metadata=dict(meta)))
         return {"path": path, "type": "save_weights"}
 
     def _load_state(self, op: Op) -> dict:
@@ -451,19 +545,22 @@ class TinkerService:
         if run.checkpoint("sampler", name) is not None:
             raise _user(f"sampler checkpoint {name!r} already exists in run {run.run_id}; pick another name")
         path = self._path(run, "sampler", name)
-        hyper = {"loss": sorted(run.loss_fns), "loss_fn_config": dict(run.loss_configs), "steps": run.steps, "datums": run.datums, "target_tokens": run.tokens,
+        hyper = {"loss": sorted(run.loss_fns), "loss_fn_config": dict(run.loss_configs), "steps": run.steps,
+                 "datums": run.datums, "target_tokens": run.tokens,
                  "rank": run.adapter.spec.rank, "alpha": run.adapter.spec.alpha,
                  "target_modules": list(run.adapter.spec.target_modules), "adam": run.last_adam,
                  "train_loss": run.losses[-1] if run.losses else None, "tinker_run": run.run_id,
                  "base_precision": getattr(self.base, "precision_label", "fp32"),
                  "tinker_path": path, "train_unembed_requested": run.unembed_requested,
+                 "user_metadata": dict(op.payload.get("user_metadata") or {}),
                  "sdk_protocol": "tinker 0.38.0", "server": f"lorafleet {__version__}"}
         prov = Provenance(base_fingerprint=self.base.fingerprint, parent=run.last_revision, method="tinker",
                           hyperparams=hyper, example_count=run.datums, creator=run.creator)
         rev = self.registry.commit(run.ref, data, prov, creator=run.creator, aliases=("candidate",), create=True)
         run.last_revision = rev.number
         run.checkpoints.append(Checkpoint(f"sampler_weights/{name}", "sampler", path, utcnow(), rev.size,
-                                          revision=rev.number, digest=rev.digest))
+                                          revision=rev.number, digest=rev.digest,
+                                          user_metadata=dict(op.payload.get("user_metadata") or {})))
         return {"path": path, "type": "save_weights_for_sampler"}
 
     # ------------------------------------------------------------------ checkpoints and sampling
@@ -487,7 +584,9 @@ class TinkerService:
         elif run is None and kind == "training" and key.tenant is not None:
             file = self.home / key.tenant / run_id / f"{name}.safetensors"
             if file.is_file():
-                return Checkpoint(f"weights/{name}", "training", path, utcnow(), file.stat().st_size, file=str(file))
+                meta = _sidecar_metadata(file.with_suffix(".json"))
+                return Checkpoint(f"weights/{name}", "training", path, utcnow(), file.stat().st_size, file=str(file),
+                                  user_metadata=meta)
         raise TinkerNotFoundError(f"checkpoint {path!r} does not exist")
 
     def _new_sampler(self, tenant: str | None, model_path: str | None, digest: str | None, *,
@@ -662,6 +761,19 @@ class TinkerService:
             for d in hit:
                 del self._adapters[d]
         return len(hit)
+
+
+def _project(tenant: str | None) -> str:
+    return tenant or "admin"
+
+
+def _sidecar_metadata(sidecar: Path) -> dict[str, str]:
+    """The client's user_metadata stored in a training checkpoint's ``<name>.json`` (empty for older sidecars)."""
+    try:
+        meta = json.loads(sidecar.read_text()).get("user_metadata") or {}
+    except (OSError, ValueError, AttributeError):
+        return {}
+    return {str(k): str(v) for k, v in meta.items()} if isinstance(meta, dict) else {}
 
 
 def default_home() -> Path:

@@ -115,23 +115,34 @@ def telemetry(_: Key) -> dict:
     return {"status": "accepted"}
 
 
-@router.post("/create_session", summary="Start a session", responses=rq.documented(rq.SessionOut))
-def create_session(key: Key, tinker: Tinker) -> dict:
-    return {"type": "create_session", "session_id": tinker.create_session(key),
+@router.post("/create_session", summary="Start a session", openapi_extra=rq.openapi_body(rq.CreateSession),
+             responses=rq.documented(rq.SessionOut))
+async def create_session(request: Request, key: Key, tinker: Tinker) -> dict:
+    session_id = _call(tinker.create_session, key, await _body(request, rq.CreateSession))
+    return {"type": "create_session", "session_id": session_id,
             "info_message": f"lorafleet: training {tinker.base.name} adapters for tenant {key.tenant or '(admin)'}"}
 
 
 @router.post("/session_heartbeat", summary="Keep a session alive",
              openapi_extra=rq.openapi_body(rq.SessionRef), responses=rq.documented(rq.HeartbeatOut))
 async def heartbeat(request: Request, key: Key, tinker: Tinker) -> dict:
-    _call(tinker.check_session, key, (await _body(request, rq.SessionRef))["session_id"])
+    _call(lambda sid: tinker.check_session(key, sid, live=False), (await _body(request, rq.SessionRef))["session_id"])
     return {"type": "session_heartbeat"}
 
 
-@router.post("/sessions/{session_id}/finish", summary="End a session (runs and checkpoints stay)")
-def finish_session(session_id: str, key: Key, tinker: Tinker) -> dict:
-    _call(tinker.check_session, key, session_id)
+@router.post("/sessions/{session_id}/finish", summary="End a session (runs and checkpoints stay)",
+             openapi_extra=rq.openapi_body(rq.FinishSession))
+async def finish_session(session_id: str, request: Request, key: Key, tinker: Tinker) -> dict:
+    raw = await request.body()
+    body = rq.validate(rq.FinishSession, rq.parse_json(raw, request.url.path), request.url.path) if raw.strip() else {}
+    _call(tinker.finish_session, key, session_id, body)
     return {}
+
+
+@router.post("/sessions/search", summary="Search this tenant's sessions by user_metadata, name, id, status",
+             openapi_extra=rq.openapi_body(rq.SessionSearch), responses=rq.documented(rq.SessionSearchOut))
+async def search_sessions(request: Request, key: Key, tinker: Tinker) -> dict:
+    return _call(tinker.search_sessions, key, await _body(request, rq.SessionSearch))
 
 
 # ------------------------------------------------------------------------------ training
