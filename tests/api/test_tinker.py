@@ -334,10 +334,24 @@ def test_checkpoint_user_metadata_and_session_search(server, tk):
         assert [s.session_id for s in by_name.sessions] == [hit.session_id]
         assert not rest.search_sessions(types.SessionSearchRequest(
             user_metadata={"experiment": tag, "team": "sft"})).result().sessions  # every pair must hold
+        # get_session / list_sessions / get_weights_info_by_tinker_path
+        info = rest.get_session(hit.session_id).result()
+        assert info.training_run_ids == [tc.model_id] and info.user_metadata == {"experiment": tag, "team": "rl"}
+        assert info.display_name == f"Nightly RL {tag}"
+        assert hit.session_id in rest.list_sessions(limit=1000).result().sessions
+        for path in (sampler_path, state_path):
+            w = rest.get_weights_info_by_tinker_path(path).result()
+            assert (w.base_model, w.is_lora, w.lora_rank, w.train_attn, w.train_mlp) == (
+                server.base.name, True, 4, True, True)
         # Another tenant's key does not see it, even when asking for every accessible owner.
         other = tinker.RestClient(base_url=server.url, api_key="tml-" + server.keys["globex"])
         assert not other.search_sessions(types.SessionSearchRequest(
             user_metadata={"experiment": tag}, owner=types.AccessibleSearchOwner())).result().sessions
+        assert hit.session_id not in other.list_sessions(limit=1000).result().sessions
+        with pytest.raises(Exception, match="does not exist"):
+            other.get_session(hit.session_id).result()
+        with pytest.raises(Exception, match="does not exist"):
+            other.get_weights_info_by_tinker_path(sampler_path).result()
         with pytest.raises(Exception, match=r"project_ids \['acme'\] cannot be listed with this key"):
             other.search_sessions(types.SessionSearchRequest(project_ids=["acme"])).result()
         # Paging: newest first, next_cursor until exhausted.

@@ -201,6 +201,35 @@ class TinkerService:
                 "next_cursor": {"last_created_at": page[-1].created.isoformat(),
                                 "last_session_id": page[-1].session_id} if more else None}
 
+    def list_sessions(self, key: ApiKey, limit: int, offset: int) -> dict:
+        """``RestClient.list_sessions``: the key's sessions (every tenant's for an admin key), newest first."""
+        with self._lock:
+            mine = [s for s in self.sessions.values() if key.is_admin or s.tenant == key.tenant]
+        mine.sort(key=lambda s: (s.created, s.session_id), reverse=True)
+        return {"sessions": [s.session_id for s in mine[offset: offset + limit]]}
+
+    def get_session(self, key: ApiKey, session_id: str) -> dict:
+        """``RestClient.get_session``: the session's training runs and samplers, its metadata and name."""
+        s = self.session_of(key, session_id)
+        with self._lock:
+            runs = [r.run_id for r in self.runs.values() if r.session_id == session_id]
+            samplers = [x.sampler_id for x in self.samplers.values() if x.session_id == session_id]
+        return {"training_run_ids": runs, "sampler_ids": samplers, "user_metadata": dict(s.user_metadata) or None,
+                "display_name": s.display_name}
+
+    def weights_info(self, key: ApiKey, tinker_path: str) -> dict:
+        """``RestClient.get_weights_info_by_tinker_path``: base, rank and targets of a checkpoint of the key's."""
+        kind = "sampler" if "/sampler_weights/" in tinker_path else "training"
+        ckpt = self.find_checkpoint(key, tinker_path, kind)
+        if ckpt.file is not None:
+            spec = json.loads(Path(ckpt.file).with_suffix(".json").read_text())["spec"]
+            rank, targets = int(spec["rank"]), set(spec["target_modules"])
+        else:
+            run = self.runs[tinker_path[len("tinker://"):].split("/")[0]]
+            rank, targets = run.adapter.spec.rank, set(run.adapter.spec.target_modules)
+        return {"base_model": self.base.name, "is_lora": True, "lora_rank": rank, "train_unembed": False,
+                "train_attn": bool(targets & set(ATTENTION_TARGETS)), "train_mlp": bool(targets & set(MLP_TARGETS))}
+
     def _summary(self, s: Session) -> dict:
         runs = [r for r in list(self.runs.values()) if r.session_id == s.session_id]
         return {"session_id": s.session_id, "created_at": s.created.isoformat(), "owner": s.owner,
@@ -540,7 +569,7 @@ class TinkerService:
             digest = digest_of(data)
             self.registry.blobs.put(digest, data)  # content-addressed; the engine fetches it by digest
             run.ephemeral_digests.add(digest)  # no revision references it: forgetting the user deletes it
-            sampler = self._new_sampler(run.tenant, None, digest, ref=run.ref)
+            sampler = self._new_sampler(run.tenant, None, digest, ref=run.ref, session_id=run.session_id)
             return {"sampling_session_id": sampler.sampler_id, "type": "save_weights_for_sampler"}
         if run.checkpoint("sampler", name) is not None:
             raise _user(f"sampler checkpoint {name!r} already exists in run {run.run_id}; pick another name")
@@ -590,15 +619,17 @@ class TinkerService:
         raise TinkerNotFoundError(f"checkpoint {path!r} does not exist")
 
     def _new_sampler(self, tenant: str | None, model_path: str | None, digest: str | None, *,
-                     ref: str | None = None) -> SamplerSession:
-        sampler = SamplerSession(new_id("sampler"), tenant, self.base.name, model_path, digest, ref)
+                     ref: str | None = None, session_id: str | None = None) -> SamplerSession:
+        sampler = SamplerSession(new_id("sampler"), tenant, self.base.name, model_path, digest, ref, session_id)
         with self._lock:
             self.samplers[sampler.sampler_id] = sampler
         return sampler
 
     def create_sampler(self, key: ApiKey, body: dict) -> SamplerSession:
         self.check_session(key, str(body.get("session_id", "")))
-        return self._resolve_sampler(key, body)
+        sampler = self._resolve_sampler(key, body)
+        sampler.session_id = str(body["session_id"])
+        return sampler
 
     def _resolve_sampler(self, key: ApiKey, body: dict) -> SamplerSession:
         path = body.get("model_path")

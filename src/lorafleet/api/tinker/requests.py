@@ -78,6 +78,10 @@ class SessionSearch(Body):
     cursor: SearchCursor | None = None
 
 
+class WeightsInfo(Body):
+    tinker_path: Id
+
+
 class ModelRef(Body):
     model_id: Id
 
@@ -220,6 +224,26 @@ class SessionSummaryOut(BaseModel):
 class SessionSearchOut(BaseModel):
     sessions: list[SessionSummaryOut]
     next_cursor: dict[str, str] | None = None
+
+
+class SessionInfoOut(BaseModel):
+    training_run_ids: list[str]
+    sampler_ids: list[str]
+    user_metadata: dict[str, str] | None = None
+    display_name: str | None = None
+
+
+class SessionsOut(BaseModel):
+    sessions: list[str]
+
+
+class WeightsInfoOut(BaseModel):
+    base_model: str
+    is_lora: bool
+    lora_rank: int | None = None
+    train_unembed: bool | None = None
+    train_mlp: bool | None = None
+    train_attn: bool | None = None
 
 
 class HeartbeatOut(BaseModel):

@@ -139,6 +139,25 @@ async def finish_session(session_id: str, request: Request, key: Key, tinker: Ti
     return {}
 
 
+@router.get("/sessions", summary="This tenant's session ids, newest first", responses=rq.documented(rq.SessionsOut))
+def list_sessions(key: Key, tinker: Tinker, limit: int = Query(20, ge=1, le=1000), offset: int = Query(0, ge=0),
+                  access_scope: str = Query("owned", pattern="^(owned|accessible)$")) -> dict:
+    return tinker.list_sessions(key, limit, offset)  # a tenant key sees its own tenant's sessions either way
+
+
+@router.get("/sessions/{session_id}", summary="A session's training runs and samplers",
+            responses=rq.documented(rq.SessionInfoOut))
+def get_session(session_id: str, key: Key, tinker: Tinker,
+                access_scope: str = Query("owned", pattern="^(owned|accessible)$")) -> dict:
+    return _call(tinker.get_session, key, session_id)
+
+
+@router.post("/weights_info", summary="Base, rank and targets of a checkpoint",
+             openapi_extra=rq.openapi_body(rq.WeightsInfo), responses=rq.documented(rq.WeightsInfoOut))
+async def weights_info(request: Request, key: Key, tinker: Tinker) -> dict:
+    return _call(tinker.weights_info, key, (await _body(request, rq.WeightsInfo))["tinker_path"])
+
+
 @router.post("/sessions/search", summary="Search this tenant's sessions by user_metadata, name, id, status",
              openapi_extra=rq.openapi_body(rq.SessionSearch), responses=rq.documented(rq.SessionSearchOut))
 async def search_sessions(request: Request, key: Key, tinker: Tinker) -> dict:

@@ -131,6 +131,7 @@ class SamplerSession:
     model_path: str | None
     digest: str | None  # the adapter blob the engine loads; None = the base alone
     ref: str | None = None  # the adapter "tenant/user/name" it samples (None: the base)
+    session_id: str | None = None  # the SDK session that created it
 
 
 @dataclass
