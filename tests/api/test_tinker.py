@@ -400,3 +400,28 @@ def test_forward_backward_custom_runs_client_side_over_cross_entropy(server, tk)
     before = sc.create_lora_training_client(base_model=server.base.name, rank=4, seed=9).result()
     assert before.forward(data, "cross_entropy").result().metrics["loss:sum"] != pytest.approx(
         a.metrics["loss:sum"], rel=1e-4)  # the step did move the weights
+
+
+def test_rest_listings_and_sampler_handles(server, tk):
+    """The remaining read calls of the supported subset (docs/tinker.md's table), each through the SDK."""
+    sc = sdk(server)
+    rest = tinker.RestClient(base_url=server.url, api_key="tml-" + server.keys["acme"])
+    caps = rest.get_server_capabilities().result()
+    assert [m.model_name for m in caps.supported_models] == [server.base.name]
+    tc = sc.create_lora_training_client(base_model=server.base.name, rank=4, seed=4).result()
+    data = [datum(server.base.tokenizer, TEXTS[4])]
+    tc.forward_backward(data, "cross_entropy").result()
+    tc.optim_step(types.AdamParams(learning_rate=1e-2)).result()
+    path = tc.save_weights_for_sampler("h1").result().path
+    assert rest.get_training_run(tc.model_id).result().training_run_id == tc.model_id
+    assert rest.get_training_run_by_tinker_path(path).result().training_run_id == tc.model_id
+    assert path in [c.tinker_path for c in rest.list_user_checkpoints(limit=1000).result().checkpoints]
+    sampler = sc.create_sampling_client(model_path=path).result()
+    assert sampler.get_base_model() == server.base.name
+    prompt = types.ModelInput.from_ints(server.base.tokenizer.encode("every revision"))
+    params = types.SamplingParams(max_tokens=4, temperature=0.0)
+    want = list(sampler.sample(prompt, 1, params).result().sequences[0].tokens)
+    again = tinker.SamplingClient.from_sampler_handle(sampler.get_sampler_handle(), api_key="tml-" + server.keys["acme"])
+    assert list(again.sample(prompt, 1, params).result().sequences[0].tokens) == want  # the same sampler
+    ephemeral = tc.save_weights_and_get_sampling_client().result()
+    assert list(ephemeral.sample(prompt, 1, params).result().sequences[0].tokens) == want  # the same weights

@@ -45,7 +45,7 @@ def main(url: str, key: str, base: str, rows: list[list[int]]) -> dict:
     sampler = sc.create_sampling_client(model_path=path).result()
     seq = sampler.sample(types.ModelInput.from_ints(rows[0][:3]), 1,
                          types.SamplingParams(max_tokens=5, temperature=0.0)).result().sequences[0]
-    rest = sc.create_rest_client()
+    rest = tinker.RestClient(base_url=url, api_key=key)
     ckpt = rest.list_checkpoints(tc.model_id).result().checkpoints[0]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # experimental in the SDK
