@@ -71,6 +71,12 @@ async def _body(request: Request, model: type[rq.Body]) -> dict:
     return await run_in_threadpool(lambda: rq.validate(model, rq.parse_json(raw, route), route))
 
 
+async def _optional_body(request: Request, model: type[rq.Body]) -> dict:
+    """Like :func:`_body`, but an empty body is the model's defaults (curl users may send none)."""
+    raw = await request.body()
+    return await _body(request, model) if raw.strip() else {}
+
+
 def _call(fn, *args):
     """Run a service call, turning its errors into HTTP errors that name the problem (4xx is never retried)."""
     try:
@@ -118,7 +124,7 @@ def telemetry(_: Key) -> dict:
 @router.post("/create_session", summary="Start a session", openapi_extra=rq.openapi_body(rq.CreateSession),
              responses=rq.documented(rq.SessionOut))
 async def create_session(request: Request, key: Key, tinker: Tinker) -> dict:
-    session_id = _call(tinker.create_session, key, await _body(request, rq.CreateSession))
+    session_id = _call(tinker.create_session, key, await _optional_body(request, rq.CreateSession))
     return {"type": "create_session", "session_id": session_id,
             "info_message": f"lorafleet: training {tinker.base.name} adapters for tenant {key.tenant or '(admin)'}"}
 
@@ -133,9 +139,7 @@ async def heartbeat(request: Request, key: Key, tinker: Tinker) -> dict:
 @router.post("/sessions/{session_id}/finish", summary="End a session (runs and checkpoints stay)",
              openapi_extra=rq.openapi_body(rq.FinishSession))
 async def finish_session(session_id: str, request: Request, key: Key, tinker: Tinker) -> dict:
-    raw = await request.body()
-    body = rq.validate(rq.FinishSession, rq.parse_json(raw, request.url.path), request.url.path) if raw.strip() else {}
-    _call(tinker.finish_session, key, session_id, body)
+    _call(tinker.finish_session, key, session_id, await _optional_body(request, rq.FinishSession))
     return {}
 
 
