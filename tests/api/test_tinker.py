@@ -425,3 +425,59 @@ def test_rest_listings_and_sampler_handles(server, tk):
     assert list(again.sample(prompt, 1, params).result().sequences[0].tokens) == want  # the same sampler
     ephemeral = tc.save_weights_and_get_sampling_client().result()
     assert list(ephemeral.sample(prompt, 1, params).result().sequences[0].tokens) == want  # the same weights
+
+
+def test_save_weights_external_is_a_peft_folder_downloadable_by_signed_urls(server, tk, tmp_path):
+    """save_weights_external writes the run's weights as a PEFT folder (the export path); the SDK CLI's own
+    downloader fetches it through get_external_weights_urls; it loads back as the same adapter; forgetting the
+    user deletes it and its URLs stop working."""
+    import urllib.error
+    import urllib.request
+
+    import httpx
+    from tinker.cli.commands.checkpoint import _download_external_weights
+
+    from lorafleet.adapters import load_peft
+    from lorafleet.api.tinker.core import forget_checkpoint_files
+
+    sc = sdk(server)
+    tc = sc.create_lora_training_client(base_model=server.base.name, rank=4, seed=8,
+                                        user_metadata={"lorafleet_adapter": "erin/ext"}).result()
+    data = [datum(server.base.tokenizer, TEXTS[5])]
+    tc.forward_backward(data, "cross_entropy").result()
+    tc.optim_step(types.AdamParams(learning_rate=1e-2)).result()
+    path = tc.save_weights_external("ext-1").result().path
+    assert path == f"tinker://{tc.model_id}/external_weights/ext-1"
+    rest = tinker.RestClient(base_url=server.url, api_key="tml-" + server.keys["acme"])
+    listed = {c.tinker_path: c for c in rest.list_checkpoints(tc.model_id).result().checkpoints}
+    assert listed[path].checkpoint_type == "external" and listed[path].size_bytes > 0
+    got = _download_external_weights(rest, path, tmp_path / "dl", show_progress=False, format="json")
+    assert got == listed[path].size_bytes
+    assert sorted(p.name for p in (tmp_path / "dl").iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
+    loaded = load_peft(tmp_path / "dl", server.base)
+    run = tk.runs[tc.model_id]
+    assert loaded.spec.rank == 4 and set(loaded.weights) == set(run.adapter.weights)
+    for name, (A, B) in run.adapter.weights.items():
+        assert torch.equal(loaded.weights[name][0], A.detach()) and torch.equal(loaded.weights[name][1], B.detach())
+    w = rest.get_weights_info_by_tinker_path(path).result()
+    assert (w.lora_rank, w.train_attn, w.train_mlp) == (4, True, True)
+
+    url = next(iter(rest.get_external_weights_urls(path).result().urls.values()))
+    forged = url[:-4] + ("0000" if not url.endswith("0000") else "1111")
+    with pytest.raises(urllib.error.HTTPError) as e:
+        urllib.request.urlopen(forged, timeout=30)
+    assert e.value.code == 404
+    other = tinker.RestClient(base_url=server.url, api_key="tml-" + server.keys["globex"])
+    with pytest.raises(Exception, match="does not exist"):
+        other.get_external_weights_urls(path).result()
+    h = {"X-API-Key": "tml-" + server.keys["acme"]}
+    r = httpx.post(f"{server.url}/api/v1/save_weights_external", headers=h,
+                   json={"model_id": tc.model_id, "path": "ext-2", "age_encryption_recipients": ["age1xyz"]})
+    assert r.status_code == 400 and "age_encryption_recipients are not supported" in r.json()["error"]["message"]
+    with pytest.raises(Exception, match="already exist"):
+        tc.save_weights_external("ext-1").result()
+
+    assert forget_checkpoint_files(tk.home, "acme", "erin") == 3  # the sidecar and the two files
+    assert not (tk.home / "acme" / tc.model_id).exists()
+    with pytest.raises(urllib.error.HTTPError):
+        urllib.request.urlopen(url, timeout=30)

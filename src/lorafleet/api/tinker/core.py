@@ -8,22 +8,27 @@ served through the OpenAI API like any other revision.
 
 from __future__ import annotations
 
+import base64
 import concurrent.futures
 import contextlib
+import hashlib
+import hmac
 import json
 import re
 import secrets
+import shutil
 import threading
+import time
 import weakref
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from lorafleet import __version__
-from lorafleet.adapters import LoraAdapter, LoraHost, LoraSpec, from_bytes, to_bytes
+from lorafleet.adapters import LoraAdapter, LoraHost, LoraSpec, from_bytes, save_peft, to_bytes
 from lorafleet.adapters.spec import ATTENTION_TARGETS, MAX_RANK, MLP_TARGETS
 from lorafleet.api.keys import ApiKey
 from lorafleet.api.tinker import losses, wire
@@ -82,7 +87,8 @@ class TinkerService:
         self.host = LoraHost.attach(self.base.model)
         self.scheduler = Scheduler(self._forward_backward, {
             "optim_step": self._optim_step, "save_state": self._save_state, "load_state": self._load_state,
-            "save_sampler": self._save_sampler}, gap_wait_s=self.config.gap_wait_s,
+            "save_sampler": self._save_sampler, "save_external": self._save_external},
+            gap_wait_s=self.config.gap_wait_s,
             pack_wait_s=self.config.pack_wait_s)
         self._lock = threading.Lock()
         self._adapters: dict[str, LoraAdapter] = {}  # digest -> parsed adapter, for sampled log-probs
@@ -91,6 +97,7 @@ class TinkerService:
         # Held while something of a run is persisted (checkpoint file, revision) and while a user is forgotten:
         # a save either finishes before the forget (which then deletes it) or sees the run forgotten and refuses.
         self._persist_lock = threading.Lock()
+        self._url_secret = secrets.token_bytes(32)  # signs external-weights download URLs (this process only)
         self.vocab = self.base.model.get_input_embeddings().num_embeddings
         self.max_seq_len = int(getattr(self.base.config, "max_position_embeddings", 2048))
 
@@ -219,10 +226,12 @@ class TinkerService:
 
     def weights_info(self, key: ApiKey, tinker_path: str) -> dict:
         """``RestClient.get_weights_info_by_tinker_path``: base, rank and targets of a checkpoint of the key's."""
-        kind = "sampler" if "/sampler_weights/" in tinker_path else "training"
+        kind = ("sampler" if "/sampler_weights/" in tinker_path else
+                "external" if "/external_weights/" in tinker_path else "training")
         ckpt = self.find_checkpoint(key, tinker_path, kind)
         if ckpt.file is not None:
-            spec = json.loads(Path(ckpt.file).with_suffix(".json").read_text())["spec"]
+            sidecar = _external_sidecar(Path(ckpt.file)) if kind == "external" else Path(ckpt.file).with_suffix(".json")
+            spec = json.loads(sidecar.read_text())["spec"]
             rank, targets = int(spec["rank"]), set(spec["target_modules"])
         else:
             run = self.runs[tinker_path[len("tinker://"):].split("/")[0]]
@@ -411,6 +420,50 @@ class TinkerService:
         payload = {"name": name, "session_id": run.session_id, "user_metadata": metadata}
         return self._submit(run, body.get("seq_id"), "save_sampler" if sampler else "save_state", payload)
 
+    def save_external(self, key: ApiKey, body: dict) -> concurrent.futures.Future:
+        """``save_weights_external``: the run's current weights as a PEFT folder (what ``lorafleet adapters export
+        --format peft`` writes), downloadable through :meth:`external_urls`."""
+        run = self.run_of(key, str(body.get("model_id", "")))
+        if body.get("age_encryption_recipients"):
+            raise _user("save_weights_external: age_encryption_recipients are not supported by lorafleet (the "
+                        "files are served over this server's own HTTP, to this tenant's keys' signed URLs)")
+        name = check_segment(str(body.get("path") or ""), "checkpoint name")
+        return self._submit(run, body.get("seq_id"), "save_external", {"name": name})
+
+    def external_urls(self, key: ApiKey, run_id: str, checkpoint_id: str, base_url: str) -> dict:
+        """Signed download URLs (valid :data:`URL_TTL_S`) for every file of an external-weights checkpoint."""
+        prefix = "external_weights/"
+        if not checkpoint_id.startswith(prefix):
+            raise _user(f"checkpoint {checkpoint_id!r} is not an external weights checkpoint "
+                        "('external_weights/<name>')")
+        ckpt = self.find_checkpoint(key, f"tinker://{run_id}/{checkpoint_id}", "external")
+        folder = Path(ckpt.file)
+        expires = utcnow() + timedelta(seconds=URL_TTL_S)
+        urls = {}
+        for file in sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith(".")):
+            urls[file.name] = f"{base_url.rstrip('/')}/api/v1/external_weights_files/{self._sign(file, expires)}"
+        return {"urls": urls, "expires": expires.isoformat()}
+
+    def _sign(self, file: Path, expires: datetime) -> str:
+        payload = base64.urlsafe_b64encode(json.dumps(
+            [str(file.relative_to(self.home)), int(expires.timestamp())]).encode()).decode().rstrip("=")
+        mac = hmac.new(self._url_secret, payload.encode(), hashlib.sha256).hexdigest()
+        return f"{payload}.{mac}"
+
+    def signed_file(self, token: str) -> Path:
+        """The file a download token of :meth:`external_urls` names, if its signature holds and it has not expired."""
+        payload, _, mac = token.partition(".")
+        want = hmac.new(self._url_secret, payload.encode(), hashlib.sha256).hexdigest()
+        if not mac or not hmac.compare_digest(mac, want):
+            raise TinkerNotFoundError("this download URL is not valid (get a new one with get_external_weights_urls)")
+        rel, exp = json.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))
+        if time.time() > exp:
+            raise TinkerNotFoundError("this download URL has expired (get a new one with get_external_weights_urls)")
+        file = self.home / rel
+        if not file.is_file():  # deleted since (its user was forgotten)
+            raise TinkerNotFoundError("this file does not exist any more")
+        return file
+
     def load(self, key: ApiKey, body: dict) -> tuple[concurrent.futures.Future, str]:
         if body.get("model_id") is None:
             run, ckpt = self.create_from_state(key, body)
@@ -552,6 +605,26 @@ class TinkerService:
         run.optimizer.zero_grad(set_to_none=True)
         return {"path": ckpt.tinker_path, "model_id": run.run_id, "type": "load_weights"}
 
+    def _save_external(self, op: Op) -> dict:
+        with self._persist_lock:
+            self._refuse_forgotten(op.run)
+            run, name = op.run, op.payload["name"]
+            if run.checkpoint("external", name) is not None:
+                raise _user(f"external weights {name!r} already exist in run {run.run_id}; pick another name")
+            snapshot = self._snapshot(run)
+            snapshot.check_delta_norms(self.base)
+            folder = self.home / run.tenant / run.run_id / "external_weights" / name
+            folder.parent.mkdir(parents=True, exist_ok=True)
+            # the sidecar first: forgetting the user finds the folder even if the process dies while writing it
+            _external_sidecar(folder).write_text(json.dumps({"spec": run.adapter.spec.to_dict(), "ref": run.ref,
+                                                             "base_fingerprint": self.base.fingerprint}))
+            save_peft(snapshot, folder)  # the PEFT writer `lorafleet adapters export --format peft` uses
+            size = sum(p.stat().st_size for p in folder.iterdir() if p.is_file())
+            path = f"tinker://{run.run_id}/external_weights/{name}"
+            run.checkpoints.append(Checkpoint(f"external_weights/{name}", "external", path, utcnow(), size,
+                                              file=str(folder)))
+            return {"path": path, "size_bytes": size, "type": "save_weights_external"}
+
     def _snapshot(self, run: Run) -> LoraAdapter:
         return LoraAdapter(spec=run.adapter.spec, weights=weights_of(run.adapter), base_name=self.base.name)
 
@@ -601,7 +674,7 @@ class TinkerService:
         """
         prefix = "tinker://"
         parts = path[len(prefix):].split("/") if path.startswith(prefix) else []
-        segment = "sampler_weights" if kind == "sampler" else "weights"
+        segment = {"sampler": "sampler_weights", "external": "external_weights"}.get(kind, "weights")
         if len(parts) != 3 or parts[1] != segment or not RUN_ID_RE.fullmatch(parts[0]):
             raise _user(f"path {path!r} is not a {kind} checkpoint path: expected 'tinker://<run>/{segment}/<name>'")
         run_id, name = parts[0], check_segment(parts[2], "checkpoint name")
@@ -610,6 +683,11 @@ class TinkerService:
             ckpt = run.checkpoint(kind, name)
             if ckpt is not None:
                 return ckpt
+        elif run is None and kind == "external" and key.tenant is not None:
+            folder = self.home / key.tenant / run_id / "external_weights" / name
+            if folder.is_dir() and _external_sidecar(folder).is_file():
+                size = sum(p.stat().st_size for p in folder.iterdir() if p.is_file())
+                return Checkpoint(f"external_weights/{name}", "external", path, utcnow(), size, file=str(folder))
         elif run is None and kind == "training" and key.tenant is not None:
             file = self.home / key.tenant / run_id / f"{name}.safetensors"
             if file.is_file():
@@ -794,6 +872,14 @@ class TinkerService:
         return len(hit)
 
 
+URL_TTL_S = 3600  # external-weights download URLs stay valid this long
+
+
+def _external_sidecar(folder: Path) -> Path:
+    """``<run>/external_weights/<name>.json`` beside the ``<name>/`` folder of a save_weights_external."""
+    return folder.with_name(folder.name + ".json")
+
+
 def _project(tenant: str | None) -> str:
     return tenant or "admin"
 
@@ -820,8 +906,9 @@ def _owned_by(tenant: str, user: str):
 
 def forget_checkpoint_files(home: Path, tenant: str, user: str) -> int:
     """Delete every training checkpoint under ``home/<tenant>/<run>/`` whose sidecar names one of
-    ``tenant/user``'s adapters (``<name>.json`` + ``<name>.safetensors`` + a crash's ``<name>.tmp``), and the run
-    folders left empty. Works without a server (the files outlive the process). Returns the files deleted."""
+    ``tenant/user``'s adapters (``<name>.json`` + ``<name>.safetensors`` + a crash's ``<name>.tmp``), every
+    external-weights folder likewise (``external_weights/<name>.json`` + ``external_weights/<name>/``), and the
+    run folders left empty. Works without a server (the files outlive the process). Returns the files deleted."""
     mine = _owned_by(tenant, user)
     folder = Path(home) / tenant
     if not folder.is_dir():
@@ -841,4 +928,20 @@ def forget_checkpoint_files(home: Path, tenant: str, user: str) -> int:
                 deleted += 1
         with contextlib.suppress(OSError):
             sidecar.parent.rmdir()  # only when empty: another user's checkpoints in the run stay
+    for sidecar in sorted(folder.glob("*/external_weights/*.json")):  # save_weights_external folders
+        try:
+            ref = json.loads(sidecar.read_text()).get("ref")
+        except (OSError, ValueError, AttributeError):
+            continue
+        if not mine(ref):
+            continue
+        files = sidecar.with_name(sidecar.name[: -len(".json")])
+        if files.is_dir():
+            deleted += sum(1 for p in files.rglob("*") if p.is_file())
+            shutil.rmtree(files)
+        sidecar.unlink()
+        deleted += 1
+        for empty in (sidecar.parent, sidecar.parent.parent):
+            with contextlib.suppress(OSError):
+                empty.rmdir()
     return deleted

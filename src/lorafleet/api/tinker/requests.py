@@ -137,6 +137,14 @@ class SaveWeights(Body):
     user_metadata: Metadata | None = None  # stored with the checkpoint (sidecar / revision provenance)
 
 
+class SaveWeightsExternal(Body):
+    model_id: Id
+    path: Id
+    seq_id: I64 | None = None
+    ttl_seconds: I64 | None = None  # accepted, not applied (files live until the user is forgotten)
+    age_encryption_recipients: list[Annotated[str, Field(max_length=4096)]] | None = None  # refused by the service
+
+
 class LoadWeights(Body):
     model_id: Id | None = None
     seq_id: I64 | None = None
@@ -244,6 +252,11 @@ class WeightsInfoOut(BaseModel):
     train_unembed: bool | None = None
     train_mlp: bool | None = None
     train_attn: bool | None = None
+
+
+class ExternalUrlsOut(BaseModel):
+    urls: dict[str, str]
+    expires: str
 
 
 class HeartbeatOut(BaseModel):

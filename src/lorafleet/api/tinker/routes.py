@@ -15,7 +15,7 @@ import threading
 from typing import Annotated
 
 from fastapi import APIRouter, Depends, Query, Request
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import FileResponse, JSONResponse, Response
 from starlette.concurrency import run_in_threadpool
 
 from lorafleet.adapters import AdapterError
@@ -226,6 +226,13 @@ async def save_weights_for_sampler(request: Request, key: Key, tinker: Tinker) -
     return _future(tinker, fut, key, model_id=body.get("model_id"))
 
 
+@router.post("/save_weights_external", summary="The weights as a PEFT folder, downloadable (a future)",
+             openapi_extra=rq.openapi_body(rq.SaveWeightsExternal), responses=rq.documented(rq.Future))
+async def save_weights_external(request: Request, key: Key, tinker: Tinker) -> dict:
+    body = await _body(request, rq.SaveWeightsExternal)
+    return _future(tinker, _call(tinker.save_external, key, body), key, model_id=body.get("model_id"))
+
+
 @router.post("/load_weights", summary="load_state, or a new run from a training checkpoint (a future)",
              openapi_extra=rq.openapi_body(rq.LoadWeights), responses=rq.documented(rq.Future))
 async def load_weights(request: Request, key: Key, tinker: Tinker) -> dict:
@@ -299,6 +306,20 @@ def training_run(run_id: str, key: Key, tinker: Tinker) -> dict:
 def run_checkpoints(run_id: str, key: Key, tinker: Tinker) -> dict:
     run = _call(tinker.run_of, key, run_id)
     return {"checkpoints": [c.to_dict() for c in run.checkpoints], "cursor": None}
+
+
+@router.get("/training_runs/{run_id}/checkpoints/{checkpoint_id:path}/external_weights_urls",
+            summary="Signed download URLs of an external-weights checkpoint's files",
+            responses=rq.documented(rq.ExternalUrlsOut))
+def external_weights_urls(run_id: str, checkpoint_id: str, request: Request, key: Key, tinker: Tinker) -> dict:
+    return _call(tinker.external_urls, key, run_id, checkpoint_id, str(request.base_url))
+
+
+@router.get("/external_weights_files/{token}", summary="One file of an external-weights checkpoint (signed URL)")
+def external_weights_file(token: str, request: Request) -> FileResponse:
+    # No key: the URL is the credential (signed by this server, expiring), as Tinker's signed URLs are.
+    file = _call(tinker_of(request).signed_file, token)
+    return FileResponse(file, media_type="application/octet-stream", filename=file.name)
 
 
 @router.get("/checkpoints", summary="Every checkpoint of this tenant's runs")
