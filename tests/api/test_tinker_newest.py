@@ -40,8 +40,9 @@ def _cache_root() -> Path:
 
 
 def _pip(*args: str) -> subprocess.CompletedProcess:
+    # few retries, short timeouts: an unreachable PyPI is known in seconds, not after pip's default back-off
     return subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--disable-pip-version-check",
-                           *args], capture_output=True, text=True, timeout=600)
+                           "--retries", "2", "--timeout", "30", *args], capture_output=True, text=True, timeout=600)
 
 
 def _unavailable(why: str) -> None:
@@ -79,8 +80,10 @@ def newest_sdk() -> Path:
     done = _pip("--no-deps", "--target", str(tmp), f"tinker=={TINKER_NEWEST}")
     if done.returncode != 0:
         shutil.rmtree(tmp, ignore_errors=True)
-        if any(marker in done.stderr for marker in OFFLINE):
-            _unavailable(done.stderr.strip().splitlines()[-1])
+        lines = done.stderr.strip().splitlines()
+        offline = [line.strip() for line in lines if any(marker in line for marker in OFFLINE)]
+        if offline:
+            _unavailable(f"{offline[-1][:300]} ({lines[-1].strip()})")
         pytest.fail(f"pip could not install tinker=={TINKER_NEWEST}:\n{done.stderr[-2000:]}", pytrace=False)
     missing = _missing_requirements(tmp)
     if missing:  # pure-python requirements new in this SDK: into the same folder, without touching the venv
