@@ -45,6 +45,10 @@ def good(route: str, ctx, server) -> dict:
         "create_sampling_session": {"session_id": ctx["session_id"], "sampling_session_seq_id": 1,
                                     "base_model": server.base.name},
         "retrieve_future": {"request_id": "nope"},
+        "create_session": {"tags": [], "user_metadata": {"a": "b"}, "sdk_version": "0.38.0"},
+        "sessions/search": {"user_metadata": {"a": "b"}, "limit": 5},
+        "weights_info": {"tinker_path": "tinker://x/weights/ck"},
+        "save_weights_for_sampler": {"model_id": ctx["model_id"], "path": "s1", "user_metadata": {"k": "v"}},
     }[route]
 
 
@@ -79,6 +83,17 @@ CASES = [  # (route, path to the field, bad value, what the message names)
     ("load_weights", ("optimizer",), "yes", "optimizer"),
     ("create_sampling_session", ("model_path",), 5, "model_path"),
     ("retrieve_future", ("request_id",), {}, "request_id"),
+    ("create_session", ("user_metadata",), ["x"], "user_metadata"),
+    ("create_session", ("display_name",), 5, "display_name"),
+    ("sessions/search", ("user_metadata",), {"a": 1}, "user_metadata.a"),
+    ("sessions/search", ("limit",), 0, "limit"),
+    ("sessions/search", ("limit",), 201, "limit"),
+    ("sessions/search", ("owner",), {"type": "everyone"}, "owner.type"),
+    ("sessions/search", ("statuses",), [], "statuses"),
+    ("sessions/search", ("cursor",), {"last_created_at": 5}, "cursor.last_created_at"),
+    ("weights_info", ("tinker_path",), None, "tinker_path"),
+    ("save_weights_for_sampler", ("user_metadata",), {"k": 5}, "user_metadata.k"),
+    ("save_weights_for_sampler", ("user_metadata",), "k=v", "user_metadata"),
 ]
 
 
@@ -156,3 +171,14 @@ def test_a_million_token_prompt_is_refused_while_health_answers(server, ctx):
         r = ctx["client"].post("/asample", json=body)
     assert r.status_code == 400 and "prompt: 1000000 tokens exceed the base's context" in r.json()["error"]["message"]
     assert latencies and max(latencies) < 1.0, max(latencies)
+
+
+def test_session_search_semantic_errors(server, ctx):
+    bad = ctx["client"].post("/sessions/search", json={"owner": {"type": "user", "owner_urns": ["u:1"]}})
+    assert bad.status_code == 400 and "owner type 'user' is not supported" in bad.json()["error"]["message"]
+    bad = ctx["client"].post("/sessions/search", json={"cursor": {"last_created_at": "yesterday",
+                                                                 "last_session_id": "s"}})
+    assert bad.status_code == 400 and "is not an ISO 8601 time" in bad.json()["error"]["message"]
+    bad = ctx["client"].post("/create_session", json={"project_id": "globex"})
+    assert bad.status_code == 400 and "this key's only project is its tenant, 'acme'" in bad.json()["error"]["message"]
+    assert ctx["client"].post("/create_session", content=b"").status_code == 200  # curl with no body

@@ -57,10 +57,11 @@ def _engine(base, reg):
 def test_lorafleet_adapter_exported_to_peft_loads_and_changes_output(base, plain, reg, tmp_path):
     from peft import PeftModel
 
-    from lorafleet.adapters import LoraAdapter, LoraSpec, to_bytes
+    from lorafleet.adapters import LoraAdapter, LoraSpec, from_bytes, to_bytes
     from lorafleet.registry import Provenance
     from lorafleet.registry.exports import export_revision
     from lorafleet.serving.chat import chat_prompt_ids
+    from lorafleet.training.step import packed_forward
 
     adapter = LoraAdapter.create(base, LoraSpec(rank=8, alpha=16, target_modules="all"), seed=1, init="random")
     for _, B in adapter.weights.values():
@@ -82,6 +83,21 @@ def test_lorafleet_adapter_exported_to_peft_loads_and_changes_output(base, plain
     finally:
         engine.close()
     assert ours == with_adapter  # and peft generates what lorafleet serves
+    # Logits over prompt + answer: the adapter moves them well beyond float noise, and peft's equal those of
+    # lorafleet's serving operator with the committed revision (the blob the engine loads, parsed as it parses it).
+    served = from_bytes(reg.read_blob(rev.digest), base)
+    full = ids + with_adapter
+    x = torch.tensor([full])
+    with torch.no_grad():
+        peft_logits = peft_model(input_ids=x).logits[0].float()
+        with peft_model.disable_adapter():
+            base_logits = peft_model(input_ids=x).logits[0].float()
+    ours_logits = packed_forward(base, [served], [0], [full], [full], grad=False, train=False,
+                                 score=lambda model, i, m, _: model(input_ids=i, attention_mask=m).logits)[0].float()
+    moved = (peft_logits - base_logits).abs().max().item()
+    gap = (peft_logits - ours_logits).abs().max().item()
+    assert moved > 1.0, moved  # the adapter changes the output
+    assert gap < 1e-3 * max(1.0, peft_logits.abs().max().item()), (gap, moved)  # peft = lorafleet serving
 
 
 def test_peft_adapter_imports_and_serves_like_peft(base, plain, reg, tmp_path):

@@ -8,21 +8,27 @@ served through the OpenAI API like any other revision.
 
 from __future__ import annotations
 
+import base64
 import concurrent.futures
 import contextlib
+import hashlib
+import hmac
 import json
 import re
 import secrets
+import shutil
 import threading
+import time
 import weakref
 from dataclasses import dataclass
+from datetime import datetime, timedelta
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from lorafleet import __version__
-from lorafleet.adapters import LoraAdapter, LoraHost, LoraSpec, from_bytes, to_bytes
+from lorafleet.adapters import LoraAdapter, LoraHost, LoraSpec, from_bytes, save_peft, to_bytes
 from lorafleet.adapters.spec import ATTENTION_TARGETS, MAX_RANK, MLP_TARGETS
 from lorafleet.api.keys import ApiKey
 from lorafleet.api.tinker import losses, wire
@@ -32,6 +38,7 @@ from lorafleet.api.tinker.state import (
     FutureStore,
     Run,
     SamplerSession,
+    Session,
     TinkerNotFoundError,
     TinkerUserError,
     new_id,
@@ -73,14 +80,15 @@ class TinkerService:
         self.service, self.config = service, config or TinkerConfig()
         self.base, self.registry = service.base, service.registry
         self.home = home or default_home()
-        self.sessions: dict[str, str | None] = {}  # session_id -> tenant
+        self.sessions: dict[str, Session] = {}
         self.runs: dict[str, Run] = {}
         self.samplers: dict[str, SamplerSession] = {}
         self.futures = FutureStore()
         self.host = LoraHost.attach(self.base.model)
         self.scheduler = Scheduler(self._forward_backward, {
             "optim_step": self._optim_step, "save_state": self._save_state, "load_state": self._load_state,
-            "save_sampler": self._save_sampler}, gap_wait_s=self.config.gap_wait_s,
+            "save_sampler": self._save_sampler, "save_external": self._save_external},
+            gap_wait_s=self.config.gap_wait_s,
             pack_wait_s=self.config.pack_wait_s)
         self._lock = threading.Lock()
         self._adapters: dict[str, LoraAdapter] = {}  # digest -> parsed adapter, for sampled log-probs
@@ -89,6 +97,7 @@ class TinkerService:
         # Held while something of a run is persisted (checkpoint file, revision) and while a user is forgotten:
         # a save either finishes before the forget (which then deletes it) or sees the run forgotten and refuses.
         self._persist_lock = threading.Lock()
+        self._url_secret = secrets.token_bytes(32)  # signs external-weights download URLs (this process only)
         self.vocab = self.base.model.get_input_embeddings().num_embeddings
         self.max_seq_len = int(getattr(self.base.config, "max_position_embeddings", 2048))
 
@@ -109,17 +118,133 @@ class TinkerService:
         return {"supported_models": [{"model_name": self.base.name, "max_context_length": self.max_seq_len,
                                       "trainable": True, "sampleable": self.service.engine is not None}]}
 
-    def create_session(self, key: ApiKey) -> str:
-        session_id = new_id("session")
+    def create_session(self, key: ApiKey, body: dict | None = None) -> str:
+        body = body or {}
+        project = body.get("project_id")
+        if project is not None and project != self.project_of(key):
+            raise _user(f"project_id {project!r}: this key's only project is its tenant, "
+                        f"{self.project_of(key)!r}")
+        session = Session(new_id("session"), key.tenant, f"tinker:{key.prefix}",
+                          user_metadata={str(k): str(v) for k, v in (body.get("user_metadata") or {}).items()},
+                          display_name=body.get("display_name"))
         with self._lock:
-            self.sessions[session_id] = key.tenant
-        return session_id
+            self.sessions[session.session_id] = session
+        return session.session_id
 
-    def check_session(self, key: ApiKey, session_id: str) -> None:
+    def project_of(self, key: ApiKey) -> str:
+        """Tinker's project of a key: its tenant (an admin key's sessions are in project 'admin')."""
+        return _project(key.tenant)
+
+    def session_of(self, key: ApiKey, session_id: str) -> Session:
         with self._lock:
-            known = session_id in self.sessions and (key.is_admin or self.sessions[session_id] == key.tenant)
-        if not known:
+            session = self.sessions.get(session_id)
+        if session is None or not (key.is_admin or session.tenant == key.tenant):
             raise TinkerNotFoundError(f"session {session_id!r} does not exist (create one with create_session)")
+        return session
+
+    def check_session(self, key: ApiKey, session_id: str, *, live: bool = True) -> None:
+        session = self.session_of(key, session_id)
+        if live and session.finished is not None:
+            raise _user(f"session {session_id!r} has finished ({session.finished}); start a new ServiceClient")
+
+    def finish_session(self, key: ApiKey, session_id: str, body: dict) -> None:
+        session = self.session_of(key, session_id)
+        with self._lock:
+            if session.finished is None:  # first wins, as on Tinker
+                session.finished = (body.get("reason") or {}).get("type", "success")
+
+    def search_sessions(self, key: ApiKey, body: dict) -> dict:
+        """``RestClient.search_sessions``: the key's sessions (every tenant's for an admin key) matching every
+        given filter, newest first, paged by a ``(created_at, session_id)`` cursor."""
+        owner = (body.get("owner") or {}).get("type", "own")
+        if owner == "user":
+            raise _user("sessions/search: owner type 'user' is not supported by lorafleet (use 'own' or "
+                        "'accessible'; a key sees its own tenant's sessions)")
+        projects = body.get("project_ids")
+        allowed = None if key.is_admin else {self.project_of(key)}
+        if projects is not None and allowed is not None and not set(projects) <= allowed:
+            raise _user(f"sessions/search: project_ids {sorted(set(projects) - allowed)} cannot be listed with this "
+                        f"key (its project is {self.project_of(key)!r})")
+        wanted_meta = body.get("user_metadata") or {}
+        name_words = (body.get("display_name") or "").lower().split()
+        sid = body.get("session_id")
+
+        def status_ok(s: Session) -> bool:
+            queries = body.get("statuses")
+            if queries is None:
+                return True
+            status = s.status()
+            return any(q["type"] == status["type"] and (
+                q["type"] != "client_finished" or not q.get("reasons") or status["reason"]["type"] in q["reasons"])
+                for q in queries)
+
+        def named(s: Session) -> bool:  # session_id and display_name: either one matches
+            if sid is None and not name_words:
+                return True
+            by_name = bool(name_words) and all(w in (s.display_name or "").lower() for w in name_words)
+            return s.session_id == sid or by_name
+
+        with self._lock:
+            sessions = list(self.sessions.values())
+        found = [s for s in sessions
+                 if (key.is_admin or s.tenant == key.tenant)
+                 and (projects is None or _project(s.tenant) in projects)
+                 and all(s.user_metadata.get(k) == v for k, v in wanted_meta.items())
+                 and named(s) and status_ok(s)]
+        found.sort(key=lambda s: (s.created, s.session_id), reverse=True)
+        cursor = body.get("cursor")
+        if cursor is not None:
+            try:
+                last = (datetime.fromisoformat(cursor["last_created_at"]), cursor["last_session_id"])
+            except ValueError:
+                raise _user(f"sessions/search: cursor.last_created_at {cursor['last_created_at']!r} is not an "
+                            "ISO 8601 time (pass a response's next_cursor back unchanged)") from None
+            if last[0].tzinfo is None:
+                raise _user("sessions/search: cursor.last_created_at needs a time zone")
+            found = [s for s in found if (s.created, s.session_id) < last]
+        page = found[: body.get("limit", 50)]
+        more = len(found) > len(page)
+        return {"sessions": [self._summary(s) for s in page],
+                "next_cursor": {"last_created_at": page[-1].created.isoformat(),
+                                "last_session_id": page[-1].session_id} if more else None}
+
+    def list_sessions(self, key: ApiKey, limit: int, offset: int) -> dict:
+        """``RestClient.list_sessions``: the key's sessions (every tenant's for an admin key), newest first."""
+        with self._lock:
+            mine = [s for s in self.sessions.values() if key.is_admin or s.tenant == key.tenant]
+        mine.sort(key=lambda s: (s.created, s.session_id), reverse=True)
+        return {"sessions": [s.session_id for s in mine[offset: offset + limit]]}
+
+    def get_session(self, key: ApiKey, session_id: str) -> dict:
+        """``RestClient.get_session``: the session's training runs and samplers, its metadata and name."""
+        s = self.session_of(key, session_id)
+        with self._lock:
+            runs = [r.run_id for r in self.runs.values() if r.session_id == session_id]
+            samplers = [x.sampler_id for x in self.samplers.values() if x.session_id == session_id]
+        return {"training_run_ids": runs, "sampler_ids": samplers, "user_metadata": dict(s.user_metadata) or None,
+                "display_name": s.display_name}
+
+    def weights_info(self, key: ApiKey, tinker_path: str) -> dict:
+        """``RestClient.get_weights_info_by_tinker_path``: base, rank and targets of a checkpoint of the key's."""
+        kind = ("sampler" if "/sampler_weights/" in tinker_path else
+                "external" if "/external_weights/" in tinker_path else "training")
+        ckpt = self.find_checkpoint(key, tinker_path, kind)
+        if ckpt.file is not None:
+            sidecar = _external_sidecar(Path(ckpt.file)) if kind == "external" else Path(ckpt.file).with_suffix(".json")
+            spec = json.loads(sidecar.read_text())["spec"]
+            rank, targets = int(spec["rank"]), set(spec["target_modules"])
+        else:
+            run = self.runs[tinker_path[len("tinker://"):].split("/")[0]]
+            rank, targets = run.adapter.spec.rank, set(run.adapter.spec.target_modules)
+        return {"base_model": self.base.name, "is_lora": True, "lora_rank": rank, "train_unembed": False,
+                "train_attn": bool(targets & set(ATTENTION_TARGETS)), "train_mlp": bool(targets & set(MLP_TARGETS))}
+
+    def _summary(self, s: Session) -> dict:
+        runs = [r for r in list(self.runs.values()) if r.session_id == s.session_id]
+        return {"session_id": s.session_id, "created_at": s.created.isoformat(), "owner": s.owner,
+                "project_id": _project(s.tenant), "status": s.status(),
+                "checkpoints_count": sum(len(r.checkpoints) for r in runs), "display_name": s.display_name,
+                "user_metadata": dict(s.user_metadata) or None}
 
     def check_base(self, base_model: str | None) -> None:
         if base_model is not None and base_model != self.base.name:
@@ -231,8 +356,7 @@ class TinkerService:
     def forward_backward(self, key: ApiKey, request: dict) -> concurrent.futures.Future:
         run = self.run_of(key, request["model_id"])
         loss_fn = request["loss_fn"]
-        if loss_fn not in losses.LOSS_INPUTS:
-            raise _user(f"loss_fn {loss_fn!r} is not supported by lorafleet; supported: {sorted(losses.LOSS_INPUTS)}")
+        config = losses.loss_config(loss_fn, request.get("loss_fn_config"))  # the loss's keys, defaults filled in
         if not request["data"]:
             raise _user("forward_backward: data is empty")
         needed, data, total = losses.LOSS_INPUTS[loss_fn], [], 0
@@ -260,7 +384,8 @@ class TinkerService:
             data.append((tokens, clean))
         if total > self.config.max_request_tokens:
             raise _user(f"forward_backward: {total} tokens in one request; at most {self.config.max_request_tokens}")
-        payload = {"loss_fn": loss_fn, "data": data, "forward_only": bool(request["forward_only"])}
+        payload = {"loss_fn": loss_fn, "loss_config": config, "data": data,
+                   "forward_only": bool(request["forward_only"])}
         return self._submit(run, request.get("seq_id") or None, "forward_backward", payload)
 
     def optim_step(self, key: ApiKey, body: dict) -> concurrent.futures.Future:
@@ -288,8 +413,56 @@ class TinkerService:
             check_segment(str(name), "checkpoint name")
         elif not sampler or body.get("sampling_session_seq_id") is None:
             name = f"step-{run.steps:06d}"  # the SDK always names durable saves; a default keeps curl usable
-        payload = {"name": name, "session_id": run.session_id}
+        metadata = dict(body.get("user_metadata") or {})
+        reserved = sorted(k for k in metadata if k.startswith("lorafleet_"))
+        if reserved:
+            raise _user(f"user_metadata keys {reserved}: the 'lorafleet_' prefix is reserved for the server's own keys")
+        payload = {"name": name, "session_id": run.session_id, "user_metadata": metadata}
         return self._submit(run, body.get("seq_id"), "save_sampler" if sampler else "save_state", payload)
+
+    def save_external(self, key: ApiKey, body: dict) -> concurrent.futures.Future:
+        """``save_weights_external``: the run's current weights as a PEFT folder (what ``lorafleet adapters export
+        --format peft`` writes), downloadable through :meth:`external_urls`."""
+        run = self.run_of(key, str(body.get("model_id", "")))
+        if body.get("age_encryption_recipients"):
+            raise _user("save_weights_external: age_encryption_recipients are not supported by lorafleet (the "
+                        "files are served over this server's own HTTP, to this tenant's keys' signed URLs)")
+        name = check_segment(str(body.get("path") or ""), "checkpoint name")
+        return self._submit(run, body.get("seq_id"), "save_external", {"name": name})
+
+    def external_urls(self, key: ApiKey, run_id: str, checkpoint_id: str, base_url: str) -> dict:
+        """Signed download URLs (valid :data:`URL_TTL_S`) for every file of an external-weights checkpoint."""
+        prefix = "external_weights/"
+        if not checkpoint_id.startswith(prefix):
+            raise _user(f"checkpoint {checkpoint_id!r} is not an external weights checkpoint "
+                        "('external_weights/<name>')")
+        ckpt = self.find_checkpoint(key, f"tinker://{run_id}/{checkpoint_id}", "external")
+        folder = Path(ckpt.file)
+        expires = utcnow() + timedelta(seconds=URL_TTL_S)
+        urls = {}
+        for file in sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith(".")):
+            urls[file.name] = f"{base_url.rstrip('/')}/api/v1/external_weights_files/{self._sign(file, expires)}"
+        return {"urls": urls, "expires": expires.isoformat()}
+
+    def _sign(self, file: Path, expires: datetime) -> str:
+        payload = base64.urlsafe_b64encode(json.dumps(
+            [str(file.relative_to(self.home)), int(expires.timestamp())]).encode()).decode().rstrip("=")
+        mac = hmac.new(self._url_secret, payload.encode(), hashlib.sha256).hexdigest()
+        return f"{payload}.{mac}"
+
+    def signed_file(self, token: str) -> Path:
+        """The file a download token of :meth:`external_urls` names, if its signature holds and it has not expired."""
+        payload, _, mac = token.partition(".")
+        want = hmac.new(self._url_secret, payload.encode(), hashlib.sha256).hexdigest()
+        if not mac or not hmac.compare_digest(mac, want):
+            raise TinkerNotFoundError("this download URL is not valid (get a new one with get_external_weights_urls)")
+        rel, exp = json.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))
+        if time.time() > exp:
+            raise TinkerNotFoundError("this download URL has expired (get a new one with get_external_weights_urls)")
+        file = self.home / rel
+        if not file.is_file():  # deleted since (its user was forgotten)
+            raise TinkerNotFoundError("this file does not exist any more")
+        return file
 
     def load(self, key: ApiKey, body: dict) -> tuple[concurrent.futures.Future, str]:
         if body.get("model_id") is None:
@@ -328,7 +501,7 @@ class TinkerService:
                 op = ops[k]
                 tokens, inputs = datums[r]
                 row = logp[r, : len(tokens)].cpu()  # (T_j,)
-                loss = losses.elementwise_loss(op.payload["loss_fn"], row, inputs)
+                loss = losses.elementwise_loss(op.payload["loss_fn"], row, inputs, op.payload.get("loss_config"))
                 logps[(k, j)] = torch.stack([row.detach(), loss.detach()])
                 if not op.payload["forward_only"]:
                     terms.append(loss.sum())
@@ -347,6 +520,8 @@ class TinkerService:
                 run.datums += len(outputs)
                 run.tokens += int(weight)
                 run.loss_fns.add(op.payload["loss_fn"])
+                if op.payload.get("loss_config"):
+                    run.loss_configs[op.payload["loss_fn"]] = dict(op.payload["loss_config"])
                 run.losses.append(loss_sum / weight if weight else 0.0)
             out.append(wire.encode_forward_backward_output(outputs, {"loss:sum": loss_sum}))
         return out
@@ -404,13 +579,16 @@ class TinkerService:
         folder = self.home / run.tenant / run.run_id
         folder.mkdir(parents=True, exist_ok=True)
         file = folder / f"{name}.safetensors"
+        meta = op.payload.get("user_metadata") or {}
         (folder / f"{name}.json").write_text(json.dumps({"spec": run.adapter.spec.to_dict(), "ref": run.ref,
-                                                          "base_fingerprint": self.base.fingerprint}))
+                                                          "base_fingerprint": self.base.fingerprint,
+                                                          "user_metadata": meta}))
         tmp = file.with_suffix(".tmp")
         tmp.write_bytes(data)
         tmp.replace(file)  # atomic: a crash leaves no half-written checkpoint
         path = self._path(run, "training", name)
-        run.checkpoints.append(Checkpoint(f"weights/{name}", "training", path, utcnow(), len(data), file=str(file)))
+        run.checkpoints.append(Checkpoint(f"weights/{name}", "training", path, utcnow(), len(data), file=str(file),
+                                          user_metadata=dict(meta)))
         return {"path": path, "type": "save_weights"}
 
     def _load_state(self, op: Op) -> dict:
@@ -426,6 +604,26 @@ class TinkerService:
             run.steps = int(state["step"])
         run.optimizer.zero_grad(set_to_none=True)
         return {"path": ckpt.tinker_path, "model_id": run.run_id, "type": "load_weights"}
+
+    def _save_external(self, op: Op) -> dict:
+        with self._persist_lock:
+            self._refuse_forgotten(op.run)
+            run, name = op.run, op.payload["name"]
+            if run.checkpoint("external", name) is not None:
+                raise _user(f"external weights {name!r} already exist in run {run.run_id}; pick another name")
+            snapshot = self._snapshot(run)
+            snapshot.check_delta_norms(self.base)
+            folder = self.home / run.tenant / run.run_id / "external_weights" / name
+            folder.parent.mkdir(parents=True, exist_ok=True)
+            # the sidecar first: forgetting the user finds the folder even if the process dies while writing it
+            _external_sidecar(folder).write_text(json.dumps({"spec": run.adapter.spec.to_dict(), "ref": run.ref,
+                                                             "base_fingerprint": self.base.fingerprint}))
+            save_peft(snapshot, folder)  # the PEFT writer `lorafleet adapters export --format peft` uses
+            size = sum(p.stat().st_size for p in folder.iterdir() if p.is_file())
+            path = f"tinker://{run.run_id}/external_weights/{name}"
+            run.checkpoints.append(Checkpoint(f"external_weights/{name}", "external", path, utcnow(), size,
+                                              file=str(folder)))
+            return {"path": path, "size_bytes": size, "type": "save_weights_external"}
 
     def _snapshot(self, run: Run) -> LoraAdapter:
         return LoraAdapter(spec=run.adapter.spec, weights=weights_of(run.adapter), base_name=self.base.name)
@@ -444,24 +642,27 @@ class TinkerService:
             digest = digest_of(data)
             self.registry.blobs.put(digest, data)  # content-addressed; the engine fetches it by digest
             run.ephemeral_digests.add(digest)  # no revision references it: forgetting the user deletes it
-            sampler = self._new_sampler(run.tenant, None, digest, ref=run.ref)
+            sampler = self._new_sampler(run.tenant, None, digest, ref=run.ref, session_id=run.session_id)
             return {"sampling_session_id": sampler.sampler_id, "type": "save_weights_for_sampler"}
         if run.checkpoint("sampler", name) is not None:
             raise _user(f"sampler checkpoint {name!r} already exists in run {run.run_id}; pick another name")
         path = self._path(run, "sampler", name)
-        hyper = {"loss": sorted(run.loss_fns), "steps": run.steps, "datums": run.datums, "target_tokens": run.tokens,
+        hyper = {"loss": sorted(run.loss_fns), "loss_fn_config": dict(run.loss_configs), "steps": run.steps,
+                 "datums": run.datums, "target_tokens": run.tokens,
                  "rank": run.adapter.spec.rank, "alpha": run.adapter.spec.alpha,
                  "target_modules": list(run.adapter.spec.target_modules), "adam": run.last_adam,
                  "train_loss": run.losses[-1] if run.losses else None, "tinker_run": run.run_id,
                  "base_precision": getattr(self.base, "precision_label", "fp32"),
                  "tinker_path": path, "train_unembed_requested": run.unembed_requested,
+                 "user_metadata": dict(op.payload.get("user_metadata") or {}),
                  "sdk_protocol": "tinker 0.38.0", "server": f"lorafleet {__version__}"}
         prov = Provenance(base_fingerprint=self.base.fingerprint, parent=run.last_revision, method="tinker",
                           hyperparams=hyper, example_count=run.datums, creator=run.creator)
         rev = self.registry.commit(run.ref, data, prov, creator=run.creator, aliases=("candidate",), create=True)
         run.last_revision = rev.number
         run.checkpoints.append(Checkpoint(f"sampler_weights/{name}", "sampler", path, utcnow(), rev.size,
-                                          revision=rev.number, digest=rev.digest))
+                                          revision=rev.number, digest=rev.digest,
+                                          user_metadata=dict(op.payload.get("user_metadata") or {})))
         return {"path": path, "type": "save_weights_for_sampler"}
 
     # ------------------------------------------------------------------ checkpoints and sampling
@@ -473,7 +674,7 @@ class TinkerService:
         """
         prefix = "tinker://"
         parts = path[len(prefix):].split("/") if path.startswith(prefix) else []
-        segment = "sampler_weights" if kind == "sampler" else "weights"
+        segment = {"sampler": "sampler_weights", "external": "external_weights"}.get(kind, "weights")
         if len(parts) != 3 or parts[1] != segment or not RUN_ID_RE.fullmatch(parts[0]):
             raise _user(f"path {path!r} is not a {kind} checkpoint path: expected 'tinker://<run>/{segment}/<name>'")
         run_id, name = parts[0], check_segment(parts[2], "checkpoint name")
@@ -482,22 +683,31 @@ class TinkerService:
             ckpt = run.checkpoint(kind, name)
             if ckpt is not None:
                 return ckpt
+        elif run is None and kind == "external" and key.tenant is not None:
+            folder = self.home / key.tenant / run_id / "external_weights" / name
+            if folder.is_dir() and _external_sidecar(folder).is_file():
+                size = sum(p.stat().st_size for p in folder.iterdir() if p.is_file())
+                return Checkpoint(f"external_weights/{name}", "external", path, utcnow(), size, file=str(folder))
         elif run is None and kind == "training" and key.tenant is not None:
             file = self.home / key.tenant / run_id / f"{name}.safetensors"
             if file.is_file():
-                return Checkpoint(f"weights/{name}", "training", path, utcnow(), file.stat().st_size, file=str(file))
+                meta = _sidecar_metadata(file.with_suffix(".json"))
+                return Checkpoint(f"weights/{name}", "training", path, utcnow(), file.stat().st_size, file=str(file),
+                                  user_metadata=meta)
         raise TinkerNotFoundError(f"checkpoint {path!r} does not exist")
 
     def _new_sampler(self, tenant: str | None, model_path: str | None, digest: str | None, *,
-                     ref: str | None = None) -> SamplerSession:
-        sampler = SamplerSession(new_id("sampler"), tenant, self.base.name, model_path, digest, ref)
+                     ref: str | None = None, session_id: str | None = None) -> SamplerSession:
+        sampler = SamplerSession(new_id("sampler"), tenant, self.base.name, model_path, digest, ref, session_id)
         with self._lock:
             self.samplers[sampler.sampler_id] = sampler
         return sampler
 
     def create_sampler(self, key: ApiKey, body: dict) -> SamplerSession:
         self.check_session(key, str(body.get("session_id", "")))
-        return self._resolve_sampler(key, body)
+        sampler = self._resolve_sampler(key, body)
+        sampler.session_id = str(body["session_id"])
+        return sampler
 
     def _resolve_sampler(self, key: ApiKey, body: dict) -> SamplerSession:
         path = body.get("model_path")
@@ -662,6 +872,27 @@ class TinkerService:
         return len(hit)
 
 
+URL_TTL_S = 3600  # external-weights download URLs stay valid this long
+
+
+def _external_sidecar(folder: Path) -> Path:
+    """``<run>/external_weights/<name>.json`` beside the ``<name>/`` folder of a save_weights_external."""
+    return folder.with_name(folder.name + ".json")
+
+
+def _project(tenant: str | None) -> str:
+    return tenant or "admin"
+
+
+def _sidecar_metadata(sidecar: Path) -> dict[str, str]:
+    """The client's user_metadata stored in a training checkpoint's ``<name>.json`` (empty for older sidecars)."""
+    try:
+        meta = json.loads(sidecar.read_text()).get("user_metadata") or {}
+    except (OSError, ValueError, AttributeError):
+        return {}
+    return {str(k): str(v) for k, v in meta.items()} if isinstance(meta, dict) else {}
+
+
 def default_home() -> Path:
     """Where training checkpoints (``save_state``) live: ``$LORAFLEET_HOME/tinker``."""
 
@@ -675,8 +906,9 @@ def _owned_by(tenant: str, user: str):
 
 def forget_checkpoint_files(home: Path, tenant: str, user: str) -> int:
     """Delete every training checkpoint under ``home/<tenant>/<run>/`` whose sidecar names one of
-    ``tenant/user``'s adapters (``<name>.json`` + ``<name>.safetensors`` + a crash's ``<name>.tmp``), and the run
-    folders left empty. Works without a server (the files outlive the process). Returns the files deleted."""
+    ``tenant/user``'s adapters (``<name>.json`` + ``<name>.safetensors`` + a crash's ``<name>.tmp``), every
+    external-weights folder likewise (``external_weights/<name>.json`` + ``external_weights/<name>/``), and the
+    run folders left empty. Works without a server (the files outlive the process). Returns the files deleted."""
     mine = _owned_by(tenant, user)
     folder = Path(home) / tenant
     if not folder.is_dir():
@@ -696,4 +928,20 @@ def forget_checkpoint_files(home: Path, tenant: str, user: str) -> int:
                 deleted += 1
         with contextlib.suppress(OSError):
             sidecar.parent.rmdir()  # only when empty: another user's checkpoints in the run stay
+    for sidecar in sorted(folder.glob("*/external_weights/*.json")):  # save_weights_external folders
+        try:
+            ref = json.loads(sidecar.read_text()).get("ref")
+        except (OSError, ValueError, AttributeError):
+            continue
+        if not mine(ref):
+            continue
+        files = sidecar.with_name(sidecar.name[: -len(".json")])
+        if files.is_dir():
+            deleted += sum(1 for p in files.rglob("*") if p.is_file())
+            shutil.rmtree(files)
+        sidecar.unlink()
+        deleted += 1
+        for empty in (sidecar.parent, sidecar.parent.parent):
+            with contextlib.suppress(OSError):
+                empty.rmdir()
     return deleted

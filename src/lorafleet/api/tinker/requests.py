@@ -30,6 +30,58 @@ class SessionRef(Body):
     session_id: Id
 
 
+MetaKey = Annotated[str, Field(min_length=1, max_length=256)]
+MetaValue = Annotated[str, Field(max_length=4096)]
+Metadata = Annotated[dict[MetaKey, MetaValue], Field(max_length=64)]
+
+
+class CreateSession(Body):
+    tags: list[Annotated[str, Field(max_length=256)]] = []
+    user_metadata: Annotated[dict[MetaKey, Any], Field(max_length=64)] | None = None  # values kept as strings
+    sdk_version: Id | None = None
+    project_id: Id | None = None
+    display_name: Annotated[str, Field(max_length=1024)] | None = None
+
+
+class FinishReason(Body):
+    type: Literal["success", "errored", "interrupted"] = "success"
+
+
+class FinishSession(Body):
+    reason: FinishReason | None = None
+    detail: Annotated[str, Field(max_length=4096)] | None = None
+
+
+class SearchOwner(Body):
+    type: Literal["own", "accessible", "user"] = "own"
+    owner_urns: list[Id] | None = None
+
+
+class StatusQuery(Body):
+    type: Literal["active", "cancelled", "failed", "client_finished"]
+    reasons: list[Literal["success", "errored", "interrupted"]] | None = None
+
+
+class SearchCursor(Body):
+    last_created_at: Annotated[str, Field(max_length=64)]
+    last_session_id: Id
+
+
+class SessionSearch(Body):
+    session_id: Id | None = None
+    project_ids: list[Id] | None = None
+    user_metadata: Metadata = {}
+    display_name: Annotated[str, Field(min_length=1, max_length=1024)] | None = None
+    owner: SearchOwner | None = None
+    statuses: Annotated[list[StatusQuery], Field(min_length=1)] | None = None
+    limit: Annotated[int, Field(ge=1, le=200)] = 50
+    cursor: SearchCursor | None = None
+
+
+class WeightsInfo(Body):
+    tinker_path: Id
+
+
 class ModelRef(Body):
     model_id: Id
 
@@ -82,6 +134,15 @@ class SaveWeights(Body):
     path: Id | None = None
     seq_id: I64 | None = None
     sampling_session_seq_id: I64 | None = None
+    user_metadata: Metadata | None = None  # stored with the checkpoint (sidecar / revision provenance)
+
+
+class SaveWeightsExternal(Body):
+    model_id: Id
+    path: Id
+    seq_id: I64 | None = None
+    ttl_seconds: I64 | None = None  # accepted, not applied (files live until the user is forgotten)
+    age_encryption_recipients: list[Annotated[str, Field(max_length=4096)]] | None = None  # refused by the service
 
 
 class LoadWeights(Body):
@@ -155,6 +216,47 @@ class SessionOut(BaseModel):
     type: Literal["create_session"]
     session_id: str
     info_message: str
+
+
+class SessionSummaryOut(BaseModel):
+    session_id: str
+    created_at: str
+    owner: str
+    project_id: str
+    status: dict[str, Any] | None = None
+    checkpoints_count: int
+    display_name: str | None = None
+    user_metadata: dict[str, str] | None = None
+
+
+class SessionSearchOut(BaseModel):
+    sessions: list[SessionSummaryOut]
+    next_cursor: dict[str, str] | None = None
+
+
+class SessionInfoOut(BaseModel):
+    training_run_ids: list[str]
+    sampler_ids: list[str]
+    user_metadata: dict[str, str] | None = None
+    display_name: str | None = None
+
+
+class SessionsOut(BaseModel):
+    sessions: list[str]
+
+
+class WeightsInfoOut(BaseModel):
+    base_model: str
+    is_lora: bool
+    lora_rank: int | None = None
+    train_unembed: bool | None = None
+    train_mlp: bool | None = None
+    train_attn: bool | None = None
+
+
+class ExternalUrlsOut(BaseModel):
+    urls: dict[str, str]
+    expires: str
 
 
 class HeartbeatOut(BaseModel):

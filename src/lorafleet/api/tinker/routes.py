@@ -15,7 +15,7 @@ import threading
 from typing import Annotated
 
 from fastapi import APIRouter, Depends, Query, Request
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import FileResponse, JSONResponse, Response
 from starlette.concurrency import run_in_threadpool
 
 from lorafleet.adapters import AdapterError
@@ -71,6 +71,12 @@ async def _body(request: Request, model: type[rq.Body]) -> dict:
     return await run_in_threadpool(lambda: rq.validate(model, rq.parse_json(raw, route), route))
 
 
+async def _optional_body(request: Request, model: type[rq.Body]) -> dict:
+    """Like :func:`_body`, but an empty body is the model's defaults (curl users may send none)."""
+    raw = await request.body()
+    return await _body(request, model) if raw.strip() else {}
+
+
 def _call(fn, *args):
     """Run a service call, turning its errors into HTTP errors that name the problem (4xx is never retried)."""
     try:
@@ -115,23 +121,51 @@ def telemetry(_: Key) -> dict:
     return {"status": "accepted"}
 
 
-@router.post("/create_session", summary="Start a session", responses=rq.documented(rq.SessionOut))
-def create_session(key: Key, tinker: Tinker) -> dict:
-    return {"type": "create_session", "session_id": tinker.create_session(key),
+@router.post("/create_session", summary="Start a session", openapi_extra=rq.openapi_body(rq.CreateSession),
+             responses=rq.documented(rq.SessionOut))
+async def create_session(request: Request, key: Key, tinker: Tinker) -> dict:
+    session_id = _call(tinker.create_session, key, await _optional_body(request, rq.CreateSession))
+    return {"type": "create_session", "session_id": session_id,
             "info_message": f"lorafleet: training {tinker.base.name} adapters for tenant {key.tenant or '(admin)'}"}
 
 
 @router.post("/session_heartbeat", summary="Keep a session alive",
              openapi_extra=rq.openapi_body(rq.SessionRef), responses=rq.documented(rq.HeartbeatOut))
 async def heartbeat(request: Request, key: Key, tinker: Tinker) -> dict:
-    _call(tinker.check_session, key, (await _body(request, rq.SessionRef))["session_id"])
+    _call(lambda sid: tinker.check_session(key, sid, live=False), (await _body(request, rq.SessionRef))["session_id"])
     return {"type": "session_heartbeat"}
 
 
-@router.post("/sessions/{session_id}/finish", summary="End a session (runs and checkpoints stay)")
-def finish_session(session_id: str, key: Key, tinker: Tinker) -> dict:
-    _call(tinker.check_session, key, session_id)
+@router.post("/sessions/{session_id}/finish", summary="End a session (runs and checkpoints stay)",
+             openapi_extra=rq.openapi_body(rq.FinishSession))
+async def finish_session(session_id: str, request: Request, key: Key, tinker: Tinker) -> dict:
+    _call(tinker.finish_session, key, session_id, await _optional_body(request, rq.FinishSession))
     return {}
+
+
+@router.get("/sessions", summary="This tenant's session ids, newest first", responses=rq.documented(rq.SessionsOut))
+def list_sessions(key: Key, tinker: Tinker, limit: int = Query(20, ge=1, le=1000), offset: int = Query(0, ge=0),
+                  access_scope: str = Query("owned", pattern="^(owned|accessible)$")) -> dict:
+    return tinker.list_sessions(key, limit, offset)  # a tenant key sees its own tenant's sessions either way
+
+
+@router.get("/sessions/{session_id}", summary="A session's training runs and samplers",
+            responses=rq.documented(rq.SessionInfoOut))
+def get_session(session_id: str, key: Key, tinker: Tinker,
+                access_scope: str = Query("owned", pattern="^(owned|accessible)$")) -> dict:
+    return _call(tinker.get_session, key, session_id)
+
+
+@router.post("/weights_info", summary="Base, rank and targets of a checkpoint",
+             openapi_extra=rq.openapi_body(rq.WeightsInfo), responses=rq.documented(rq.WeightsInfoOut))
+async def weights_info(request: Request, key: Key, tinker: Tinker) -> dict:
+    return _call(tinker.weights_info, key, (await _body(request, rq.WeightsInfo))["tinker_path"])
+
+
+@router.post("/sessions/search", summary="Search this tenant's sessions by user_metadata, name, id, status",
+             openapi_extra=rq.openapi_body(rq.SessionSearch), responses=rq.documented(rq.SessionSearchOut))
+async def search_sessions(request: Request, key: Key, tinker: Tinker) -> dict:
+    return _call(tinker.search_sessions, key, await _body(request, rq.SessionSearch))
 
 
 # ------------------------------------------------------------------------------ training
@@ -190,6 +224,13 @@ async def save_weights_for_sampler(request: Request, key: Key, tinker: Tinker) -
     body = await _body(request, rq.SaveWeights)
     fut = _call(lambda: tinker.save(key, body, sampler=True))
     return _future(tinker, fut, key, model_id=body.get("model_id"))
+
+
+@router.post("/save_weights_external", summary="The weights as a PEFT folder, downloadable (a future)",
+             openapi_extra=rq.openapi_body(rq.SaveWeightsExternal), responses=rq.documented(rq.Future))
+async def save_weights_external(request: Request, key: Key, tinker: Tinker) -> dict:
+    body = await _body(request, rq.SaveWeightsExternal)
+    return _future(tinker, _call(tinker.save_external, key, body), key, model_id=body.get("model_id"))
 
 
 @router.post("/load_weights", summary="load_state, or a new run from a training checkpoint (a future)",
@@ -265,6 +306,20 @@ def training_run(run_id: str, key: Key, tinker: Tinker) -> dict:
 def run_checkpoints(run_id: str, key: Key, tinker: Tinker) -> dict:
     run = _call(tinker.run_of, key, run_id)
     return {"checkpoints": [c.to_dict() for c in run.checkpoints], "cursor": None}
+
+
+@router.get("/training_runs/{run_id}/checkpoints/{checkpoint_id:path}/external_weights_urls",
+            summary="Signed download URLs of an external-weights checkpoint's files",
+            responses=rq.documented(rq.ExternalUrlsOut))
+def external_weights_urls(run_id: str, checkpoint_id: str, request: Request, key: Key, tinker: Tinker) -> dict:
+    return _call(tinker.external_urls, key, run_id, checkpoint_id, str(request.base_url))
+
+
+@router.get("/external_weights_files/{token}", summary="One file of an external-weights checkpoint (signed URL)")
+def external_weights_file(token: str, request: Request) -> FileResponse:
+    # No key: the URL is the credential (signed by this server, expiring), as Tinker's signed URLs are.
+    file = _call(tinker_of(request).signed_file, token)
+    return FileResponse(file, media_type="application/octet-stream", filename=file.name)
 
 
 @router.get("/checkpoints", summary="Every checkpoint of this tenant's runs")

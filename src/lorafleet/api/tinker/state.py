@@ -40,6 +40,24 @@ class TinkerNotFoundError(LookupError):
 
 
 @dataclass
+class Session:
+    """One SDK session (``ServiceClient``): whose it is, and what ``search_sessions`` matches on."""
+
+    session_id: str
+    tenant: str | None  # None: an admin key's session
+    owner: str  # the key that created it ("tinker:<key prefix>")
+    user_metadata: dict[str, str] = field(default_factory=dict)
+    display_name: str | None = None
+    created: datetime = field(default_factory=utcnow)
+    finished: str | None = None  # the client's finish reason ("success", "errored", "interrupted")
+
+    def status(self) -> dict:
+        if self.finished is None:
+            return {"type": "active"}
+        return {"type": "client_finished", "reason": {"type": self.finished}}
+
+
+@dataclass
 class Checkpoint:
     checkpoint_id: str  # "weights/<name>" or "sampler_weights/<name>"
     kind: str  # "training" | "sampler"
@@ -49,12 +67,15 @@ class Checkpoint:
     revision: int | None = None  # sampler checkpoints: the registry revision number
     digest: str | None = None
     file: str | None = None  # training checkpoints: the safetensors file
+    user_metadata: dict[str, str] = field(default_factory=dict)  # the client's, given at save time
 
     def to_dict(self) -> dict:
+        ours = ({"lorafleet_revision": str(self.revision), "lorafleet_digest": self.digest}
+                if self.revision is not None else {})
+        meta = dict(self.user_metadata) | ours
         return {"checkpoint_id": self.checkpoint_id, "checkpoint_type": self.kind, "time": self.time.isoformat(),
                 "tinker_path": self.tinker_path, "size_bytes": self.size_bytes, "public": False,
-                "user_metadata": ({"lorafleet_revision": str(self.revision), "lorafleet_digest": self.digest}
-                                  if self.revision is not None else None)}
+                "user_metadata": meta or None}
 
 
 @dataclass
@@ -75,6 +96,7 @@ class Run:
     datums: int = 0  # datums seen by forward_backward (not forward-only)
     tokens: int = 0  # weighted target tokens seen
     loss_fns: set = field(default_factory=set)
+    loss_configs: dict = field(default_factory=dict)  # loss_fn -> the loss_fn_config it last trained with
     last_adam: dict = field(default_factory=dict)
     losses: list = field(default_factory=list)  # per forward_backward: weighted mean token loss
     pending_grad: bool = False
@@ -109,6 +131,7 @@ class SamplerSession:
     model_path: str | None
     digest: str | None  # the adapter blob the engine loads; None = the base alone
     ref: str | None = None  # the adapter "tenant/user/name" it samples (None: the base)
+    session_id: str | None = None  # the SDK session that created it
 
 
 @dataclass
