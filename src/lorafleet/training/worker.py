@@ -210,6 +210,8 @@ class Worker:
                 hook()
             room = self.config.max_jobs - len(self.running)
             for job in self.queue.claim(self.worker_id, room, lease_seconds=self.config.lease_seconds, only=only):
+                if job.id in self.running:  # our own lease ran out during a slow step and we re-claimed it: go on
+                    continue
                 self._start(job)
             if not self.running:
                 if until_idle:
