@@ -118,6 +118,8 @@ class _Plan:
         within = torch.empty_like(order)
         within[order] = torch.arange(order.numel(), device=idx.device) - starts.index_select(0, group.index_select(0, order))
         self.dest = group * self.width + within  # (n,) row -> padded position
+        # padding costs groups * width rows of work for n real ones: fine for one-token rows, bounded for prompts
+        self.compact = self.groups * self.width <= 2 * idx.numel()
 
 
 def _padded_bmm(x: Tensor, A: Tensor, B: Tensor, scale: Tensor, plan: _Plan) -> Tensor:
@@ -145,18 +147,18 @@ def lora_delta(
 ) -> Tensor:
     """The operator's fast path. Shapes as in the module docstring; returns ``delta: (Bsz, T, out)``.
 
-    Only rows with an adapter are computed. Prefill/training (``T > 1``) runs one matmul pair per adapter
-    over all its rows' tokens; inference decode (``T == 1``, no grad) places rows into padded per-slot groups
-    and runs two ``bmm`` that read each adapter once (:func:`_padded_bmm`); decode with gradients gathers per-row
-    weights. ``dropout: (S,)`` per-slot probabilities (training only). ``plans``: a dict the caller keeps for
+    Only rows with an adapter are computed. Inference (no grad) places rows into padded per-slot groups and runs
+    two ``bmm`` that read each adapter once (:func:`_padded_bmm`) — always for decode (``T == 1``), for prompts when
+    the padding at most doubles the rows; otherwise (training, skewed prompts) ``T > 1`` runs one matmul pair per
+    adapter over all its rows' tokens and decode with gradients gathers per-row weights. ``dropout: (S,)`` per-slot probabilities (training only). ``plans``: a dict the caller keeps for
     one routing (the same slots) so the row placement is computed once for all projections.
     Differentiable w.r.t. ``x``, ``A`` and ``B``.
     """
     if triton_lora.wants_triton(x, A, B, dropout):  # CUDA inference: the Triton kernels (docs/operator.md)
         return triton_lora.lora_delta_triton(x, A, B, scaling, slots)
     slots = _as_levels(slots)
-    padded = x.shape[1] == 1 and dropout is None and not (torch.is_grad_enabled() and
-                                                         (x.requires_grad or A.requires_grad or B.requires_grad))
+    inference = dropout is None and not (torch.is_grad_enabled() and
+                                         (x.requires_grad or A.requires_grad or B.requires_grad))
     delta: Tensor | None = None
     for level in range(slots.shape[1]):
         s = slots[:, level]
@@ -171,13 +173,15 @@ def lora_delta(
             idx, xs = s.index_select(0, rows), x.index_select(0, rows)  # (n,), (n, T, in)
         if dropout is not None:
             xs = _row_dropout(xs, dropout.index_select(0, idx))
-        if padded:
+        plan = None
+        if inference:
             key = (level, A.shape[0])
             plan = None if plans is None else plans.get(key)
             if plan is None:
                 plan = _Plan(idx, A.shape[0])
                 if plans is not None:
                     plans[key] = plan
+        if plan is not None and (x.shape[1] == 1 or plan.compact):
             part = _padded_bmm(xs, A, B, scaling, plan)
         elif x.shape[1] >= GROUPED_MIN_TOKENS:
             part = _segmented(xs, A, B, scaling, idx)
