@@ -33,6 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from lorafleet.adapters import LoraHost
 from lorafleet.base.precision import QuantLinear
 
 SUPPORTED = frozenset({"llama"})  # model_type values whose decoder layer is the one above
@@ -97,6 +98,7 @@ class LeanDecoder:
         """The model's lean decoder, built once (its fused kernels share the projections' codes)."""
         lean = model.__dict__.get("_lorafleet_lean")
         if lean is None:
+            LoraHost.attach(model)  # the projections it keeps must be the operator's wrappers, never the bare linears
             lean = cls(model)
             model.__dict__["_lorafleet_lean"] = lean  # a plain attribute: not a submodule, not in state_dict
         return lean
