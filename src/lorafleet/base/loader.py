@@ -282,6 +282,23 @@ def _return_freed_memory() -> None:
         pass
 
 
+_M_MMAP_THRESHOLD = -3  # glibc mallopt parameter
+HEAP_MMAP_THRESHOLD = 4 << 20  # bytes
+
+
+def bound_heap_retention(threshold: int = HEAP_MMAP_THRESHOLD) -> bool:
+    """Make glibc serve every allocation of ``threshold`` bytes or more with its own mapping, returned on free.
+
+    By default glibc raises that threshold as large blocks are freed (up to 32 MB), so a training step's tensors
+    come from the heap and, freed, stay in the process: a packed 8-user SmolLM2 step held 1.6 GB of free heap
+    (peak RSS 2.9 GB for 0.55 GB live). A fixed 4 MB threshold gave 1.46 GB at no measured cost in step time
+    (docs/results/training.md). Process-wide; True if applied, False where the C library is not glibc."""
+    try:
+        return bool(ctypes.CDLL("libc.so.6").mallopt(_M_MMAP_THRESHOLD, int(threshold)))
+    except (OSError, AttributeError):
+        return False
+
+
 def load_base(name_or_path: str | None = None, *, device: str | torch.device = "cpu", use_cache: bool = True,
               precision: str | None = None) -> BaseModel:
     """Load a base by name or path (see :func:`resolve_source`), frozen, in eval mode.

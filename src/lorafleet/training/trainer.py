@@ -23,6 +23,7 @@ from torch import Tensor
 
 from lorafleet.adapters import LoraAdapter, LoraHost, as_lora
 from lorafleet.adapters.stack import MAX_LEVELS, AdapterStack
+from lorafleet.base.loader import bound_heap_retention
 from lorafleet.errors import LorafleetError
 from lorafleet.registry import faults
 from lorafleet.training.checkpoint import load_weights, weights_of
@@ -128,11 +129,13 @@ class MultiTenantTrainer:
 
     ``checkpoint``: activation checkpointing of the base's decoder layers in each step's pass — ``"auto"`` (on from
     :data:`~lorafleet.training.step.CHECKPOINT_MIN_TOKENS` padded tokens per pass), ``"on"``/True or
-    ``"off"``/False (see :mod:`lorafleet.training.step`); the updates are the same either way.
+    ``"off"``/False (see :mod:`lorafleet.training.step`); the updates are the same either way. A trainer also
+    bounds the C heap's retention of freed step tensors for the process (:func:`~lorafleet.base.loader.bound_heap_retention`).
     """
 
     def __init__(self, base, *, checkpoint: bool | str = "auto") -> None:
         self.checkpoint = resolve_checkpoint(checkpoint)  # a bad value: StepOptionError, before anything changes
+        bound_heap_retention()
         self.base = base
         self.host = LoraHost.attach(base.model)
         self.users: dict[str, UserTrack] = {}
