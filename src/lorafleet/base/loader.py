@@ -265,7 +265,7 @@ def _detach_from_file(model: nn.Module) -> None:
         return copies[key]
 
     for module in model.modules():
-        for name, p in module._parameters.items():
+        for p in module._parameters.values():
             if p is not None:
                 p.data = own(p.data)  # the same Parameter object (ties by object stay tied), its own storage
         for name, b in module._buffers.items():
