@@ -72,8 +72,8 @@ def child(mode: str, base_name: str, users: int, examples: int, steps: int, rank
 
     torch.manual_seed(0)
     base = load_base(base_name, precision=precision)
-    loaded_rss = _rss_mb("VmRSS")
-    _reset_peak()
+    loaded_rss, load_peak = _rss_mb("VmRSS"), _rss_mb("VmHWM")
+    _reset_peak()  # (this also resets ru_maxrss on Linux: the process peak below takes the load's peak back in)
     datasets = [dataset_from_records(user_records(u, examples), "sft") for u in range(users)]
     setup_s = train_s = 0.0
     tokens = 0
@@ -135,7 +135,7 @@ def child(mode: str, base_name: str, users: int, examples: int, steps: int, rank
             del model, opt
     return {"mode": mode, "precision": base.precision_label, "checkpoint": checkpoint, "loaded_rss_mb": loaded_rss,
             "train_peak_mb": _rss_mb("VmHWM"), "setup_s": setup_s, "train_s": train_s, "tokens": tokens, "tokens_per_s": tokens / train_s,
-            "peak_rss_mb": peak_rss_mb(), "final_loss": final}
+            "peak_rss_mb": max(peak_rss_mb(), load_peak or 0.0), "load_peak_mb": load_peak, "final_loss": final}
 
 
 def main() -> None:
@@ -189,7 +189,7 @@ def main() -> None:
     labels = {"packed": "(a) lorafleet packed, all users per step", "sequential": "(b) lorafleet, one user at a time",
               "peft": "(c) peft + transformers, one user at a time"}
     headers = ["mode", "base precision", "checkpointing", "setup s", "train s", "tokens trained", "tokens/s (train)",
-               "train s vs (a) fp32", "RSS after load MB", "peak RSS in training MB", "peak RSS MB (process)",
+               "train s vs (a) fp32", "RSS after load MB", "peak RSS of the load MB", "peak RSS in training MB", "peak RSS MB (process)",
                "mean final loss", "vs (a) fp32", "final loss range"]
     mean = {k: sum(r["final_loss"]) / len(r["final_loss"]) for k, r in results.items()}
     rows = []
@@ -198,7 +198,8 @@ def main() -> None:
         fmt = (lambda v: "–" if v is None else f"{v:.0f}")  # noqa: E731
         rows.append([labels[key[0]], r.get("precision", key[1]), r.get("checkpoint", "–") if key[0] != "peft" else "–",
                      f"{r['setup_s']:.1f}", f"{r['train_s']:.1f}", f"{r['tokens']:,}", f"{r['tokens_per_s']:.0f}",
-                     f"{r['train_s'] / ref['train_s']:.2f}x", fmt(r.get("loaded_rss_mb")), fmt(r.get("train_peak_mb")),
+                     f"{r['train_s'] / ref['train_s']:.2f}x", fmt(r.get("loaded_rss_mb")), fmt(r.get("load_peak_mb")),
+                     fmt(r.get("train_peak_mb")),
                      f"{r['peak_rss_mb']:.0f}", f"{mean[key]:.4f}", f"{mean[key] / (sum(ref['final_loss']) / len(ref['final_loss'])):.3f}",
                      f"{min(losses):.3f}–{max(losses):.3f}"])
     title = (f"Multi-user training: {args.users} users x {args.examples} examples, rank {args.rank}, "
