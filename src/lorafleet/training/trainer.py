@@ -23,12 +23,13 @@ from torch import Tensor
 
 from lorafleet.adapters import LoraAdapter, LoraHost, as_lora
 from lorafleet.adapters.stack import MAX_LEVELS, AdapterStack
+from lorafleet.base.loader import bound_heap_retention
 from lorafleet.errors import LorafleetError
 from lorafleet.registry import faults
 from lorafleet.training.checkpoint import load_weights, weights_of
 from lorafleet.training.data import IGNORE, Dataset, TokenizeReport, tokenize_pair, tokenize_sft
 from lorafleet.training.losses import dpo_loss
-from lorafleet.training.step import backward_sum, packed_forward
+from lorafleet.training.step import backward_sum, packed_forward, resolve_checkpoint
 
 
 class TrainConfigError(LorafleetError, ValueError):
@@ -124,9 +125,17 @@ def _make_optimizer(params: list[Tensor], cfg: TrainConfig) -> torch.optim.Optim
 
 
 class MultiTenantTrainer:
-    """Trains many users' adapters together on one resident base (see the module docstring)."""
+    """Trains many users' adapters together on one resident base (see the module docstring).
 
-    def __init__(self, base) -> None:
+    ``checkpoint``: activation checkpointing of the base's decoder layers in each step's pass — ``"auto"`` (on from
+    :data:`~lorafleet.training.step.CHECKPOINT_MIN_TOKENS` padded tokens per pass), ``"on"``/True or
+    ``"off"``/False (see :mod:`lorafleet.training.step`); the updates are the same either way. A trainer also
+    bounds the C heap's retention of freed step tensors for the process (:func:`~lorafleet.base.loader.bound_heap_retention`).
+    """
+
+    def __init__(self, base, *, checkpoint: bool | str = "auto") -> None:
+        self.checkpoint = resolve_checkpoint(checkpoint)  # a bad value: StepOptionError, before anything changes
+        bound_heap_retention()
         self.base = base
         self.host = LoraHost.attach(base.model)
         self.users: dict[str, UserTrack] = {}
@@ -220,7 +229,7 @@ class MultiTenantTrainer:
                 labels.append(item.labels)
                 owners.append(k)
         stacks = [t.stack for t in group]  # one expansion per user per step (tiny formats)
-        logp, count = packed_forward(self.base, stacks, owners, rows, labels)
+        logp, count = packed_forward(self.base, stacks, owners, rows, labels, checkpoint=self.checkpoint)
         nll = -logp
         owner_t = torch.tensor(owners, device=self.base.device)
         out = {}
@@ -238,7 +247,7 @@ class MultiTenantTrainer:
                     labels.append([IGNORE] * pair.prompt_len + seq[pair.prompt_len:])
                     owners.append(k)
         stacks = [t.stack for t in group]  # one expansion per user per step (tiny formats)
-        policy, _ = packed_forward(self.base, stacks, owners, rows, labels)
+        policy, _ = packed_forward(self.base, stacks, owners, rows, labels, checkpoint=self.checkpoint)
         # reference = what the adapter sits on: the base, plus the frozen parents of a stack (no model copy)
         refs = [AdapterStack(t.parents) if t.parents else None for t in group]
         ref, _ = packed_forward(self.base, refs, owners, rows, labels, grad=False, train=False)
