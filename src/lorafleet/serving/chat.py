@@ -8,8 +8,9 @@ A chat template that knows tools (it refers to ``tools`` or ``tool_calls``, as Q
 do) gets them the way ``transformers`` passes them: ``tools=`` and assistant ``tool_calls`` with ``arguments`` as
 an object. A template that does not (SmolLM2's, the tiny test model's) gets the **fallback rendering**:
 
-- the tools, one JSON line each inside ``<tools></tools>``, after :data:`TOOLS_PROMPT`, in a system message
-  (appended to the request's own first system message, or a new first one);
+- :data:`TOOLS_PROMPT` with the tools (each one's ``function`` object, one compact JSON line each, inside
+  ``<tools></tools>``) as a system message
+  (appended to the request's own first system message, or a new first one; short, for small contexts);
 - an assistant turn's calls as ``<tool_call>{"name": ..., "arguments": {...}}</tool_call>`` lines after its text;
 - a ``tool`` turn as a ``user`` turn ``<tool_response>{content}</tool_response>`` (roles every template knows).
 """
@@ -18,10 +19,9 @@ from __future__ import annotations
 
 import json
 
-TOOLS_PROMPT = (
-    "You may call one or more functions to help with the user's request. The functions are listed inside "
-    "<tools></tools>. To call a function, answer with only a JSON object inside <tool_call></tool_call> tags: "
-    '<tool_call>{"name": <function-name>, "arguments": <arguments-object>}</tool_call>'
+TOOLS_PROMPT = (  # {tools}: one compact JSON definition a line
+    "You may call these functions:\n<tools>\n{tools}\n</tools>\nTo call one, answer with only "
+    '<tool_call>{{"name": <function-name>, "arguments": <arguments-object>}}</tool_call>'
 )
 
 
@@ -62,8 +62,8 @@ def _fallback(messages: list[dict], tools: list[dict] | None) -> list[dict]:
             role, content = "user", f"<tool_response>{content}</tool_response>"
         out.append({"role": role, "content": content})
     if tools:
-        listing = "\n".join(json.dumps(t) for t in tools)
-        text = f"{TOOLS_PROMPT}\n<tools>\n{listing}\n</tools>"
+        text = TOOLS_PROMPT.format(tools="\n".join(json.dumps(t.get("function", t), separators=(",", ":"))
+                                                   for t in tools))
         if out and out[0]["role"] == "system":
             out[0] = {"role": "system", "content": f"{out[0]['content']}\n\n{text}" if out[0]["content"] else text}
         else:
