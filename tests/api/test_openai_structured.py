@@ -190,3 +190,38 @@ def test_max_completion_tokens_alias(c):
     alone = c.chat.completions.create(model=MODEL, messages=MSGS, max_completion_tokens=5, temperature=0)
     assert both.usage.completion_tokens == alone.usage.completion_tokens == 5
     assert both.choices[0].message.content == alone.choices[0].message.content
+
+
+WX_PLAN_TOOLS = [WEATHER, {"type": "function", "function": {
+    "name": "strict_add", "strict": True, "parameters": ADD["function"]["parameters"]}}]
+
+
+@pytest.mark.parametrize(("text", "content", "calls"), [
+    ('{"tool": "get_weather", "city": "London"}', None, [("get_weather", {"city": "London"})]),  # wxbot persona
+    ('<tool_call>\n{"name": "get_weather", "arguments": {"city": "Oslo"}}\n</tool_call>', None,
+     [("get_weather", {"city": "Oslo"})]),
+    ('Let me check. <tool_call>{"name": "get_weather", "arguments": "{\\"city\\": \\"Rome\\"}"}', "Let me check.",
+     [("get_weather", {"city": "Rome"})]),  # arguments as a string; an unclosed last tag
+    ('```json\n[{"name": "get_weather", "parameters": {"city": "A"}}, {"name": "strict_add", "arguments": {"a": 1}}]'
+     '\n```', None, [("get_weather", {"city": "A"}), ("strict_add", {"a": 1})]),
+    ('{"name": "unknown", "arguments": {}}', None, None),  # not a declared function: plain content
+    ('{"name": "strict_add", "arguments": {"a": 1000}}', None, None),  # breaks a strict tool's schema
+    ('{"city": "London"}', None, None),
+    ("It is sunny in London.", None, None),
+    ('<tool_call>{"name": "get_weather", "arguments": {"city": "X"}}</tool_call><tool_call>oops</tool_call>', None,
+     None),
+])
+def test_tool_call_formats_parsed(text, content, calls):
+    from lorafleet.api.structured import parse_tool_calls, tool_plan
+
+    parsed = parse_tool_calls(text, tool_plan(WX_PLAN_TOOLS, "auto", None))
+    if calls is None:
+        assert parsed is None
+        return
+    got_content, got = parsed
+    assert got_content == content
+    assert [(c["function"]["name"], json.loads(c["function"]["arguments"])) for c in got] == calls
+    assert all(c["type"] == "function" and c["id"].startswith("call_") for c in got)
+    assert len({c["id"] for c in got}) == len(got)
+    single = parse_tool_calls(text, tool_plan(WX_PLAN_TOOLS, "auto", False))  # parallel_tool_calls=false
+    assert len(single[1]) == 1
