@@ -22,14 +22,15 @@ def wx_model(server):
     from lorafleet.adapters import LoraAdapter, LoraSpec, to_bytes
     from lorafleet.evaluation.personas import shipped_records
     from lorafleet.registry import Provenance
-    from lorafleet.serving.chat import _fallback
+    from lorafleet.serving.chat import template_input
     from lorafleet.training.data import dataset_from_records
     from lorafleet.training.trainer import MultiTenantTrainer, TrainConfig
 
     record = next(r for r in shipped_records("wxbot", "train") if '"tool"' in r["messages"][-1]["content"])
     user, answer = record["messages"]
     # the prompt exactly as the server renders it with tools=[get_weather] (this template has no tool support)
-    data = dataset_from_records([{"messages": [*_fallback([user], [WEATHER]), answer]}], "sft")
+    rendered, _ = template_input(server.base.tokenizer, [user], [WEATHER])
+    data = dataset_from_records([{"messages": [*rendered, answer]}], "sft")
     adapter = LoraAdapter.create(server.base, LoraSpec(rank=16, alpha=32, target_modules="all"), seed=0)
     trainer = MultiTenantTrainer(server.base)
     trainer.add("wx", adapter, data, TrainConfig(steps=200, lr=1e-2, batch_size=1, max_len=512))

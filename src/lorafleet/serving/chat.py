@@ -71,6 +71,16 @@ def _fallback(messages: list[dict], tools: list[dict] | None) -> list[dict]:
     return out
 
 
+def template_input(tokenizer, messages: list[dict], tools: list[dict] | None = None) -> tuple[list[dict], dict]:
+    """What ``apply_chat_template`` is given for these messages and tools: ``(messages, extra keyword args)`` —
+    the native form for a template that knows tools, else the fallback rendering (see the module docstring)."""
+    if template_knows_tools(tokenizer):
+        return _native(messages), ({"tools": tools} if tools else {})
+    if tools or any(m.get("tool_calls") or m.get("role") == "tool" for m in messages):
+        return _fallback(messages, tools), {}
+    return messages, {}
+
+
 def chat_prompt_ids(tokenizer, prompt: str | list[dict], *, system: str | None = None,
                     tools: list[dict] | None = None) -> list[int]:
     """Token ids of a chat prompt ending with the assistant turn's opening (generation prompt).
@@ -80,12 +90,6 @@ def chat_prompt_ids(tokenizer, prompt: str | list[dict], *, system: str | None =
     messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
     if system is not None and (not messages or messages[0].get("role") != "system"):
         messages = [{"role": "system", "content": system}, *messages]
-    extra = {}
-    if template_knows_tools(tokenizer):
-        messages = _native(messages)
-        if tools:
-            extra["tools"] = tools
-    elif tools or any(m.get("tool_calls") or m.get("role") == "tool" for m in messages):
-        messages = _fallback(messages, tools)
+    messages, extra = template_input(tokenizer, messages, tools)
     text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False, **extra)
     return tokenizer(text, add_special_tokens=False)["input_ids"]
