@@ -80,6 +80,12 @@ def test_mask_allows_eos_only_where_the_grammar_accepts(base):
     allowed = torch.isfinite(mask_logits(logits, [c])[0][0]).nonzero().flatten().tolist()
     assert allowed == [eos]  # complete: only the end of sequence may follow
     assert not c.advance(tok("x", add_special_tokens=False)["input_ids"][0])  # a refused token is an error state
+    n = GrammarCompiler(tok, vocab, [eos]).compile(json_grammar({"type": "integer"}))
+    for t in tok("12", add_special_tokens=False)["input_ids"]:
+        assert n.advance(t)
+    allowed = torch.isfinite(mask_logits(torch.zeros(1, vocab), [n])[0][0]).nonzero().flatten().tolist()
+    assert n.accepting and not n.complete and eos in allowed and tok("3", add_special_tokens=False)["input_ids"][0] in allowed
+    assert n.advance(eos)  # accepting: the end of sequence is a legal token
 
 
 def test_bad_grammars_are_refused_at_submit(make_engine, blobs):
