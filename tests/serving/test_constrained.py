@@ -97,3 +97,7 @@ def test_bad_grammars_are_refused_at_submit(make_engine, blobs):
     assert engine.metrics.snapshot()["counters"]["requests_submitted"] == 0
     with pytest.raises(GrammarError, match="invalid JSON schema at properties/a/type"):
         json_grammar({"type": "object", "properties": {"a": {"type": 7}}})
+    with pytest.raises(GrammarError, match="invalid JSON schema"):
+        json_grammar({"$schema": 5})
+    with pytest.raises(GrammarError, match="not supported for constrained decoding: Unimplemented keys"):
+        json_grammar({"not": {}})  # valid JSON Schema the grammar compiler lacks

@@ -43,7 +43,7 @@ def json_grammar(schema: dict | None = None) -> str:
     schema = check_schema({"type": "object"} if schema is None else schema)
     try:
         grammar = llguidance.LLMatcher.grammar_from_json_schema(json.dumps(schema), overrides=_JSON_OPTIONS)
-    except ValueError as exc:
+    except (ValueError, TypeError) as exc:
         raise GrammarError(f"invalid JSON schema: {exc}") from None
     problem = llguidance.LLMatcher.validate_grammar(grammar)
     if problem:
@@ -63,6 +63,8 @@ def check_schema(schema) -> dict:
     except jsonschema.SchemaError as exc:
         where = "/".join(str(p) for p in exc.absolute_path) or "(root)"
         raise GrammarError(f"invalid JSON schema at {where}: {exc.message}") from None
+    except Exception as exc:  # noqa: BLE001 - e.g. a "$schema" that is not a string: the validator cannot start
+        raise GrammarError(f"invalid JSON schema: {type(exc).__name__}: {exc}") from None
     return schema
 
 
