@@ -125,7 +125,9 @@ def main() -> None:
              f"build {setup:.2f} s, once per engine (first constrained request). Load average (1 min) "
              f"{load[0]:.2f} before, {after[0]:.2f} after: the machine is shared, so compare rows within this run. "
              "The mask is computed on the CPU one row at a time (llguidance's Rust matcher, GIL released) and "
-             "applied as one vectorized -inf fill; free rows are never touched.")
+             "applied as one vectorized -inf fill; free rows are never touched. In the engine table, the mask's own "
+             "share of a step is its last column; the rest of any difference between the two rows' decode steps is "
+             "the machine's load changing between rounds (wall time, nice 19, shared cores).")
     if args.base not in (None, "smollm2") or args.quick:
         return  # the results file holds the full run on the default base
     write_result("constrained_decoding", "Constrained decoding: mask cost per step",
