@@ -241,7 +241,7 @@ def prompt_ids(svc, prompt: str | list[dict], param: str, tools: list[dict] | No
     limits = svc.limits
     chars = len(prompt) if isinstance(prompt, str) else sum(
         len(m.get("content") or "") + sum(len(c["function"]["arguments"]) for c in m.get("tool_calls") or ())
-        for m in prompt) + len(json.dumps(tools or []))
+        for m in prompt) + (len(json.dumps(tools)) if tools else 0)
     if chars > limits.max_prompt_chars:
         raise ApiError(400, f"the prompt has {chars} characters; this server takes at most {limits.max_prompt_chars} "
                             f"characters and {limits.max_prompt_tokens} tokens", code="prompt_too_long", param=param)
