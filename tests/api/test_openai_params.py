@@ -1,5 +1,6 @@
 """OpenAI request parameters with the official `openai` client: n, seed, stop, max_completion_tokens,
-logprobs / top_logprobs — and every parameter the server does not implement refused with a 400 naming it."""
+logprobs / top_logprobs — and every parameter the server does not implement refused with a 400 naming it.
+Structured output (response_format, tools) is in test_openai_structured.py."""
 
 from __future__ import annotations
 
@@ -82,11 +83,8 @@ def test_completion_logprobs(server, c):
 
 
 @pytest.mark.parametrize(("kwargs", "param"), [
-    ({"response_format": {"type": "json_object"}}, "response_format"),
-    ({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "object"}}}},
-     "response_format"),
-    ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}]}, "tools"),
-    ({"tool_choice": "required"}, "tool_choice"),
+    ({"tool_choice": "required"}, "tool_choice"),  # no tools; the rest of tools / response_format:
+    # tests/api/test_openai_structured.py
     ({"presence_penalty": 0.5}, "presence_penalty"),
     ({"frequency_penalty": 1.0}, "frequency_penalty"),
     ({"logit_bias": {"50": 10}}, "logit_bias"),

@@ -68,7 +68,7 @@ class _Collector:
                                       value=c["evictions_ram"])
             for gname, value in sorted(g.items()):
                 yield GaugeMetricFamily(f"lorafleet_engine_{gname}", f"engine gauge {gname}", value=value)
-            for hname in ("load_latency", "time_to_first_token", "queue_wait"):
+            for hname in ("load_latency", "time_to_first_token", "queue_wait", "constraint_mask"):
                 hist = engine.metrics.hist[hname]
                 buckets, cum = [], 0
                 for i, count in enumerate(hist.counts):

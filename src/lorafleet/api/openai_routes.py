@@ -21,13 +21,14 @@ from typing import Annotated, Literal
 
 from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 from starlette.concurrency import iterate_in_threadpool, run_in_threadpool
 
 from lorafleet.api.auth import can_use, current_key
 from lorafleet.api.errors import ApiError, error_body
 from lorafleet.api.feedback import capture
 from lorafleet.api.keys import ApiKey
+from lorafleet.api.structured import ToolPlan, parse_tool_calls, response_grammar, tool_plan
 from lorafleet.registry import NotFoundError
 from lorafleet.registry.errors import InvalidNameError
 from lorafleet.registry.imports import DEFAULT_PREFIX
@@ -39,9 +40,43 @@ router = APIRouter(prefix="/v1", tags=["openai"])
 Key = Annotated[ApiKey, Depends(current_key)]
 
 
+class ToolCallFunction(BaseModel):
+    name: str = Field(..., min_length=1, max_length=64)
+    arguments: str = Field(..., max_length=200_000)  # a JSON object, as a string (OpenAI's shape)
+
+
+class MessageToolCall(BaseModel):
+    id: str = Field(..., min_length=1, max_length=256)
+    type: Literal["function"] = "function"
+    function: ToolCallFunction
+
+
 class ChatMessage(BaseModel):
-    role: Literal["system", "user", "assistant"]
-    content: str = Field(..., max_length=200_000)
+    """One turn. ``content`` may be null only on an assistant turn with ``tool_calls``; a ``tool`` turn answers
+    the call named by ``tool_call_id``."""
+
+    role: Literal["system", "user", "assistant", "tool"]
+    content: str | None = Field(None, max_length=200_000)
+    name: str | None = Field(None, max_length=64)
+    tool_calls: list[MessageToolCall] | None = Field(None, max_length=128)
+    tool_call_id: str | None = Field(None, min_length=1, max_length=256)
+
+    @model_validator(mode="after")
+    def _shape(self) -> ChatMessage:
+        if self.content is None and not (self.role == "assistant" and self.tool_calls):
+            raise ValueError("content is required (null only on an assistant message with tool_calls)")
+        if self.tool_calls and self.role != "assistant":
+            raise ValueError("tool_calls belong on assistant messages only")
+        if self.role == "tool" and self.tool_call_id is None:
+            raise ValueError("a tool message needs the tool_call_id of the call it answers")
+        for call in self.tool_calls or ():
+            try:
+                args = json.loads(call.function.arguments)
+            except ValueError:
+                args = None
+            if not isinstance(args, dict):
+                raise ValueError(f"tool_calls: the arguments of call {call.id!r} must be a JSON object as a string")
+        return self
 
 
 class StreamOptions(BaseModel):
@@ -88,9 +123,18 @@ class _Sampling(BaseModel):
             raise ApiError(400, "logprobs are not supported with stream=true", param="logprobs",
                            code="unsupported_parameter")
 
+        if self.max_tokens is not None and self.max_completion_tokens not in (None, self.max_tokens):
+            raise ApiError(400, f"max_tokens ({self.max_tokens}) and max_completion_tokens "
+                                f"({self.max_completion_tokens}) disagree; give one (they are aliases)",
+                           param="max_completion_tokens")
+
     def top_logprobs_wanted(self) -> int | None:
         """How many alternatives per token to report; None = no logprobs."""
         return None
+
+    def structure(self) -> tuple[str | None, ToolPlan | None]:
+        """The grammar the output is held to (None: free) and the tools in play (None: none)."""
+        return None, None
 
 
 class ChatRequest(_Sampling):
@@ -104,21 +148,26 @@ class ChatRequest(_Sampling):
 
     def refuse_unsupported(self) -> None:
         super().refuse_unsupported()
-        kind = (self.response_format or {}).get("type", "text")
-        if kind != "text":
-            raise ApiError(400, f"response_format {kind!r} is not supported by this server (constrained decoding is "
-                                "not implemented); only 'text'", param="response_format", code="unsupported_parameter")
-        if self.tools:
-            raise ApiError(400, "tools are not supported by this server (no tool-call parsing)", param="tools",
-                           code="unsupported_parameter")
-        if self.tool_choice not in (None, "none"):
-            raise ApiError(400, "tool_choice is not supported by this server (no tools)", param="tool_choice",
-                           code="unsupported_parameter")
         if self.top_logprobs is not None and not self.logprobs:
             raise ApiError(400, "top_logprobs needs logprobs=true", param="top_logprobs")
+        if self.stream and self.tools and self.tool_choice != "none":
+            raise ApiError(400, "stream=true with tools is not supported by this server (tool calls are parsed from "
+                                "the whole output); send stream=false, or tool_choice='none'", param="stream",
+                           code="unsupported_parameter")
 
     def top_logprobs_wanted(self) -> int | None:
         return (self.top_logprobs or 0) if self.logprobs else None
+
+    def structure(self) -> tuple[str | None, ToolPlan | None]:
+        grammar = response_grammar(self.response_format)
+        plan = tool_plan(self.tools, self.tool_choice, self.parallel_tool_calls)
+        if plan is not None and plan.grammar is not None:
+            if grammar is not None:
+                raise ApiError(400, f"response_format {self.response_format['type']!r} cannot be combined with "
+                                    f"tool_choice {self.tool_choice!r} (both constrain the whole output)",
+                               param="response_format")
+            grammar = plan.grammar
+        return grammar, plan
 
 
 class CompletionRequest(_Sampling):
@@ -173,7 +222,7 @@ def resolve_model(request: Request, key: ApiKey, model: str) -> Target:
     return Target(model, top.digest, top.address, tuple((r.address, r.digest) for r in revs))
 
 
-def _sampling(svc, body: _Sampling):
+def _sampling(svc, body: _Sampling, grammar: str | None = None):
     max_tokens = body.max_completion_tokens or body.max_tokens or 256
     if max_tokens > svc.limits.max_tokens:
         raise ApiError(400, f"max_tokens {max_tokens} is over this server's limit of {svc.limits.max_tokens}",
@@ -182,37 +231,41 @@ def _sampling(svc, body: _Sampling):
     if len(stop) > 4 or any(not s for s in stop) or any(len(s) > 200 for s in stop):
         raise ApiError(400, "stop must be up to 4 non-empty strings of at most 200 characters", param="stop")
     return SamplingParams(temperature=body.temperature, top_p=body.top_p, max_tokens=max_tokens, stop=tuple(stop),
-                          seed=body.seed)
+                          seed=body.seed, grammar=grammar)
 
 
-def prompt_ids(svc, prompt: str | list[dict], param: str) -> list[int]:
+def prompt_ids(svc, prompt: str | list[dict], param: str, tools: list[dict] | None = None) -> list[int]:
     """The prompt's token ids within the server's limits: characters are counted first (no tokenizer runs on an
     oversized prompt), then the chat template and the tokenizer run and the tokens are counted. Blocking: call it
     off the event loop."""
     limits = svc.limits
-    chars = len(prompt) if isinstance(prompt, str) else sum(len(m["content"]) for m in prompt)
+    chars = len(prompt) if isinstance(prompt, str) else sum(
+        len(m.get("content") or "") + sum(len(c["function"]["arguments"]) for c in m.get("tool_calls") or ())
+        for m in prompt) + (len(json.dumps(tools)) if tools else 0)
     if chars > limits.max_prompt_chars:
         raise ApiError(400, f"the prompt has {chars} characters; this server takes at most {limits.max_prompt_chars} "
                             f"characters and {limits.max_prompt_tokens} tokens", code="prompt_too_long", param=param)
     tok = svc.base.tokenizer
-    ids = tok(prompt, add_special_tokens=False)["input_ids"] if isinstance(prompt, str) else chat_prompt_ids(tok, prompt)
+    ids = tok(prompt, add_special_tokens=False)["input_ids"] if isinstance(prompt, str) else \
+        chat_prompt_ids(tok, prompt, tools=tools)
     if len(ids) > limits.max_prompt_tokens:
         raise ApiError(400, f"the prompt has {len(ids)} tokens; this server's limit is {limits.max_prompt_tokens}",
                        code="prompt_too_long", param=param)
     return ids
 
 
-def _submit(request: Request, target: Target, prompt, body: _Sampling) -> tuple[list[int], list]:
+def _submit(request: Request, target: Target, prompt, body: _Sampling) -> tuple[list[int], list, ToolPlan | None]:
     """Check the limits, tokenize and queue one engine request per choice (``n``); with a ``seed``, choice ``i``
-    uses ``seed + i``. Returns the prompt's token ids and the handles. Blocking: the routes run it in the thread
-    pool."""
+    uses ``seed + i``. Returns the prompt's token ids, the handles and the tools in play. Blocking: the routes run
+    it in the thread pool."""
     svc = request.app.state.service
     body.refuse_unsupported()
     if svc.engine is None:
         raise ApiError(503, "this server has no inference engine attached", type_="server_error")
     param = "messages" if isinstance(prompt, list) else "prompt"
-    sampling = _sampling(svc, body)
-    ids = prompt_ids(svc, prompt, param)
+    grammar, plan = body.structure()
+    sampling = _sampling(svc, body, grammar)
+    ids = prompt_ids(svc, prompt, param, plan.tools if plan is not None else None)
     handles = []
     try:
         for i in range(body.n):
@@ -223,7 +276,7 @@ def _submit(request: Request, target: Target, prompt, body: _Sampling) -> tuple[
         for h in handles:
             h.cancel()
         raise ApiError(400, str(exc), param=param) from exc
-    return ids, handles
+    return ids, handles, plan
 
 
 def _results(handles) -> list:
@@ -313,8 +366,8 @@ def _sse(payload: dict) -> str:
 @router.post("/chat/completions", summary="Chat completion through a personal model (OpenAI-compatible)")
 async def chat_completions(body: ChatRequest, request: Request, key: Key):
     target = await run_in_threadpool(resolve_model, request, key, body.model)
-    messages = [m.model_dump() for m in body.messages]
-    ids, handles = await run_in_threadpool(_submit, request, target, messages, body)
+    messages = [m.model_dump(exclude_none=True) for m in body.messages]
+    ids, handles, plan = await run_in_threadpool(_submit, request, target, messages, body)
     if body.stream:
         return _stream(request, handles[0], target, "chat",
                        bool(body.stream_options and body.stream_options.include_usage), messages)
@@ -323,8 +376,11 @@ async def chat_completions(body: ChatRequest, request: Request, key: Key):
     choices = []
     for i, result in enumerate(results):
         logprobs = await run_in_threadpool(_logprobs, request, target, ids, body, result, "chat")
-        choices.append({"index": i, "message": {"role": "assistant", "content": result.text},
-                        "finish_reason": result.finish_reason, "logprobs": logprobs})
+        message, finish = {"role": "assistant", "content": result.text}, result.finish_reason
+        parsed = None if plan is None or finish == "length" else parse_tool_calls(result.text, plan)
+        if parsed is not None:
+            message, finish = {"role": "assistant", "content": parsed[0], "tool_calls": parsed[1]}, "tool_calls"
+        choices.append({"index": i, "message": message, "finish_reason": finish, "logprobs": logprobs})
     return {"id": results[0].request_id, "object": "chat.completion", "created": int(time.time()),
             "model": target.model, "choices": choices, "usage": _usage_all(results), "lorafleet": target.metadata()}
 
@@ -332,7 +388,7 @@ async def chat_completions(body: ChatRequest, request: Request, key: Key):
 @router.post("/completions", summary="Text completion through a personal model (OpenAI-compatible)")
 async def completions(body: CompletionRequest, request: Request, key: Key):
     target = await run_in_threadpool(resolve_model, request, key, body.model)
-    ids, handles = await run_in_threadpool(_submit, request, target, body.prompt, body)
+    ids, handles, _ = await run_in_threadpool(_submit, request, target, body.prompt, body)
     if body.stream:
         return _stream(request, handles[0], target, "completion",
                        bool(body.stream_options and body.stream_options.include_usage), body.prompt)

@@ -43,6 +43,7 @@ from lorafleet.adapters import AdapterError, LoraAdapter, LoraHost, SlotTable, f
 from lorafleet.adapters.stack import MAX_LEVELS
 from lorafleet.digest import check_digest
 from lorafleet.serving.chat import chat_prompt_ids
+from lorafleet.serving.constrain import Constraint, GrammarCompiler, mask_logits
 from lorafleet.serving.contract import adapter_levels
 from lorafleet.serving.detok import TextStream
 from lorafleet.serving.kv import KVSlab
@@ -167,6 +168,7 @@ class _Request:
     submitted: float
     text: TextStream
     generator: torch.Generator | None = None
+    constraint: Constraint | None = None  # the grammar the output is held to (SamplingParams.grammar)
     tokens: list[int] = field(default_factory=list)
     out: list[str] = field(default_factory=list)  # text deltas streamed so far
     held: list[str] = field(default_factory=list)  # digests acquired (one reference per level) and not released
@@ -240,6 +242,7 @@ class Engine:
         if self.tokenizer.eos_token_id is not None:
             eos.append(self.tokenizer.eos_token_id)
         self.eos_ids = frozenset(eos)
+        self._grammars = GrammarCompiler(self.tokenizer, self.model.get_input_embeddings().num_embeddings, eos)
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         self._lean: LeanDecoder | None = None  # the lean one-token step (serving/lean.py) where the base takes it
         if config.lean_decode:
@@ -386,9 +389,10 @@ class Engine:
         ids = self._prompt_ids(prompt)
         rid = request_id or f"req-{next(self._ids)}"
         seed = sampling.seed if sampling.seed is not None else random.SystemRandom().randrange(2**63)
+        constraint = None if sampling.grammar is None else self._grammars.compile(sampling.grammar)  # GrammarError
         handle = RequestHandle(self, rid)
         req = _Request(rid, ids, levels, sampling, handle, seed, time.perf_counter(),
-                       TextStream(self.tokenizer, sampling.stop))
+                       TextStream(self.tokenizer, sampling.stop), constraint=constraint)
         if not sampling.greedy:
             req.generator = request_generator(seed)
         with self._inbox_lock:
@@ -690,6 +694,9 @@ class Engine:
         bad = (~finite).tolist()
         if any(bad):
             logits = torch.where(finite[:, None], logits, torch.zeros_like(logits))
+        if any(r.constraint is not None for r in reqs):  # constrained rows: only what their grammar allows
+            logits, seconds = mask_logits(logits, [r.constraint for r in reqs])
+            self.metrics.observe("constraint_mask", seconds)
         temps = [r.sampling.temperature for r in reqs]
         if not any(temps):
             tokens = logits.argmax(dim=-1)
@@ -712,12 +719,15 @@ class Engine:
         if req.handle.cancelled:
             self._finish(req, "cancelled")
             return True
+        if req.constraint is not None and not req.constraint.advance(token):
+            self._finish(req, "error", error=f"constrained decoding failed: {req.constraint.error}")
+            return True
         if token in self.eos_ids and not req.sampling.ignore_eos:
             self._finish(req, "stop")
             return True
         delta, stopped = req.text.push(token)
         self._emit(req, delta)
-        if stopped:
+        if stopped or (req.constraint is not None and req.constraint.complete):  # a complete grammar stops too
             self._finish(req, "stop")
             return True
         if len(req.tokens) >= req.sampling.max_tokens or len(req.prompt) + len(req.tokens) >= self.max_seq_len:

@@ -86,6 +86,7 @@ class Metrics:
             "prefill_chunk": Histogram(),
             "queue_wait": Histogram(),  # submit -> admitted into the batch
             "time_to_first_token": Histogram(),
+            "constraint_mask": Histogram(),  # per step with constrained rows: their grammar masks, applied
         }
 
     def inc(self, name: str, by: int = 1) -> None:

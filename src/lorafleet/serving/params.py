@@ -124,6 +124,10 @@ class SamplingParams:
         default=None, metadata={"help": "seed of this request's own generator; same seed, same sample"}
     )
     ignore_eos: bool = field(default=False, metadata={"help": "keep generating past end-of-sequence (benchmarks)"})
+    grammar: str | None = field(
+        default=None,
+        metadata={"help": "llguidance grammar the output must match (serving.constrain.json_grammar); None = free"},
+    )
 
     def __post_init__(self) -> None:
         if isinstance(self.temperature, bool) or not isinstance(self.temperature, (int, float)) or not (
@@ -139,6 +143,8 @@ class SamplingParams:
         object.__setattr__(self, "stop", stop)
         if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0):
             raise ValueError(f"SamplingParams.seed must be a non-negative integer or None, got {self.seed!r}")
+        if self.grammar is not None and (not isinstance(self.grammar, str) or not self.grammar):
+            raise ValueError(f"SamplingParams.grammar must be a non-empty grammar string or None, got {self.grammar!r}")
         object.__setattr__(self, "temperature", float(self.temperature))
         object.__setattr__(self, "top_p", float(self.top_p))
 
