@@ -70,6 +70,9 @@ def main() -> int:
     parser.add_argument("--base", default="smollm2-135m-instruct")
     parser.add_argument("--out", default="personal_vs_prompt", help="result name under docs/results/")
     parser.add_argument("--no-write", action="store_true", help="print the tables only")
+    parser.add_argument("--train-group", type=int, default=6, help="adapters packed per trainer (bounds memory)")
+    parser.add_argument("--probe-conditions", default="in_context,adapter,adapter_in_context",
+                        help="conditions the competence probe runs under (the base's answers are always measured)")
     args = parser.parse_args()
     if args.quick:
         args.personas = args.personas or QUICK_PERSONAS
@@ -103,20 +106,23 @@ def main() -> int:
 
     # -- train: every (persona, seed) packed into the same steps, the CLI defaults ------------------------------
     spec = LoraSpec(rank=8, alpha=16.0, target_modules="all")
-    trainer = MultiTenantTrainer(base)
-    for p in personas:
-        for s in seeds:
+    jobs = [(p, s) for p in personas for s in seeds]
+    adapters, train_s = {}, 0.0
+    for g in range(0, len(jobs), args.train_group):  # groups bound the packed batch's memory (logits of every row)
+        trainer = MultiTenantTrainer(base)
+        for p, s in jobs[g : g + args.train_group]:
             cfg = TrainConfig(steps=args.steps, lr=1e-3, batch_size=4, max_len=256, seed=s)
             trainer.add(f"{p.name}:{s}", LoraAdapter.create(base, spec, seed=s), p.data().train_dataset(), cfg)
-    t1 = time.perf_counter()
-    for step in range(args.steps):
-        losses = trainer.step()
-        if step % 5 == 4 or step == args.steps - 1:
-            console.print(f"step {step + 1}/{args.steps}: mean loss {statistics.fmean(losses.values()):.3f} "
-                          f"({time.perf_counter() - t1:.0f} s, {len(personas) * len(seeds)} adapters)")
-    train_s = time.perf_counter() - t1
-    adapters = {key: from_bytes(to_bytes(u.adapter), base) for key, u in trainer.users.items()}
-    del trainer
+        t1 = time.perf_counter()
+        for step in range(args.steps):
+            losses = trainer.step()
+            if step % 5 == 4 or step == args.steps - 1:
+                console.print(f"group {g // args.train_group + 1}, step {step + 1}/{args.steps}: mean loss "
+                              f"{statistics.fmean(losses.values()):.3f} ({time.perf_counter() - t1:.0f} s, "
+                              f"{len(trainer.users)} adapters)")
+        train_s += time.perf_counter() - t1
+        adapters.update({key: from_bytes(to_bytes(u.adapter), base) for key, u in trainer.users.items()})
+        del trainer
 
     # -- five conditions on the same held-out prompts ------------------------------------------------------------
     t2 = time.perf_counter()
@@ -124,7 +130,8 @@ def main() -> int:
     profiles = {p.name: Profile.from_persona(p) for p in personas}
     first = [{"eval_set": sets[p.name], "profile": profiles[p.name], "adapter": adapters[f"{p.name}:0"]}
              for p in personas]
-    cfg0 = BaselineConfig(conditions=CONDITIONS, k=args.k, probe=True, serving=True, serve_tokens=args.serve_new)
+    cfg0 = BaselineConfig(conditions=CONDITIONS, k=args.k, probe=True, serving=True, serve_tokens=args.serve_new,
+                          probe_conditions=tuple(c.strip() for c in args.probe_conditions.split(",") if c.strip()))
     reports = {(p.name, 0): r for p, r in zip(personas, compare_conditions(
         base, first, cfg0, max_new_tokens=args.max_new_tokens, batch_size=args.gen_batch), strict=True)}
     console.print(f"seed 0: five conditions, probe and serving measured ({time.perf_counter() - t2:.0f} s)")
@@ -136,7 +143,7 @@ def main() -> int:
                                                    batch_size=args.gen_batch), strict=True):
             reports[item["key"]] = r
         console.print(f"seeds 1..{len(seeds) - 1}: adapter conditions ({time.perf_counter() - t2:.0f} s)")
-    keys = [f"{p.name}:{s}" for p in personas for s in seeds]
+    keys = [f"{p.name}:{s}" for p, s in jobs]
     ppl = perplexities(base, [None, *(adapters[k] for k in keys)])
     ppl_ratio = {k: ppl[i + 1] / ppl[0] for i, k in enumerate(keys)}
     eval_s = time.perf_counter() - t2
@@ -183,6 +190,8 @@ def main() -> int:
         ratio = (statistics.fmean(ppl_ratio[f"{p.name}:{s}"] for p in personas for s in seeds)
                  if c == "adapter" else None)
         summary_numbers[c] = {"adherence": allp / alln, "tokens": tokens}
+        console.print(f"{LABELS[c]}: adherence {allp}/{alln}, {tokens:.0f} prompt tokens / request, engine "
+                      f"{serving['tok_s']:.1f} tok/s, TTFT {serving['ttft_ms']} ms", highlight=False)
 
         def frac(ws):
             return mean_std([a / b if b else None for a, b in ws])

@@ -199,8 +199,12 @@ class BaselineConfig:
     conditions: tuple[str, ...] = field(default=DEFAULT_BASELINES, metadata={"help": "subset of CONDITIONS"})
     k: int = field(default=DEFAULT_K, metadata={"help": f"examples in context (in-context, retrieval), 1..{MAX_K}"})
     probe: bool = field(default=True, metadata={"help": "run the competence probe under each prompt condition"})
+    probe_conditions: tuple[str, ...] | None = field(default=None, metadata={
+        "help": "the conditions the probe runs under (None: every measured one)"})
     serving: bool = field(default=True, metadata={"help": "measure each condition's tok/s and TTFT on the engine"})
     serve_tokens: int = field(default=8, metadata={"help": "new tokens per request in the serving measurement"})
+    fit_k: bool = field(default=False, metadata={
+        "help": "lower k (recorded) until the prompts fit the base's positions, instead of refusing"})
 
     def __post_init__(self) -> None:
         conditions = tuple(self.conditions)
@@ -208,6 +212,11 @@ class BaselineConfig:
         if unknown:
             raise EvaluationError(f"unknown baseline condition(s) {unknown}; known: {', '.join(CONDITIONS)}")
         object.__setattr__(self, "conditions", tuple(c for c in CONDITIONS if c in conditions))
+        if self.probe_conditions is not None:
+            bad = [c for c in self.probe_conditions if c not in CONDITIONS]
+            if bad:
+                raise EvaluationError(f"unknown probe condition(s) {bad}; known: {', '.join(CONDITIONS)}")
+            object.__setattr__(self, "probe_conditions", tuple(self.probe_conditions))
         if isinstance(self.k, bool) or not isinstance(self.k, int) or not 1 <= self.k <= MAX_K:
             raise EvaluationError(f"k must be an integer in 1..{MAX_K}, got {self.k!r}")
         if isinstance(self.serve_tokens, bool) or not isinstance(self.serve_tokens, int) or not 1 <= self.serve_tokens <= 256:
@@ -219,7 +228,8 @@ class BaselineConfig:
 
     def to_dict(self) -> dict:
         return {"conditions": list(self.conditions), "k": self.k, "probe": self.probe, "serving": self.serving,
-                "serve_tokens": self.serve_tokens}
+                "serve_tokens": self.serve_tokens, "fit_k": self.fit_k,
+                "probe_conditions": None if self.probe_conditions is None else list(self.probe_conditions)}
 
 
 @dataclass(frozen=True)
@@ -307,14 +317,19 @@ def compare_conditions(base, items: list[dict], config: BaselineConfig = Baselin
         answers = [next(m["content"] for m in reversed(r["messages"]) if m["role"] == "assistant") for r in es.records]
         examples = list(profile.examples) if profile else []
         desc = profile.description if profile else None
-        msgs = {c: condition_prompts(c, prompts, examples, description=desc, k=config.k) for c in conds}
-        tokens = {c: [prompt_tokens(base.tokenizer, m) for m in msgs[c]] for c in conds}
-        for c in conds:
-            longest = max(tokens[c]) + max_new_tokens
-            if longest > limit:
-                raise EvaluationError(f"user {n}: condition {c!r} needs {longest} positions (prompt + {max_new_tokens} "
-                                      f"new tokens) but the base holds {limit}; lower k (now {config.k})")
-        plans.append({"conds": conds, "prompts": prompts, "answers": answers, "msgs": msgs, "tokens": tokens,
+        k = config.k
+        while True:
+            msgs = {c: condition_prompts(c, prompts, examples, description=desc, k=k) for c in conds}
+            tokens = {c: [prompt_tokens(base.tokenizer, m) for m in msgs[c]] for c in conds}
+            worst = max(conds, key=lambda c: max(tokens[c]))
+            longest = max(tokens[worst]) + max_new_tokens
+            if longest <= limit:
+                break
+            if not config.fit_k or k == 1:
+                raise EvaluationError(f"user {n}: condition {worst!r} needs {longest} positions (prompt + "
+                                      f"{max_new_tokens} new tokens) but the base holds {limit}; lower k (now {k})")
+            k -= 1
+        plans.append({"k": k, "conds": conds, "prompts": prompts, "answers": answers, "msgs": msgs, "tokens": tokens,
                       "examples": examples, "desc": desc, "adapter": item.get("adapter"),
                       "metrics": item.get("metrics") or {}, "persona": es.persona})
 
@@ -337,11 +352,14 @@ def compare_conditions(base, items: list[dict], config: BaselineConfig = Baselin
             for c in plan["conds"]:
                 if c in ("base", "adapter") and plan["metrics"].get("probe_accuracy") is not None:
                     continue
-                qmsgs = condition_prompts(c, questions, plan["examples"], description=plan["desc"], k=config.k)
+                if c == "base" or (config.probe_conditions is not None and c not in config.probe_conditions):
+                    continue  # the base's plain answers are measured once, below
+                qmsgs = condition_prompts(c, questions, plan["examples"], description=plan["desc"], k=plan["k"])
                 p_rows += qmsgs
                 p_adapters += [plan["adapter"] if USES_ADAPTER[c] else None] * len(qmsgs)
                 p_owners += [(n, c, "probe", i) for i in range(len(qmsgs))]
-        if p_rows:  # the base's own answers: what retention is measured against
+        if p_rows or any("base" in p["conds"] and p["metrics"].get("probe_accuracy") is None for p in plans):
+            # the base's own answers: what retention is measured against (and the base row's probe)
             p_rows += [[{"role": "user", "content": q}] for q in questions]
             p_adapters += [None] * len(questions)
             p_owners += [(-1, "base", "probe", i) for i in range(len(questions))]
@@ -393,7 +411,7 @@ def compare_conditions(base, items: list[dict], config: BaselineConfig = Baselin
                     row.update(adherence=None, passed=None)
                 loss = losses.get((n, c))
                 row["eval_loss"] = loss if loss is not None and loss == loss else None
-            answers = got.get((n, c, "probe"))
+            answers = base_probe if c == "base" else got.get((n, c, "probe"))
             if answers is not None and base_probe is not None:
                 scored = probe.score_answers(answers, base_probe)
                 row.update(probe_accuracy=scored["probe_accuracy"], probe_retention=scored["probe_retention"])
@@ -411,7 +429,7 @@ def compare_conditions(base, items: list[dict], config: BaselineConfig = Baselin
         if "in_context" in plan["tokens"]:
             plain = sum(prompt_tokens(base.tokenizer, [{"role": "user", "content": p}]) for p in plan["prompts"])
             ratio = round(sum(plan["tokens"]["in_context"]) / plain, 2)
-        reports.append({"k": config.k, "conditions": list(plan["conds"]), "rows": out_rows, "token_ratio": ratio,
+        reports.append({"k": plan["k"], "conditions": list(plan["conds"]), "rows": out_rows, "token_ratio": ratio,
                         "serving": {"new_tokens": config.serve_tokens, "requests": serving.get("_requests")}
                         if serving else None, "config": config.to_dict()})
     return reports
