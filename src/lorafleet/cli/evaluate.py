@@ -124,6 +124,11 @@ def baselines_table(title: str, report: dict) -> Table:
     return table
 
 
+def _in_context_cell(m: dict) -> str:
+    row = ((m.get("baselines") or {}).get("rows") or {}).get("in_context")
+    return "-" if not row else f"{_fmt(row.get('adherence'), True)} ({row['prompt_tokens']:.0f})"
+
+
 def _evaluate_live_on(base_name: str | None, registry, cand_rev, manifest, backend: Backend | None):
     """For the gate: measure ``live`` on the candidate's eval set (not stored on live)."""
     state = {}
@@ -281,7 +286,7 @@ def report_cmd(
         return
     table = Table(title=f"{ref}: revisions")
     for col in ("#", "aliases", "digest", "KiB", "method", "parent", "created", "eval set", "adherence (base)",
-                "loss (base)", "probe ppl×", "gate"):
+                "in-context (tokens)", "loss (base)", "probe ppl×", "gate"):
         table.add_column(col)
     for r in history:
         p, m = r.provenance, r.provenance.metrics
@@ -289,7 +294,7 @@ def report_cmd(
         table.add_row(
             str(r.number), ", ".join(sorted(r.aliases)) or "-", r.digest[:12], f"{r.size / 1024:.0f}", p.method,
             str(p.parent or "-"), r.created_at.strftime("%Y-%m-%d %H:%M"), str(m.get("eval_set", "-")),
-            f"{_fmt(m.get('adherence'), True)} ({_fmt(m.get('base_adherence'), True)})",
+            f"{_fmt(m.get('adherence'), True)} ({_fmt(m.get('base_adherence'), True)})", _in_context_cell(m),
             f"{_fmt(m.get('eval_loss'))} ({_fmt(m.get('base_eval_loss'))})",
             _fmt(m.get("probe_ppl_ratio")), gate.get("decision", "-"),
         )
