@@ -248,7 +248,8 @@ def main() -> int:
         "(the conversations in training only use it in passing); 'applied' = the fact used without being asked.",
         "- held-out loss: mean NLL per token of the reference held-out answer under each condition's prompt (only "
         "that answer is scored, not the in-context examples). Probe: the competence probe's questions asked under "
-        "each condition's prompt (seed 0), retention = share of the base's correct answers kept; probe ppl × = the "
+        f"the prompt of {args.probe_conditions} (seed 0; '-' = not run), retention = share of the base's correct "
+        "answers kept; probe ppl × = the "
         "adapter's plain-text perplexity over the base's (the gate's bound is 1.5x, retention ≥ 75%).",
         f"- serving cost: the engine (`lorafleet.serving.engine`), float32 on CPU; per condition every persona's "
         f"held-out requests submitted together (adapter conditions: each on its seed-0 adapter), {args.serve_new} new "

@@ -195,7 +195,8 @@ def test_parse_conditions():
 
 
 def test_personal_vs_prompt_benchmark_quick(tmp_path):
-    """The benchmark end to end on the tiny model (train, five conditions, seeds, engine serving cost); writes nothing."""
+    """The benchmark end to end on the tiny model (train, five conditions, seeds, engine serving cost); --quick
+    writes nothing."""
     import os
     import subprocess
     import sys

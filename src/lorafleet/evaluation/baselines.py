@@ -13,8 +13,14 @@ On the same held-out prompts, five conditions (:data:`CONDITIONS`):
 
 :func:`condition_prompts` builds every row's chat messages; :func:`prompt_tokens` counts what each costs
 (the chat template applied, as the engine tokenizes it); :func:`evaluate_conditions` generates (greedy, through
-:mod:`lorafleet.evaluation.generation`) and scores every condition with the persona's checker. Torch-free
-except for that last function's generation.
+:mod:`lorafleet.evaluation.generation`) and scores every condition with the persona's checker.
+
+:func:`compare_conditions` is the full report every evaluation shows (``lorafleet eval``, the gate's reason, the
+continual loop, the dashboard, the demo, ``benchmarks/personal_vs_prompt.py``): per condition adherence, held-out
+loss, the competence probe, prompt tokens per request and the serving cost of that prompt length on the engine
+(tok/s, time to first token), for many users in shared batches. :class:`BaselineConfig` picks the conditions and
+``k``; :class:`Profile` is what the prompt knows about a user (description + their own training examples).
+Importing this module is torch-free; the measuring functions import torch when called.
 
 >>> from lorafleet.evaluation.personas import get_persona
 >>> p = get_persona("veggie"); d = p.data()
