@@ -308,8 +308,8 @@ def compare_conditions(base, items: list[dict], config: BaselineConfig = Baselin
         es = item["eval_set"]
         conds = tuple(item.get("conditions") or config.conditions)
         bad = [c for c in conds if c not in CONDITIONS]
-        if bad:
-            raise EvaluationError(f"unknown condition(s) {bad}; known: {', '.join(CONDITIONS)}")
+        if bad or not conds:
+            raise EvaluationError(f"unknown or no condition(s) {bad or list(conds)}; known: {', '.join(CONDITIONS)}")
         profile = item.get("profile")
         if any(c in PROMPT_CONDITIONS for c in conds):
             if not isinstance(profile, Profile):
