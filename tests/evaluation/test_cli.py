@@ -186,10 +186,10 @@ def test_eval_shows_the_baselines_on_the_same_prompts(home, tiny_base):
     assert all(r["tok_s"] > 0 and r["ttft_ms"] > 0 and r["eval_loss"] > 0 for r in rows.values())
     assert _metrics_now()["baselines"]["rows"]["in_context"]["adherence"] == 0.0  # stored on the revision
     # the default: base, in-context (k lowered to fit the tiny base) and adapter; the table in the text output
-    out = _run(app, "eval", f"{REF}#1", "--max-tokens", "4", "--no-serving-cost")
+    out = _run(app, "eval", f"{REF}#1", "--max-tokens", "4", "--no-serving-cost", "--no-probe")
     assert out.exit_code == 0 and "base + in-context" in out.output, out.output
     assert list(_metrics_now()["baselines"]["rows"]) == ["base", "in_context", "adapter"]
-    assert _run(app, "eval", f"{REF}#1", "--max-tokens", "4", "--baselines", "none").exit_code == 0
+    assert _run(app, "eval", f"{REF}#1", "--max-tokens", "4", "--baselines", "none", "--no-probe").exit_code == 0
     assert _metrics_now()["baselines"] is None
 
 
