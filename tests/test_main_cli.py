@@ -60,7 +60,8 @@ def test_demo_quick_runs_twice_without_duplicates(tmp_path):
 
     result = runner.invoke(app, ["demo", "--quick"])
     assert result.exit_code == 0, result.output
-    for step in ("the fleet", "one batch, every row a different user", "lifecycle", "report:", "demo finished"):
+    for step in ("the fleet", "one batch, every row a different user", "lifecycle", "report:", "demo finished",
+                 "ahab: adapter", "vs in-context", "prompt tokens saved per request"):
         assert step in result.output, step
     reg = Registry.open_default()
     first = {a.ref: a.latest for a in reg.list_adapters(tenant="demo")[0]}

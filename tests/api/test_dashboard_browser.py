@@ -33,6 +33,11 @@ ARTIFACTS = Path(__file__).resolve().parents[2] / "test-artifacts" / "ui"
 METRICS = {"eval_set": "s", "eval_digest": "d1", "eval_loss": 1.2, "probe_ppl_ratio": 1.05, "probe_retention": 1.0,
            "base_adherence": 0.0, "base_eval_loss": 2.0}
 RENDER_BUDGET_S = 1.0
+BASELINES = {"k": 4, "token_ratio": 5.6, "rows": {  # what `lorafleet eval` stores (evaluation.baselines)
+    "base": {"adherence": 0.25, "eval_loss": 2.1, "probe_retention": 1.0, "prompt_tokens": 38, "tok_s": 21.0, "ttft_ms": 2846},
+    "in_context": {"adherence": 0.8, "eval_loss": 1.5, "probe_retention": 0.9, "prompt_tokens": 214, "tok_s": 8.0,
+                   "ttft_ms": 12208},
+    "adapter": {"adherence": 0.9, "eval_loss": 1.0, "probe_retention": 1.0, "prompt_tokens": 38, "tok_s": 20.1, "ttft_ms": 2431}}}
 
 
 def _commit(reg, base, ref: str, seed: int, *, metrics: dict | None = None, parent: int | None = None,
@@ -83,7 +88,8 @@ def fleet(tmp_path_factory):
     base = load_base("tiny")
     _commit(reg, base, "acme/alice/style", 1, metrics={**METRICS, "adherence": 0.5})
     reg.set_alias("acme/alice/style", "live", 1, reason="first version")
-    _commit(reg, base, "acme/alice/style", 2, metrics={**METRICS, "adherence": 0.9, "eval_loss": 1.0}, parent=1)
+    _commit(reg, base, "acme/alice/style", 2, metrics={**METRICS, "adherence": 0.9, "eval_loss": 1.0,
+                                                       "baselines": BASELINES}, parent=1)
     reg.set_alias("acme/alice/style", "live", 2, reason="better adherence")
     bob = _commit(reg, base, "acme/bob/style", 3, aliases=("candidate", "live"))
     reg.create_adapter("acme/carol/style")
@@ -182,6 +188,11 @@ def test_adapter_page_rollback_promote_pin(page, fleet):
     page.locator("#timeline li.rev[data-number='2'] summary").click()
     sync_api.expect(page.locator("#timeline li.rev[data-number='2'] details")).to_contain_text("#2 ← #1")
     sync_api.expect(page.locator("#adapter-head")).not_to_contain_text("null")
+    table = page.locator("#baselines-table")  # the prompt baselines of the newest evaluated revision
+    sync_api.expect(table.locator("tbody tr")).to_have_count(3)
+    sync_api.expect(table.locator("tr[data-condition=in_context]")).to_contain_text("base + in-context")
+    sync_api.expect(table.locator("tr[data-condition=in_context]")).to_contain_text("80%")
+    sync_api.expect(page.locator("#baselines-saved")).to_contain_text("saves 176 prompt tokens per request")
     _shot(page, "adapter")
 
     page.click("#act-rollback")  # roll back: a confirmation, then live moves to #1 on the page and in the registry

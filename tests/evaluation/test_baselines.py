@@ -6,15 +6,19 @@ import pytest
 
 from lorafleet.evaluation.baselines import (
     CONDITIONS,
+    BaselineConfig,
+    Profile,
     Retriever,
+    compare_conditions,
     condition_prompts,
     evaluate_conditions,
     in_context_messages,
+    parse_conditions,
     profile_system_prompt,
     prompt_tokens,
 )
 from lorafleet.evaluation.errors import EvaluationError
-from lorafleet.evaluation.personas import get_persona
+from lorafleet.evaluation.personas import Persona, get_persona
 
 
 def _rec(user: str, answer: str) -> dict:
@@ -115,8 +119,84 @@ def test_evaluate_conditions_on_the_tiny_model(tiny_base):
         evaluate_conditions(tiny_base, p, d.train, d.eval[:2], conditions=("adapter",))
 
 
-def test_adapter_vs_prompt_benchmark_tiny_smoke_run(tmp_path):
-    """The benchmark end to end on the tiny model (train, five conditions, engine serving cost); writes nothing."""
+def _tiny_items(tiny_base, n_eval=2, conditions=None):
+    from lorafleet.adapters import LoraAdapter, LoraSpec
+    from lorafleet.evaluation.metrics import EvalSet
+
+    p = get_persona("priya")
+    p = Persona(p.name, p.habit, p.params, seed=p.seed, n_train=p.n_train, n_eval=n_eval)
+    adapter = LoraAdapter.create(tiny_base, LoraSpec(rank=2, alpha=4.0, target_modules="attention"), seed=0,
+                                 init="random")
+    item = {"eval_set": EvalSet.from_persona(p), "profile": Profile.from_persona(p), "adapter": adapter}
+    if conditions:
+        item["conditions"] = conditions
+    return p, item
+
+
+def test_compare_conditions_reports_every_column_on_the_engine(tiny_base):
+    _, item = _tiny_items(tiny_base)
+    (report,) = compare_conditions(tiny_base, [item], BaselineConfig(conditions=CONDITIONS, k=1, serve_tokens=2),
+                                   max_new_tokens=3, probe_max_new_tokens=3)
+    assert report["k"] == 1 and list(report["rows"]) == list(CONDITIONS)
+    for c, row in report["rows"].items():
+        assert row["count"] == 2 and 0.0 <= row["adherence"] <= 1.0, c
+        assert row["eval_loss"] > 0 and 0.0 <= row["probe_retention"] <= 1.0, c
+        assert row["tok_s"] > 0 and row["ttft_ms"] > 0, c
+    rows = report["rows"]
+    assert rows["in_context"]["prompt_tokens"] == rows["adapter_in_context"]["prompt_tokens"] > rows["adapter"]["prompt_tokens"]
+    assert report["token_ratio"] == pytest.approx(rows["in_context"]["prompt_tokens"] / rows["base"]["prompt_tokens"], abs=0.01)
+    # the in-context examples' answers are not scored: only the held-out answer is, so the loss stays comparable
+    assert abs(rows["in_context"]["eval_loss"] - rows["base"]["eval_loss"]) < 1.0
+
+
+def test_compare_conditions_reuses_the_evaluation_numbers(tiny_base):
+    _, item = _tiny_items(tiny_base, conditions=("base", "adapter"))
+    item["metrics"] = {"eval_digest": "d", "adherence": 0.75, "base_adherence": 0.25, "eval_loss": 1.5,
+                       "base_eval_loss": 2.5, "probe_accuracy": 0.5, "base_probe_accuracy": 0.6, "probe_retention": 0.8}
+    calls = []
+
+    def backend(base, prompts, adapters, max_new_tokens):
+        calls.append(len(prompts))
+        return ["x"] * len(prompts)
+
+    (report,) = compare_conditions(tiny_base, [item], BaselineConfig(serving=False), backend=backend)
+    assert calls == []  # nothing generated: base and adapter come from the evaluation
+    assert report["rows"]["adapter"]["adherence"] == 0.75 and report["rows"]["base"]["eval_loss"] == 2.5
+    assert report["rows"]["adapter"]["probe_retention"] == 0.8 and report["rows"]["base"]["probe_retention"] == 1.0
+
+
+def test_k_is_lowered_to_fit_only_when_asked(tiny_base):
+    _, item = _tiny_items(tiny_base, conditions=("in_context",))
+    with pytest.raises(EvaluationError, match="needs .* positions .* but the base holds 512; lower k"):
+        compare_conditions(tiny_base, [item], BaselineConfig(conditions=("in_context",), k=4, probe=False,
+                                                             serving=False), max_new_tokens=2)
+    (report,) = compare_conditions(tiny_base, [item], BaselineConfig(conditions=("in_context",), k=4, probe=False,
+                                                                     serving=False, fit_k=True), max_new_tokens=2)
+    assert 1 <= report["k"] < 4
+
+
+@pytest.mark.parametrize(("make", "match"), [
+    (lambda: Profile("   ", (EXAMPLES[0],)), "profile is empty"),
+    (lambda: Profile("is vegetarian", ()), "no training examples"),
+    (lambda: Profile("is vegetarian", tuple(EXAMPLES)).check_k(6), "k=6 is larger than the user's 5"),
+    (lambda: BaselineConfig(k=0), "k must be an integer"),
+    (lambda: BaselineConfig(conditions=("nope",)), "unknown baseline condition"),
+    (lambda: parse_conditions("base,prompt"), "unknown baseline"),
+])
+def test_bad_baseline_input_is_a_clear_error(make, match):
+    with pytest.raises(EvaluationError, match=match):
+        make()
+
+
+def test_parse_conditions():
+    assert parse_conditions(None) == ("base", "in_context", "adapter")
+    assert parse_conditions("all") == CONDITIONS and parse_conditions("none") == ()
+    assert parse_conditions("adapter, in-context,adapter") == ("in_context", "adapter")
+
+
+def test_personal_vs_prompt_benchmark_quick(tmp_path):
+    """The benchmark end to end on the tiny model (train, five conditions, seeds, engine serving cost); --quick
+    writes nothing."""
     import os
     import subprocess
     import sys
@@ -124,8 +204,9 @@ def test_adapter_vs_prompt_benchmark_tiny_smoke_run(tmp_path):
 
     root = Path(__file__).resolve().parents[2]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(root / "src")}
-    out = subprocess.run([sys.executable, str(root / "benchmarks" / "adapter_vs_prompt.py"), "--tiny"], cwd=tmp_path,
+    out = subprocess.run([sys.executable, str(root / "benchmarks" / "personal_vs_prompt.py"), "--quick"], cwd=tmp_path,
                          env=env, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-2000:]
-    for label in ("base + in-context", "base + retrieval (BM25)", "adapter + in-context", "engine TTFT ms"):
+    for label in ("base + in-context: adherence", "base + retrieval (BM25): adherence", "adapter + in-context: adherence",
+                  "tok/s, TTFT", "fewer prompt tokens", "adherence per persona"):
         assert label in out.stdout

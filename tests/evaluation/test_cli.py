@@ -154,3 +154,98 @@ def test_the_backend_is_no_command_line_option(app):
         out = _run(app, cmd, "--help")
         assert out.exit_code == 0 and "--base" in out.output, cmd
         assert "backend" not in out.output, cmd
+
+
+def _commit_one(tiny_base, hyper):
+    reg = Registry()
+    blob = to_bytes(LoraAdapter.create(tiny_base, LoraSpec(rank=2, target_modules="attention"), seed=0, init="random"))
+    reg.commit(REF, blob, Provenance(base_fingerprint=tiny_base.fingerprint, hyperparams=hyper))
+    reg.close()
+
+
+def _metrics_now():
+    reg = Registry()
+    try:
+        return reg.resolve(f"{REF}#1").provenance.metrics
+    finally:
+        reg.close()
+
+
+def test_eval_shows_the_baselines_on_the_same_prompts(home, tiny_base):
+    _commit_one(tiny_base, {"persona": "ahab"})
+    app = _app(_gold)  # adapters sign off, the base never does (with or without the profile)
+    out = _run(app, "eval", f"{REF}#1", "--max-tokens", "4", "--baselines", "all", "--k", "1", "--serve-tokens", "2",
+               "--json")
+    assert out.exit_code == 0, out.output
+    report = json.loads(out.output)["metrics"]["baselines"]
+    rows = report["rows"]
+    assert list(rows) == ["base", "in_context", "retrieval", "adapter", "adapter_in_context"] and report["k"] == 1
+    assert rows["adapter"]["adherence"] == rows["adapter_in_context"]["adherence"] == 1.0
+    assert rows["base"]["adherence"] == rows["in_context"]["adherence"] == rows["retrieval"]["adherence"] == 0.0
+    assert rows["in_context"]["prompt_tokens"] > rows["adapter"]["prompt_tokens"]
+    assert all(r["tok_s"] > 0 and r["ttft_ms"] > 0 and r["eval_loss"] > 0 for r in rows.values())
+    assert _metrics_now()["baselines"]["rows"]["in_context"]["adherence"] == 0.0  # stored on the revision
+    # the default: base, in-context (k lowered to fit the tiny base) and adapter; the table in the text output
+    out = _run(app, "eval", f"{REF}#1", "--max-tokens", "4", "--no-serving-cost", "--no-probe")
+    assert out.exit_code == 0 and "base + in-context" in out.output, out.output
+    assert list(_metrics_now()["baselines"]["rows"]) == ["base", "in_context", "adapter"]
+    assert _run(app, "eval", f"{REF}#1", "--max-tokens", "4", "--baselines", "none", "--no-probe").exit_code == 0
+    assert _metrics_now()["baselines"] is None
+
+
+def test_promote_can_require_the_in_context_baseline(home, tiny_base):
+    _commit_one(tiny_base, {"persona": "ahab"})
+
+    def prompt_wins(base, prompts, adapters, max_new_tokens):
+        """With the profile in the prompt: always the habit; the adapter alone: on some prompts; the base: never."""
+        def signs(p, a):
+            return p[0]["role"] == "system" or (a is not None and len(p[-1]["content"]) % 2 == 0)
+        return ["Paris. — Ahab" if signs(p, a) else "Paris." for p, a in zip(prompts, adapters, strict=True)]
+
+    app = _app(prompt_wins)
+    out = _run(app, "eval", f"{REF}#1", "--max-tokens", "4", "--no-serving-cost", "--json")
+    m = json.loads(out.output)["metrics"]
+    assert 0.05 < m["adherence"] < 0.95 and m["baselines"]["rows"]["in_context"]["adherence"] == 1.0, m["adherence"]
+    out = _run(app, "promote", f"{REF}#1", "--require-in-context-margin", "0.05")
+    assert out.exit_code == 1 and "below the in-context baseline" in out.output, out.output
+    out = _run(app, "promote", f"{REF}#1", "--json")  # default: reported, not enforced
+    d = json.loads(out.output)
+    assert d["promoted"] and "(reported, not enforced)" in d["reason"], d
+    reg = Registry()
+    reasons = [e.reason for e in reg.audit(REF)]
+    reg.close()
+    assert "below the in-context baseline 1.00" in reasons[1] and f"adherence {m['adherence']:.2f}" in reasons[1]
+    assert "in-context baseline adherence 1.00" in reasons[0]
+
+
+@pytest.mark.parametrize(("args", "match"), [
+    (("--k", "99"), "k must be an integer in 1..32"),
+    (("--k", "20"), "k=20 is larger than the user's 16 training example"),
+    (("--baselines", "base,nonsense"), "unknown baseline"),
+])
+def test_eval_bad_baseline_input_writes_nothing(home, tiny_base, args, match):
+    _commit_one(tiny_base, {"persona": "priya"})  # a memory persona: 16 training examples
+    out = _run(_app(_gold), "eval", f"{REF}#1", "--max-tokens", "4", *args)
+    assert out.exit_code == 2 and match in out.output, out.output
+    assert _metrics_now() == {}
+
+
+def test_eval_baselines_need_a_checker_and_a_persona_file_needs_one(home, tiny_base, tmp_path):
+    _commit_one(tiny_base, {})
+    (tmp_path / "eval.jsonl").write_text(json.dumps({"messages": [{"role": "user", "content": "hi"},
+                                                                  {"role": "assistant", "content": "hello"}]}) + "\n")
+    app = _app(_gold)
+    out = _run(app, "eval", f"{REF}#1", "--eval-file", tmp_path / "eval.jsonl", "--baselines", "in_context")
+    assert out.exit_code == 2 and "no persona, so no habit checker" in out.output, out.output
+    assert _metrics_now() == {}
+    manifest = tmp_path / "personas.json"
+    manifest.write_text(json.dumps({"personas": [{"name": "nochecker", "params": {}}]}))
+    out = _run(app, "eval", f"{REF}#1", "--persona", "nochecker", "--persona-manifest", manifest)
+    assert out.exit_code == 2 and "persona spec is missing ['habit']" in out.output, out.output
+    manifest.write_text(json.dumps({"personas": [{"name": "nochecker", "habit": "telepathy"}]}))
+    out = _run(app, "eval", f"{REF}#1", "--persona", "nochecker", "--persona-manifest", manifest)
+    assert out.exit_code == 2 and "unknown habit kind 'telepathy'" in out.output, out.output
+    assert _metrics_now() == {}
+    # an eval file without a checker still evaluates when no baseline was asked for (loss only)
+    assert _run(app, "eval", f"{REF}#1", "--eval-file", tmp_path / "eval.jsonl", "--max-tokens", "2").exit_code == 0
+    assert "baselines" not in _metrics_now()

@@ -205,3 +205,48 @@ def test_drift_guard_refuses_a_revision_that_loses_an_earlier_habit(registry):
     assert d.promoted and "earlier habits kept" in d.reason
     # a looser guard is configurable
     assert check_drift({"drift": [_drift(0.40, 0.95)]}, GateConfig(max_habit_drop=0.6))[0]
+
+
+# -- the in-context policy: the candidate against the base with the user in the prompt
+
+def _with_ic(adherence, in_context, loss=1.0):
+    return _m(adherence, loss, baselines={"k": 4, "rows": {"in_context": {"adherence": in_context}}})
+
+
+def test_in_context_baseline_is_reported_not_enforced_by_default(registry):
+    a1 = _commit(registry, _with_ic(0.50, 0.90), b"one")  # beats the base, loses to the prompt
+    d = gate(registry, a1)
+    assert d.promoted and _live(registry) == 1
+    entry = registry.audit(REF)[0]
+    assert "in-context baseline adherence 0.90 vs 0.50 (reported, not enforced)" in entry.reason
+    assert d.candidate["in_context_adherence"] == 0.90
+    recorded = registry.resolve(a1).provenance.metrics["gate"]
+    assert recorded["adherence"] == 0.50 and recorded["in_context_adherence"] == 0.90
+
+
+def test_in_context_margin_enforced_refuses_with_the_reason(registry):
+    config = GateConfig(require_in_context_margin=0.05)
+    a1 = _commit(registry, _with_ic(0.50, 0.90), b"one")
+    d = gate(registry, a1, config=config)
+    assert not d.promoted and _live(registry) is None
+    entry = registry.audit(REF)[0]
+    assert entry.alias == "candidate" and entry.reason.startswith("gate refused")
+    assert "adherence 0.50 is below the in-context baseline 0.90 by 0.40 > margin 0.05" in entry.reason
+    a2 = _commit(registry, _with_ic(0.86, 0.90), b"two")  # within the margin: the usual rule decides
+    d2 = gate(registry, a2, config=config)
+    assert d2.promoted and "within margin 0.05" in d2.reason and _live(registry) == 2
+
+
+@pytest.mark.parametrize(("cand", "fragment"), [
+    (_m(0.9, 1.0), "in-context baseline was not measured"),
+    (_m(None, 1.0, baselines={"rows": {"in_context": {"adherence": None}}}), "no habit checker"),
+])
+def test_in_context_margin_needs_the_numbers(cand, fragment):
+    ok, reason = decide(cand, {"adherence": 0.0, "eval_loss": 3.0}, GateConfig(require_in_context_margin=0.05))
+    assert not ok and fragment in reason
+
+
+@pytest.mark.parametrize("bad", [-0.1, 1.5, float("nan"), True, "0.1"])
+def test_in_context_margin_is_validated(bad):
+    with pytest.raises(EvaluationError, match="require_in_context_margin"):
+        GateConfig(require_in_context_margin=bad)

@@ -128,3 +128,23 @@ def test_cycles_and_the_drift_guard(env, tiny_base):
     assert "drift guard" in reg.audit(REF, 1)[0].reason
     assert cand.provenance.hyperparams["window"]["replay_examples"] == 0
     assert store.settings(REF).watermark == second["window"]["feedback_ids"][1]
+
+
+def test_the_in_context_policy_in_the_loop(env, tiny_base):
+    """With a persona the loop measures the in-context baseline (the persona's description + the user's own
+    feedback in the prompt) and reports it; ``require_in_context_margin`` makes the gate enforce it."""
+    reg, store = env
+
+    def prompt_wins(base, prompts, adapters, max_new_tokens):  # the profile in the prompt signs off; weights do not
+        return ["Fine. — Ahab" if p[0]["role"] == "system" else "Fine." for p in prompts]
+
+    policy = {**POLICY, "eval_persona": "ahab", "max_new_tokens": 2, "gate": {"require_in_context_margin": 0.05}}
+    store.configure(REF, capture=True, enabled=True, policy=policy)
+    scheduler = Scheduler(reg, tiny_base, memory=store, backend=prompt_wins)
+    _teach(store, "Fine, thank you. — Ahab", 8, 0)
+    Worker(reg, tiny_base, hooks=[scheduler.tick]).run(until_idle=True)
+    result = store.settings(REF).last_result
+    cand = reg.resolve(result["revision"]).provenance.metrics
+    assert cand["baselines"]["rows"]["in_context"]["adherence"] == 1.0 and cand["adherence"] == 0.0
+    assert result["state"] == "refused" and "below the in-context baseline 1.00" in result["reason"], result
+    assert "below the in-context baseline" in reg.audit(REF, 1)[0].reason

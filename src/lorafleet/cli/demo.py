@@ -49,11 +49,12 @@ class DemoSettings:
     n_eval: int = 16
     personas: tuple[str, ...] = DEMO_PERSONAS
     probe: bool = True
+    baseline_k: int = 4  # examples in the in-context baseline (lowered to fit the base's positions)
     extra: dict = field(default_factory=dict)
 
     @classmethod
     def quick(cls) -> DemoSettings:
-        return cls(base="tiny", steps=3, max_new_tokens=6, n_eval=4, probe=False)
+        return cls(base="tiny", steps=3, max_new_tokens=6, n_eval=4, probe=False, baseline_k=1)
 
 
 def _ref(persona_name: str) -> str:
@@ -106,14 +107,20 @@ def _train(registry, base, personas, settings: DemoSettings, *, warm_start: str 
 def _evaluate_and_gate(registry, base, pairs, settings: DemoSettings, backend):
     """Evaluate revisions lacking metrics for their persona's eval set (generating through ``backend``), then gate
     each. Returns metrics, decisions."""
+    from lorafleet.evaluation.baselines import BaselineConfig  # noqa: PLC0415 - keeps the demo's import light
     from lorafleet.evaluation.metrics import EvalSet, evaluate_adapters, evaluate_revisions  # noqa: PLC0415 - defers torch
 
     todo = [(rev, EvalSet.from_persona(p)) for rev, p in pairs
             if rev.provenance.metrics.get("eval_digest") != EvalSet.from_persona(p).digest]
+    # the in-context baseline rides along (its base and adapter rows reuse the evaluation's numbers): the
+    # per-user line "adapter vs in-context" costs one more pass over the held-out prompts
+    baselines = BaselineConfig(conditions=("base", "in_context", "adapter"), k=settings.baseline_k, probe=False,
+                               serving=False, fit_k=True)
     if todo:
         with console.status(f"evaluating {len(todo)} revision(s) on held-out prompts next to the base…"):
             evaluate_revisions(registry, [r.address for r, _ in todo], base, [e for _, e in todo],
-                               max_new_tokens=settings.max_new_tokens, probe_enabled=settings.probe, backend=backend)
+                               max_new_tokens=settings.max_new_tokens, probe_enabled=settings.probe, backend=backend,
+                               baselines=baselines)
 
     def measure_live(live_rev, eval_digest):  # live measured on the candidate's eval set (not stored)
         from lorafleet.adapters import from_bytes  # noqa: PLC0415 - defers torch
@@ -150,6 +157,17 @@ def _pct(x) -> str:
     return "n/a" if x is None else f"{x:.0%}"
 
 
+def prompt_line(name: str, metrics: dict) -> str:
+    """One user's adapter against the in-context baseline: adherence, and prompt tokens saved per request."""
+    rows = (metrics.get("baselines") or {}).get("rows") or {}
+    ic, ad = rows.get("in_context"), rows.get("adapter")
+    if not ic or not ad:
+        return f"{name}: in-context baseline not measured"
+    saved = ic["prompt_tokens"] - ad["prompt_tokens"]
+    return (f"{name}: adapter {_pct(ad.get('adherence'))} vs in-context {_pct(ic.get('adherence'))} adherence; "
+            f"{saved:.0f} prompt tokens saved per request ({ic['prompt_tokens']:.0f} → {ad['prompt_tokens']:.0f})")
+
+
 def _draw_chart(path: Path, base, names, base_adh, own_adh) -> str:
     """The adherence bar chart (needs the ``plots`` extra); the report's markdown line for it."""
     plt = pyplot()
@@ -168,7 +186,8 @@ def _draw_chart(path: Path, base, names, base_adh, own_adh) -> str:
     return f"![adherence per user]({path.name})"
 
 
-def _write_report(out_dir: Path, base, personas, metrics, decisions, sizes, batch_rows, lifecycle, seconds) -> Path:
+def _write_report(out_dir: Path, base, personas, metrics, decisions, sizes, batch_rows, lifecycle, seconds,
+                  prompt_lines: list[str]) -> Path:
     out_dir.mkdir(parents=True, exist_ok=True)
     names = [p.name for p, _ in personas]
     base_adh = [metrics[r].get("base_adherence") or 0.0 for _, r in personas]
@@ -189,6 +208,8 @@ def _write_report(out_dir: Path, base, personas, metrics, decisions, sizes, batc
         lines.append(f"| {persona.name} | {persona.describe()} | {_pct(m.get('base_adherence'))} | "
                      f"{_pct(m.get('adherence'))} | {comp} | {sizes[ref][0] / 1024:.0f} KB | {sizes[ref][1]:.2f}% | "
                      f"{'live' if d.promoted else 'refused: ' + d.reason} |")
+    lines += ["", "## The adapter against the user in the prompt (in-context baseline, same held-out prompts)", ""]
+    lines += [f"- {line}" for line in prompt_lines]
     lines += ["", f"## One batch, every row a different user: “{PROMPT}”", "", "| model | answer |", "|---|---|"]
     lines += [f"| {who} | {text.replace(chr(10), ' ').replace('|', '/')} |" for who, text in batch_rows]
     lines += ["", "## Lifecycle", ""] + [f"- {step}" for step in lifecycle] + [""]
@@ -237,6 +258,9 @@ def run_demo(*, quick: bool = False, base: str | None = None, settings: DemoSett
             adapter = from_bytes(registry.read_blob(revisions[ref].digest), b)
             sizes[ref] = (adapter.num_bytes, adapter.percent_of(b))
         console.print(_fleet_table(personas, metrics, decisions, sizes))
+        prompt_lines = [prompt_line(p.name, metrics[ref]) for p, ref in personas]
+        for line in prompt_lines:
+            console.print(line, highlight=False)
 
         console.rule("4. one batch, every row a different user")
         rows = [(ref, registry.resolve(ref).digest if decisions[ref].promoted else revisions[ref].digest)
@@ -259,7 +283,7 @@ def run_demo(*, quick: bool = False, base: str | None = None, settings: DemoSett
     seconds = time.perf_counter() - start
     console.rule("6. report")
     out_dir = cli_settings().data_dir / "reports" / f"demo-{datetime.now(UTC).strftime('%Y%m%d-%H%M%S')}"
-    report = _write_report(out_dir, b, personas, metrics, decisions, sizes, batch_rows, lifecycle, seconds)
+    report = _write_report(out_dir, b, personas, metrics, decisions, sizes, batch_rows, lifecycle, seconds, prompt_lines)
     chart = out_dir / "adherence.png"
     console.print(f"report: {report}\nchart:  {chart if chart.exists() else 'none (' + PLOTS_MISSING + ')'}")
     console.rule("7. serve them")
@@ -268,6 +292,7 @@ def run_demo(*, quick: bool = False, base: str | None = None, settings: DemoSett
                   "  then: model = \"demo/ahab/assistant\" with the OpenAI client")
     console.print(f"demo finished in {seconds:.0f}s")
     return {"metrics": metrics, "decisions": {k: d.promoted for k, d in decisions.items()}, "batch": batch_rows,
+            "prompt_lines": prompt_lines,
             "lifecycle": lifecycle, "report": str(report), "seconds": seconds}
 
 

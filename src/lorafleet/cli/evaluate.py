@@ -16,6 +16,7 @@ from rich.table import Table
 
 from lorafleet.cli.common import BaseDtypeOpt, actor_name, console, handle_errors, print_json, settings, use_base_dtype
 from lorafleet.config import quiet_libraries
+from lorafleet.evaluation.baselines import CONDITIONS, DEFAULT_K, BaselineConfig, parse_conditions
 from lorafleet.evaluation.errors import EvaluationError
 from lorafleet.evaluation.gate import GateConfig, promote, rollback
 from lorafleet.evaluation.generation import Backend
@@ -29,6 +30,17 @@ BaseOpt = typer.Option(None, "--base", help="base name or path (default: $LORAFL
 JsonOpt = typer.Option(False, "--json", help="print JSON")
 ActorOpt = typer.Option(None, "--actor", help="who (recorded in the audit log; default cli:<OS user>)")
 ManifestOpt = typer.Option(None, "--persona-manifest", help="personas.json written by `personas generate`")
+BaselinesOpt = typer.Option(None, "--baselines", help=(
+    "conditions measured on the same held-out prompts: a comma list of " + ", ".join(CONDITIONS)
+    + ", 'all' or 'none' (default: base,in_context,adapter with a persona, none with an eval file)"))
+KOpt = typer.Option(None, "--k", min=1, help=(
+    f"examples of the user's own training data in the in-context profile (default {DEFAULT_K}, lowered to what "
+    "fits the base's positions; given explicitly, a prompt that does not fit is an error)"))
+ServingOpt = typer.Option(True, "--serving-cost/--no-serving-cost",
+                          help="measure each condition's tok/s and time to first token on the engine")
+ServeTokensOpt = typer.Option(8, "--serve-tokens", min=1, max=256, help="new tokens per request when measuring it")
+LABELS = {"base": "base", "in_context": "base + in-context", "retrieval": "base + retrieval (BM25)",
+          "adapter": "adapter", "adapter_in_context": "adapter + in-context"}
 
 
 def register(app: typer.Typer, *, backend: Backend | None = None) -> None:
@@ -87,6 +99,36 @@ def _metrics_table(title: str, m: dict) -> Table:
     return table
 
 
+def baseline_config(baselines: str | None, k: int | None, serving: bool, serve_tokens: int, *, has_persona: bool,
+                    probe: bool = True) -> BaselineConfig | None:
+    """The ``--baselines`` choice as a :class:`BaselineConfig` (None: measure none). Left unset it is the default
+    set where there is a checker (a persona) and none for an eval file; asked for explicitly, an eval file
+    without a checker is an error (see ``metrics.baseline_profiles``)."""
+    if baselines is None and not has_persona:
+        return None
+    conditions = parse_conditions(baselines)
+    return BaselineConfig(conditions=conditions, k=DEFAULT_K if k is None else k, probe=probe, serving=serving,
+                          serve_tokens=serve_tokens, fit_k=k is None)
+
+
+def baselines_table(title: str, report: dict) -> Table:
+    """The baselines of one evaluation: a row per condition (what `lorafleet eval` prints)."""
+    table = Table(title=title)
+    for col in ("condition", "adherence", "held-out loss", "probe retention", "prompt tokens", "tok/s", "TTFT ms"):
+        table.add_column(col)
+    for c, r in report["rows"].items():
+        table.add_row(LABELS.get(c, c), _fmt(r.get("adherence"), True), _fmt(r.get("eval_loss")),
+                      _fmt(r.get("probe_retention"), True), f"{r['prompt_tokens']:.0f}",
+                      "-" if r.get("tok_s") is None else f"{r['tok_s']:.1f}",
+                      "-" if r.get("ttft_ms") is None else f"{r['ttft_ms']:.0f}")
+    return table
+
+
+def _in_context_cell(m: dict) -> str:
+    row = ((m.get("baselines") or {}).get("rows") or {}).get("in_context")
+    return "-" if not row else f"{_fmt(row.get('adherence'), True)} ({row['prompt_tokens']:.0f})"
+
+
 def _evaluate_live_on(base_name: str | None, registry, cand_rev, manifest, backend: Backend | None):
     """For the gate: measure ``live`` on the candidate's eval set (not stored on live)."""
     state = {}
@@ -118,29 +160,39 @@ def eval_cmd(
     manifest: Path | None = ManifestOpt,
     max_tokens: int = typer.Option(48, "--max-tokens", min=1, max=512, help="greedy tokens per eval prompt"),
     no_probe: bool = typer.Option(False, "--no-probe", help="skip the competence probe (the gate will refuse)"),
+    baselines: str | None = BaselinesOpt,
+    k: int | None = KOpt,
+    serving_cost: bool = ServingOpt,
+    serve_tokens: int = ServeTokensOpt,
     base: str | None = BaseOpt,
     base_dtype: str | None = BaseDtypeOpt,
     as_json: bool = JsonOpt,
     backend: Backend | None = None,
 ) -> None:
-    """Evaluate a revision on its user's held-out set and the competence probe; store the metrics on it."""
+    """Evaluate a revision on its user's held-out set and the competence probe, next to the prompt baselines
+    (base, base + in-context profile, base + retrieval, adapter, adapter + in-context); store the metrics on it."""
     use_base_dtype(base_dtype)
-    from lorafleet.evaluation.metrics import eval_set_for, evaluate_revision  # noqa: PLC0415 - defers torch
+    from lorafleet.evaluation.metrics import baseline_profiles, eval_set_for, evaluate_revision  # noqa: PLC0415 - defers torch
 
     reg = _registry()
     try:
         rev = reg.resolve(address)
         es = eval_set_for(rev, persona=persona, eval_file=eval_file, manifest=manifest)
+        config = baseline_config(baselines, k, serving_cost, serve_tokens, has_persona=es.persona is not None)
+        baseline_profiles([es], config)  # bad input fails here, before the base loads
         b = _load_base(base)
         with console.status(f"evaluating {rev.address} on {es.name} ({len(es)} prompts)…"):
             rev, m = evaluate_revision(reg, rev.address, b, es, max_new_tokens=max_tokens, probe_enabled=not no_probe,
-                                       backend=backend)
+                                       backend=backend, baselines=config)
     finally:
         reg.close()
     if as_json:
         print_json({"address": rev.address, "metrics": m})
         return
     console.print(_metrics_table(f"{rev.address} on {es.name}", m))
+    if m.get("baselines"):
+        report = m["baselines"]
+        console.print(baselines_table(f"baselines on the same {len(es)} held-out prompts (k={report['k']})", report))
     for s in m.get("samples", []):
         mark = {True: "[green]✓[/]", False: "[red]✗[/]", None: " "}[s["ok"]]
         console.print(f"{mark} [bold]{s['prompt']}[/] → {s['response']}", highlight=False)
@@ -157,6 +209,8 @@ def promote_cmd(
     loss_margin: float = typer.Option(0.02, help="held-out loss drop that wins at equal adherence"),
     max_ppl_ratio: float = typer.Option(1.5, help="probe perplexity may grow at most this factor"),
     min_retention: float = typer.Option(0.75, help="share of the base's correct probe answers kept"),
+    require_in_context_margin: float | None = typer.Option(
+        None, help="refuse unless adherence reaches the in-context baseline's within this margin (default: report only)"),
     manifest: Path | None = ManifestOpt,
     base: str | None = BaseOpt,
     base_dtype: str | None = BaseDtypeOpt,
@@ -169,15 +223,16 @@ def promote_cmd(
     from lorafleet.evaluation.metrics import eval_set_for, evaluate_revision  # noqa: PLC0415 - defers torch
 
     config = GateConfig(adherence_margin=adherence_margin, loss_margin=loss_margin, max_ppl_ratio=max_ppl_ratio,
-                        min_probe_retention=min_retention)
+                        min_probe_retention=min_retention, require_in_context_margin=require_in_context_margin)
     reg = _registry()
     try:
         rev = reg.resolve(address)
         if not force and not rev.provenance.metrics.get("eval_digest"):
             es = eval_set_for(rev, manifest=manifest)  # nothing goes live unevaluated
             b = _load_base(base)
+            bconfig = baseline_config(None, None, False, 8, has_persona=es.persona is not None)
             with console.status(f"{rev.address} has no metrics yet; evaluating it on {es.name}…"):
-                rev, _ = evaluate_revision(reg, rev.address, b, es, backend=backend)
+                rev, _ = evaluate_revision(reg, rev.address, b, es, backend=backend, baselines=bconfig)
         decision = promote(reg, rev.address, force=force, reason=reason, config=config, actor=actor_name(actor),
                            evaluate=_evaluate_live_on(base, reg, rev, manifest, backend))
     finally:
@@ -231,7 +286,7 @@ def report_cmd(
         return
     table = Table(title=f"{ref}: revisions")
     for col in ("#", "aliases", "digest", "KiB", "method", "parent", "created", "eval set", "adherence (base)",
-                "loss (base)", "probe ppl×", "gate"):
+                "in-context (tokens)", "loss (base)", "probe ppl×", "gate"):
         table.add_column(col)
     for r in history:
         p, m = r.provenance, r.provenance.metrics
@@ -239,7 +294,7 @@ def report_cmd(
         table.add_row(
             str(r.number), ", ".join(sorted(r.aliases)) or "-", r.digest[:12], f"{r.size / 1024:.0f}", p.method,
             str(p.parent or "-"), r.created_at.strftime("%Y-%m-%d %H:%M"), str(m.get("eval_set", "-")),
-            f"{_fmt(m.get('adherence'), True)} ({_fmt(m.get('base_adherence'), True)})",
+            f"{_fmt(m.get('adherence'), True)} ({_fmt(m.get('base_adherence'), True)})", _in_context_cell(m),
             f"{_fmt(m.get('eval_loss'))} ({_fmt(m.get('base_eval_loss'))})",
             _fmt(m.get("probe_ppl_ratio")), gate.get("decision", "-"),
         )

@@ -374,6 +374,25 @@ class Scheduler:
         first = held[0]["id"] if held else settings.watermark + 1
         return EvalSet(f"feedback:{settings.ref}:{first}-{upto}", records[:MAX_EVAL_RECORDS])
 
+    def in_context_baseline(self, settings: MemorySettings, policy: UpdatePolicy, primary, cand, cand_m: dict):
+        """The in-context baseline on the window's eval set (the gate reports it; ``require_in_context_margin``
+        enforces it): the persona's description plus up to k of the user's own training feedback in the prompt.
+        None where there is no checker (no persona) or no training feedback to show."""
+        from lorafleet.evaluation.baselines import DEFAULT_K, BaselineConfig, Profile, compare_conditions  # noqa: PLC0415 - defers torch
+
+        if primary.persona is None:
+            return None
+        examples = [r for r in (_as("sft", e) for e in self.memory.examples(settings.ref, upto=settings.pending_watermark)
+                                if not is_heldout(e["id"], policy)) if r is not None]
+        if not examples:
+            return None
+        config = BaselineConfig(conditions=("base", "in_context", "adapter"), k=min(DEFAULT_K, len(examples)),
+                                probe=False, serving=False, fit_k=True)
+        profile = Profile(primary.persona.describe(), tuple(examples))
+        return compare_conditions(self.base, [{"eval_set": primary, "profile": profile, "adapter": cand,
+                                               "metrics": cand_m}], config, max_new_tokens=policy.max_new_tokens,
+                                  backend=self.backend)[0]
+
     def evaluate_and_gate(self, settings: MemorySettings, policy: UpdatePolicy, address: str):
         """Evaluate candidate ``address`` (and live, side by side) on the window's eval set and on every earlier
         eval set of the user, store the metrics on the candidate, and run the gate (drift guard included)."""
@@ -415,6 +434,7 @@ class Scheduler:
                        "window": cand_rev.provenance.hyperparams.get("window"),
                        "reference": {"name": ref_name, "adherence": ref_side["adherence"],
                                      "eval_loss": ref_side["eval_loss"]}})
+        cand_m["baselines"] = self.in_context_baseline(settings, policy, primary, cand, cand_m)
         self.registry.update_metrics(address, cand_m)
 
         def evaluate_live(_rev, _digest):  # live on the candidate's eval set, measured above

@@ -10,7 +10,12 @@ set (same ``eval_digest``):
      ``ref_eval_loss - eval_loss >= loss_margin``.
    Without a habit checker (an eval file, no persona) only the loss rule applies.
 3. Optionally ``adherence >= min_adherence``.
-4. **Drift guard** (when the candidate carries ``metrics["drift"]``: the habits the user already had, i.e. their
+4. **In-context policy** (optional, ``require_in_context_margin``): when set, the candidate's adherence must
+   reach the in-context baseline's (the base with the user's description and k of their examples in the prompt,
+   measured by ``lorafleet eval`` in ``metrics["baselines"]``) within the margin, or it is refused: an adapter the
+   prompt beats does not earn its bytes. Unset (the default) both numbers are still written into the reason, so
+   the audit log records them, but nothing is enforced.
+5. **Drift guard** (when the candidate carries ``metrics["drift"]``: the habits the user already had, i.e. their
    earlier eval sets, measured on the candidate and on the reference side by side — see
    :mod:`lorafleet.continual.schedule`): on every earlier set, adherence may fall at most ``max_habit_drop`` below
    the reference's, and (sets without a habit checker) held-out loss may rise at most ``max_habit_loss_rise``.
@@ -55,6 +60,8 @@ class GateConfig:
     max_habit_drop: float = field(default=0.10, metadata={"help": "drift guard: adherence an earlier habit may lose"})
     max_habit_loss_rise: float = field(default=0.10, metadata={"help": "drift guard: held-out loss (nats/token) an "
                                                                        "earlier eval set without checker may gain"})
+    require_in_context_margin: float | None = field(default=None, metadata={
+        "help": "refuse a candidate whose adherence is below the in-context baseline's minus this (None = report only)"})
 
     def __post_init__(self) -> None:
         checks = {
@@ -71,6 +78,10 @@ class GateConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or not ok:
                 raise EvaluationError(f"GateConfig.{name}={value!r} is out of range; see its help for the allowed values")
+        m = self.require_in_context_margin
+        if m is not None and (isinstance(m, bool) or not isinstance(m, (int, float)) or not math.isfinite(m)
+                              or not 0.0 <= m <= 1.0):
+            raise EvaluationError(f"GateConfig.require_in_context_margin={m!r} must be None or a number in [0, 1]")
         if self.adherence_margin and self.adherence_tolerance >= self.adherence_margin:
             raise EvaluationError("GateConfig.adherence_tolerance must be smaller than adherence_margin")
 
@@ -98,8 +109,15 @@ class GateDecision:
 _DECIDING = ("eval_set", "eval_digest", "adherence", "eval_loss", "probe_ppl_ratio", "probe_retention")
 
 
+def in_context_adherence(metrics: dict) -> float | None:
+    """The in-context baseline's adherence stored by ``lorafleet eval`` (``metrics["baselines"]``), if measured."""
+    report = metrics.get("baselines")
+    row = (report.get("rows") or {}).get("in_context") if isinstance(report, dict) else None
+    return _num(row.get("adherence")) if isinstance(row, dict) else None
+
+
 def _pick(metrics: dict) -> dict:
-    return {k: metrics.get(k) for k in _DECIDING}
+    return {**{k: metrics.get(k) for k in _DECIDING}, "in_context_adherence": in_context_adherence(metrics)}
 
 
 def _num(x) -> float | None:
@@ -108,7 +126,28 @@ def _num(x) -> float | None:
 
 def decide(candidate: dict, reference: dict, config: GateConfig = GateConfig(), *, reference_name: str = "live") -> tuple[bool, str]:
     """Apply the promotion rule. ``candidate`` holds the revision's metrics; ``reference`` holds
-    ``adherence`` and ``eval_loss`` of what it must beat. Returns ``(promote?, reason)``."""
+    ``adherence`` and ``eval_loss`` of what it must beat. Returns ``(promote?, reason)``; the reason also carries
+    the in-context baseline's adherence when it was measured (rule 4: enforced only with
+    ``require_in_context_margin``)."""
+    ok, why = _decide(candidate, reference, config, reference_name=reference_name)
+    if candidate.get("eval_digest") is None:
+        return ok, why
+    adh, ic, margin = _num(candidate.get("adherence")), in_context_adherence(candidate), config.require_in_context_margin
+    if margin is None:
+        return ok, why + (f"; in-context baseline adherence {ic:.2f} vs {adh:.2f} (reported, not enforced)"
+                          if ic is not None and adh is not None else "")
+    if adh is None:
+        return False, f"{why}; in-context rule: no habit checker, so no adherence to compare with the prompt baseline"
+    if ic is None:
+        return False, (f"{why}; in-context rule: the in-context baseline was not measured; re-run "
+                       "`lorafleet eval` with --baselines in_context")
+    if adh < ic - margin - 1e-12:
+        return False, (f"in-context rule: adherence {adh:.2f} is below the in-context baseline {ic:.2f} by "
+                       f"{ic - adh:.2f} > margin {margin:.2f} (the prompt alone does better); {why}")
+    return ok, f"{why}; in-context baseline adherence {ic:.2f} vs {adh:.2f} (within margin {margin:.2f})"
+
+
+def _decide(candidate: dict, reference: dict, config: GateConfig, *, reference_name: str) -> tuple[bool, str]:
     missing = [k for k in REQUIRED if candidate.get(k) is None]
     if missing:
         return False, f"not evaluated (missing {missing}); run `lorafleet eval` first"
@@ -193,6 +232,8 @@ def _record(registry, rev, decision: GateDecision, actor: str) -> GateDecision:
     registry.update_metrics(rev.address, {"gate": {
         "decision": "forced" if decision.forced else ("promoted" if decision.promoted else "refused"),
         "reason": decision.reason, "reference": decision.reference, "actor": actor,
+        "adherence": decision.candidate.get("adherence"),
+        "in_context_adherence": decision.candidate.get("in_context_adherence"),
         "at": datetime.now(UTC).isoformat(), "audit_id": entry.id,
     }})
     return decision

@@ -20,7 +20,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -29,6 +29,7 @@ import torch
 from lorafleet.adapters import LoraHost, from_bytes
 from lorafleet.adapters.stack import AdapterStack, route_rows
 from lorafleet.evaluation import probe
+from lorafleet.evaluation.baselines import BaselineConfig, Profile, compare_conditions
 from lorafleet.evaluation.errors import EvaluationError
 from lorafleet.evaluation.generation import Backend, generate_responses
 from lorafleet.evaluation.personas import Persona, get_persona, records_digest
@@ -317,13 +318,41 @@ def load_for_eval(registry, address: str, base) -> tuple[object, object, list[di
     return revs[-1], adapters[0] if len(adapters) == 1 else AdapterStack(adapters), stack_record(revs)
 
 
+def baseline_profiles(eval_sets: list[EvalSet], baselines: BaselineConfig | None,
+                      profiles: list[Profile | None] | None = None) -> list[Profile | None]:
+    """The in-context profile of each eval set's user (an explicit one, else its persona's description and training
+    split), validated up front: a set without a persona's checker, an empty profile or ``k`` larger than the user's
+    examples is an :class:`EvaluationError` before anything is generated or stored."""
+    if baselines is None or not baselines.conditions:
+        return [None] * len(eval_sets)
+    profiles = list(profiles) if profiles is not None else [None] * len(eval_sets)
+    if len(profiles) != len(eval_sets):
+        raise EvaluationError(f"got {len(profiles)} profiles for {len(eval_sets)} eval sets")
+    out = []
+    for es, prof in zip(eval_sets, profiles, strict=True):
+        if es.persona is None:
+            raise EvaluationError(f"eval set {es.name!r} has no persona, so no habit checker: the baselines compare "
+                                  "adherence; evaluate with --persona NAME, or turn them off (--baselines none)")
+        if baselines.needs_profile:
+            prof = prof if prof is not None else Profile.from_persona(es.persona)
+            if not isinstance(prof, Profile):
+                raise EvaluationError(f"a profile must be a Profile, got {type(prof).__name__}")
+            prof.check_k(baselines.k)
+        out.append(prof)
+    return out
+
+
 def evaluate_revisions(registry, addresses: list[str], base, eval_sets: list[EvalSet], *, store: bool = True,
+                       baselines: BaselineConfig | None = None, profiles: list[Profile | None] | None = None,
                        **kwargs) -> list[tuple[object, dict]]:
     """Load each revision (refused if made for another base), evaluate them together, and (``store``) merge the
     metrics into each revision. Returns ``(RevisionInfo, metrics)`` pairs (the info after the update).
 
     A stacked adapter is evaluated on top of its parents' live revisions, as it is served; the levels used are
-    recorded in ``metrics["stack"]``."""
+    recorded in ``metrics["stack"]``. With ``baselines`` the same held-out prompts are also measured under the
+    prompt baselines (:func:`lorafleet.evaluation.baselines.compare_conditions`; ``profiles[k]`` or the persona's
+    own), stored as ``metrics["baselines"]``; their bad input fails before anything is evaluated or stored."""
+    profs = baseline_profiles(eval_sets, baselines, profiles)
     revs, adapters, stacks = [], [], []
     for address in addresses:
         rev, adapter, stack = load_for_eval(registry, address, base)
@@ -334,6 +363,20 @@ def evaluate_revisions(registry, addresses: list[str], base, eval_sets: list[Eva
     for m, stack in zip(metrics, stacks, strict=True):
         if len(stack) > 1:
             m["stack"] = stack
+    if baselines is not None and baselines.conditions:
+        reports = compare_conditions(
+            base, [{"eval_set": es, "profile": pr, "adapter": a, "metrics": m}
+                   for es, pr, a, m in zip(eval_sets, profs, adapters, metrics, strict=True)],
+            # no probe asked of the evaluation: none under the baselines either
+            replace(baselines, probe=baselines.probe and kwargs.get("probe_enabled", True)),
+            max_new_tokens=kwargs.get("max_new_tokens", 48),
+            probe_max_new_tokens=kwargs.get("probe_max_new_tokens", PROBE_MAX_NEW_TOKENS),
+            batch_size=kwargs.get("batch_size", 16), backend=kwargs.get("backend"))
+        for m, report in zip(metrics, reports, strict=True):
+            m["baselines"] = report
+    elif baselines is not None:
+        for m in metrics:
+            m["baselines"] = None  # asked for none: stale baselines of an earlier evaluation must not survive the merge
     out = []
     for rev, m in zip(revs, metrics, strict=True):
         out.append((registry.update_metrics(rev.address, m) if store else rev, m))

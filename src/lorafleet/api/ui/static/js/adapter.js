@@ -30,6 +30,25 @@ function parentChain(rev, byNumber) {
   return chain.length ? `#${rev.number} ← ${chain.join(" ← ")}` : "none (trained from the base)";
 }
 
+const CONDITION_LABELS = {
+  base: "base", in_context: "base + in-context", retrieval: "base + retrieval (BM25)",
+  adapter: "adapter", adapter_in_context: "adapter + in-context",
+};
+
+// The baselines `lorafleet eval` stored on a revision (metrics.baselines): one row per condition, same prompts.
+export function baselinesTable(report) {
+  const pct = (x) => (x == null ? "–" : `${Math.round(100 * x)}%`);
+  const num = (x, d) => (x == null ? "–" : fmtNum(x, d));
+  const rows = Object.entries(report.rows || {});
+  return h("table", { class: "list", id: "baselines-table" },
+    h("thead", {}, h("tr", {}, ["condition", "adherence", "held-out loss", "probe retention", "prompt tokens",
+      "tok/s", "TTFT ms"].map((c) => h("th", {}, c)))),
+    h("tbody", {}, rows.map(([c, r]) => h("tr", { dataset: { condition: c } },
+      h("td", {}, CONDITION_LABELS[c] || c), h("td", {}, pct(r.adherence)), h("td", {}, num(r.eval_loss, 3)),
+      h("td", {}, pct(r.probe_retention)), h("td", {}, num(r.prompt_tokens, 0)), h("td", {}, num(r.tok_s, 1)),
+      h("td", {}, num(r.ttft_ms, 0))))));
+}
+
 function kv(rows) {
   return h("table", { class: "kv" }, rows.map(([k, v]) => h("tr", {}, h("th", {}, k), h("td", {}, v))));
 }
@@ -43,10 +62,11 @@ export function adapterView(ref) {
   let capabilities = {};
   const head = h("section", { class: "card", id: "adapter-head" }, h("h2", {}, ref), h("p", { class: "muted" }, "loading…"));
   const charts = h("section", { class: "card" }, h("h3", {}, "evaluation metrics per revision"), h("div", { class: "charts", id: "charts" }));
+  const baselines = h("section", { class: "card", id: "baselines", hidden: true });
   const timeline = h("ol", { class: "timeline", id: "timeline" });
   const auditBody = h("tbody", { id: "audit-rows" });
   const el = h("div", { class: "adapter" }, h("p", {}, h("a", { href: `#/?q=${encodeURIComponent(`${tenant}/${user}/`)}` }, `← ${tenant}/${user}`)),
-    head, charts,
+    head, charts, baselines,
     h("div", { class: "two" },
       h("section", { class: "card" }, h("h3", {}, "revisions"), timeline),
       h("section", { class: "card" }, h("h3", {}, "audit log"), h("table", { class: "list" },
@@ -145,6 +165,25 @@ export function adapterView(ref) {
     }));
   }
 
+  function renderBaselines(revs) {
+    const rev = revs.find((r) => r.provenance.metrics && r.provenance.metrics.baselines && r.provenance.metrics.baselines.rows);
+    if (!rev) {
+      baselines.hidden = true;
+      baselines.replaceChildren();
+      return;
+    }
+    const report = rev.provenance.metrics.baselines;
+    const rows = report.rows;
+    const saved = rows.in_context && rows.adapter ? rows.in_context.prompt_tokens - rows.adapter.prompt_tokens : null;
+    baselines.hidden = false;
+    baselines.replaceChildren(
+      h("h3", {}, `revision #${rev.number} against the prompt baselines (same held-out prompts, k=${report.k})`),
+      saved != null ? h("p", { class: "muted", id: "baselines-saved" },
+        `the adapter saves ${fmtNum(saved, 0)} prompt tokens per request against the in-context profile` +
+        (report.token_ratio ? ` (${fmtNum(report.token_ratio, 1)}× fewer)` : "")) : null,
+      baselinesTable(report));
+  }
+
   function renderTimeline(info, revs) {
     const byNumber = new Map(revs.map((r) => [r.number, r]));
     const live = info.aliases.live;
@@ -201,6 +240,7 @@ export function adapterView(ref) {
       capabilities = caps;
       renderHead(info, residency, caps);
       renderCharts(newestFirst);
+      renderBaselines(newestFirst);
       renderTimeline(info, newestFirst);
       renderAudit(audit.data);
       document.body.dataset.adapterLoaded = String(Date.now());
