@@ -54,8 +54,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default=None, help="result file (default docs/results/instant[_quick].md)")
     args = parser.parse_args(argv)
     if args.quick:
-        args.base, args.corpus, args.held_out, args.corpus_steps, args.steps = "tiny", 12, 2, 2, "1,2"
-        args.pack, args.n_train, args.n_eval, args.k, args.max_new_tokens = 12, 4, 2, 1, 6
+        args.base, args.corpus, args.held_out, args.corpus_steps, args.steps = "tiny", 8, 2, 1, "1,2"
+        args.pack, args.n_train, args.n_eval, args.k, args.max_new_tokens = 8, 4, 2, 1, 4
         args.max_len = 192  # the tiny model's byte-level tokenizer: ~160 tokens a record
 
     from _common import RESULTS, console, markdown_table, show, write_markdown

@@ -151,7 +151,8 @@ def test_create_from_profile_commits_revision_one_then_gated_then_warm_started(t
     # evaluated and gated like any other revision
     persona = get_persona("ahab")
     evaluate_revision(reg, rev.address, tiny_base, EvalSet(f"persona:{persona.name}", persona.data().eval[:2],
-                                                            persona=persona), max_new_tokens=4)
+                                                            persona=persona), max_new_tokens=4,
+                      probe_enabled=False)
     decision = gate(reg, rev.address)
     assert reg.resolve(rev.address).provenance.metrics["gate"]["decision"] in ("promoted", "refused")
     if not decision.promoted:

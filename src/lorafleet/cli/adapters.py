@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 from datetime import datetime
+from pathlib import Path
 from typing import Annotated, Any
 
 import typer
@@ -124,8 +125,6 @@ def create(
 
 def _create_generated(ref: str, profile: str, examples: str | None, generator: str | None, base: str | None,
                       parent: str | None, exist_ok: bool, as_json: bool) -> None:
-    from pathlib import Path  # noqa: PLC0415 - only this path reads a file
-
     from lorafleet.instant import InstantError, check_profile, create_from_profile, read_examples  # noqa: PLC0415 - defers torch
 
     if parent is not None or exist_ok:

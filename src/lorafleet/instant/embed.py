@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import torch
 
+from lorafleet.adapters import LoraHost
 from lorafleet.instant.errors import InstantError
 
 MAX_EXAMPLES = 8  # example conversations a profile may carry (the generator averages their embeddings)
@@ -52,8 +53,6 @@ def check_profile(profile: str, examples: list[dict] | None = None) -> tuple[str
 @torch.no_grad()
 def pool_texts(base, texts: list[str], batch: int = 16) -> torch.Tensor:
     """``(len(texts), 2 * hidden)``: mean-pooled middle + last hidden states of each text (the bare base)."""
-    from lorafleet.adapters import LoraHost  # noqa: PLC0415 - defers torch-heavy adapter imports to first use
-
     tok, model = base.tokenizer, base.model
     model.train(False)
     layers = model.config.num_hidden_layers
