@@ -105,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
         gen.generate(base, "always ends with the sign-off 'Best, Kim'")
     data = [p.data(args.n_train, args.n_eval) for p in held]
     generated, generated_ex, gen_seconds, gen_ex_seconds = [], [], [], []
-    for i, (p, (train, _)) in enumerate(zip(held, data)):
+    for i, (p, (train, _)) in enumerate(zip(held, data, strict=True)):
         r = create_from_profile(reg, base, f"bench/u{i}/style", p.describe(), creator="bench")
         gen_seconds.append(r.seconds)
         a, s = gen.generate(base, p.describe(), train[: args.k])
@@ -134,8 +134,8 @@ def main(argv: list[str] | None = None) -> int:
     conditions += [(f"generated + {n} steps", from_gen[n], False) for n in steps]
     conditions += [(f"from scratch, {n} steps", scratch[n], False) for n in steps]
     rows, adapters, owner = [], [], []
-    for c, (label, ads, in_ctx) in enumerate(conditions):
-        for i, (p, (train, evals)) in enumerate(zip(held, data)):
+    for c, (_, ads, in_ctx) in enumerate(conditions):
+        for i, (p, (train, evals)) in enumerate(zip(held, data, strict=True)):
             prompts = [r["messages"][0]["content"] for r in evals]
             msgs = condition_prompts("in_context" if in_ctx else "base", prompts, train, description=p.describe(),
                                      k=args.k)
@@ -150,7 +150,7 @@ def main(argv: list[str] | None = None) -> int:
     base_ppl = perplexities(base, [None])[0]
 
     table, results = [], {}
-    for c, (label, ads, in_ctx) in enumerate(conditions):
+    for c, (label, ads, _) in enumerate(conditions):
         strict, partial, toks = [], [], []
         for i, p in enumerate(held):
             idx = [k for k, o in enumerate(owner) if o[0] == c and o[1] == i]

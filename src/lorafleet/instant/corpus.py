@@ -118,7 +118,7 @@ def build_corpus(base, personas: Sequence[ComboPersona], cfg: CorpusConfig, cach
         datasets = [personas[i].train_dataset(cfg.n_train) for i in group]
         trained = train_many(base, [init] * len(group), datasets, cfg, steps=cfg.steps)[cfg.steps]
         feats = profile_features_many(base, [(personas[i].describe(), None) for i in group]
-                                      + [(personas[i].describe(), d[0][: cfg.k]) for i, d in zip(group, data)])
+                                      + [(personas[i].describe(), d[0][: cfg.k]) for i, d in zip(group, data, strict=True)])
         n = len(group)
         for j, i in enumerate(group):
             save_file({"theta": flatten(trained[j]).contiguous(), "features": torch.stack([feats[j], feats[n + j]])},
