@@ -4,6 +4,7 @@ import json
 import os
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -30,6 +31,7 @@ from lorafleet.instant import (
     read_examples,
     split_family,
 )
+from lorafleet.instant.corpus import cache_key
 from lorafleet.instant.embed import MAX_EXAMPLES, profile_features_many
 from lorafleet.instant.generator import INIT_SEED, Generator, flatten, layout_of
 from lorafleet.registry import NotFoundError, Registry
@@ -226,9 +228,11 @@ def test_corpus_is_trained_packed_and_cached_by_digest(tiny_base, tmp_path):
     assert torch.equal(first.features[1, -1:], torch.ones(1)) and first.features[0, -1] == 0  # with / without examples
     again = build_corpus(tiny_base, personas, cfg, tmp_path)
     assert again.cached == 3 and again.digest == first.digest and torch.equal(again.thetas, first.thetas)
-    other = build_corpus(tiny_base, personas[:1], cfg, tmp_path)
-    assert other.digest != first.digest
-    manifest = json.loads((tmp_path / first.digest / "manifest.json").read_text())
+    smaller = build_corpus(tiny_base, personas[:1], cfg, tmp_path)  # shares the cached persona
+    assert smaller.digest != first.digest and smaller.cached == 1
+    changed = build_corpus(tiny_base, personas[:1], replace(cfg, lr=1e-3), tmp_path)  # other settings: retrained
+    assert changed.cached == 0
+    manifest = json.loads((tmp_path / cache_key(tiny_base, cfg) / f"corpus-{first.digest[:16]}.json").read_text())
     assert manifest["base"] == tiny_base.fingerprint and len(manifest["personas"]) == 3
 
 

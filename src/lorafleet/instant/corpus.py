@@ -4,9 +4,9 @@ Each corpus persona of the family (:mod:`lorafleet.instant.family`) gets a rank-
 multi-user trainer (``pack`` users per optimizer step, all from the same init), and two feature rows: its
 description alone, and its description with its first ``k`` training examples (so the generator serves both
 kinds of profile). Every persona's result is written to ``<cache>/<corpus digest>/<persona>.safetensors`` as
-soon as its pack finishes: a rerun with the same settings reads them back (a build that was stopped resumes).
-The corpus digest covers the family, the personas, the adapter spec, the training config, the base
-fingerprint and the embedding version: change any of them and it is a different corpus.
+soon as its pack finishes (``<cache>`` keyed by the settings: the family, the adapter spec, the training
+config, the base fingerprint, the embedding version): a rerun reads them back, a stopped build resumes, and a
+larger corpus reuses a smaller one's personas. The corpus digest covers the settings and the persona list.
 """
 
 from __future__ import annotations
@@ -65,9 +65,20 @@ class Corpus:
         return self.features, self.thetas.repeat_interleave(2, dim=0)
 
 
+def _settings(base, cfg: CorpusConfig) -> dict:
+    return {"family": FAMILY, "config": cfg.to_dict(), "base": base.fingerprint, "embed": EMBED_VERSION,
+            "init_seed": INIT_SEED}
+
+
+def cache_key(base, cfg: CorpusConfig) -> str:
+    """The cache folder: everything but the persona list (a persona's file does not depend on the others, so
+    corpora of different sizes share their common personas)."""
+    return hashlib.sha256(json.dumps(_settings(base, cfg), sort_keys=True).encode()).hexdigest()
+
+
 def corpus_digest(base, personas: Sequence[ComboPersona], cfg: CorpusConfig) -> str:
-    key = {"family": FAMILY, "personas": [p.to_dict() for p in personas], "config": cfg.to_dict(),
-           "base": base.fingerprint, "embed": EMBED_VERSION, "init_seed": INIT_SEED}
+    """The corpus' identity (recorded as the generator's ``dataset_digest``): the settings and the personas."""
+    key = {**_settings(base, cfg), "personas": [p.to_dict() for p in personas]}
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
 
 
@@ -106,7 +117,7 @@ def build_corpus(base, personas: Sequence[ComboPersona], cfg: CorpusConfig, cach
                  say: Callable[[str], None] = lambda s: None) -> Corpus:
     """Train (or read back) every persona's adapter and embed its profiles; see the module docstring."""
     digest = corpus_digest(base, personas, cfg)
-    where = Path(cache_dir) / digest
+    where = Path(cache_dir) / cache_key(base, cfg)
     where.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     todo = [i for i, p in enumerate(personas) if not (where / f"{p.name}.safetensors").exists()]
@@ -129,7 +140,8 @@ def build_corpus(base, personas: Sequence[ComboPersona], cfg: CorpusConfig, cach
         t = load_file(str(where / f"{p.name}.safetensors"))
         thetas.append(t["theta"])
         features.append(t["features"])
-    (where / "manifest.json").write_text(json.dumps({"config": cfg.to_dict(), "base": base.fingerprint,
-                                                     "personas": [p.to_dict() for p in personas]}, indent=1))
+    (where / f"corpus-{digest[:16]}.json").write_text(json.dumps(
+        {"digest": digest, "config": cfg.to_dict(), "base": base.fingerprint,
+         "personas": [p.to_dict() for p in personas]}, indent=1))
     return Corpus(personas=list(personas), features=torch.cat(features), thetas=torch.stack(thetas),
                   layout=layout_of(init), digest=digest, seconds=time.perf_counter() - t0, cached=cached)
