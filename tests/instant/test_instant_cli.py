@@ -69,3 +69,18 @@ def test_bad_input_exits_2_and_commits_nothing(home, args, match):
     assert match in r.output
     r = runner.invoke(app, ["adapters", "show", "acme/bob/style"])
     assert r.exit_code != 0
+
+
+def test_build_generator_then_create(monkeypatch, tmp_path):
+    monkeypatch.setenv("LORAFLEET_BASE", "tiny")
+    monkeypatch.setenv("LORAFLEET_HOME", str(tmp_path / "home"))
+    r = runner.invoke(app, ["adapters", "build-generator", "--personas", "4", "--steps", "1", "--pack", "4",
+                            "--max-len", "192", "--json"])
+    assert r.exit_code == 0, r.output
+    rev = json.loads(r.output[r.output.index("{"):])
+    assert rev["address"] == "_instant/generators/tiny-llama-0#1" and rev["provenance"]["method"] == "instant-generator"
+    assert rev["provenance"]["hyperparams"]["personas"] == 4 and "live" in rev["aliases"]
+    r = runner.invoke(app, ["adapters", "create", "acme/zed/style", "--from-profile", "writes in all lowercase",
+                            "--json"])
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.output)["provenance"]["hyperparams"]["generator"] == "_instant/generators/tiny-llama-0#1"

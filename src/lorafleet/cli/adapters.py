@@ -148,6 +148,44 @@ def _create_generated(ref: str, profile: str, examples: str | None, generator: s
                         f"`lorafleet eval {rev.address}` / `lorafleet promote {rev.address}`")
 
 
+@app.command("build-generator")
+@handle_errors
+def build_generator_(
+    personas: Annotated[int, typer.Option("--personas", help="Corpus personas of the family (at most 685).")] = 200,
+    steps: Annotated[int, typer.Option("--steps", help="Training steps per corpus adapter.")] = 12,
+    pack: Annotated[int, typer.Option("--pack", help="Users per packed optimizer step.")] = 16,
+    max_len: Annotated[int, typer.Option("--max-len", help="Training tokens per row.")] = 80,
+    ref: Annotated[str | None, typer.Option("--ref", help="Where (default _instant/generators/<base>).")] = None,
+    base: Annotated[str | None, typer.Option("--base", help="The base (default $LORAFLEET_BASE).")] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Train the corpus (cached under $LORAFLEET_HOME/instant-corpus), fit the generator that --from-profile uses
+    and commit it as the next revision of its ref, live (docs/instant.md)."""
+    from lorafleet.instant import (  # noqa: PLC0415 - defers torch
+        DEFAULT_SPEC,
+        CorpusConfig,
+        build_corpus,
+        build_generator,
+        commit_generator,
+        default_generator_ref,
+        split_family,
+    )
+
+    loaded = _load_base(base)
+    corpus_personas, _ = split_family(personas, 0, seed=0)
+    cfg = CorpusConfig(spec=DEFAULT_SPEC, steps=steps, pack=pack, max_len=max_len, batch_size=1)
+    corpus = build_corpus(loaded, corpus_personas, cfg, settings().data_dir / "instant-corpus",
+                          say=lambda line: err_console.print(line))
+    gen = build_generator(loaded, corpus, cfg)
+    with _open() as reg:
+        rev = commit_generator(reg, gen, ref or default_generator_ref(loaded), creator=actor_name(None))
+    if as_json:
+        _echo_json(rev.to_dict())
+    else:
+        Console().print(f"generator [bold]{rev.address}[/bold] (live): {len(corpus_personas)} personas, corpus "
+                        f"{corpus.digest[:12]}…, {gen.components} components, {rev.size:,} bytes")
+
+
 @app.command("parent")
 @handle_errors
 def parent_(
