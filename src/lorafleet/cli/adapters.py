@@ -161,24 +161,17 @@ def build_generator_(
 ) -> None:
     """Train the corpus (cached under $LORAFLEET_HOME/instant-corpus), fit the generator that --from-profile uses
     and commit it as the next revision of its ref, live (docs/instant.md)."""
-    from lorafleet.instant import (  # noqa: PLC0415 - defers torch
-        DEFAULT_SPEC,
-        CorpusConfig,
-        build_corpus,
-        build_generator,
-        commit_generator,
-        default_generator_ref,
-        split_family,
-    )
+    from lorafleet import instant  # noqa: PLC0415 - defers torch
 
     loaded = _load_base(base)
-    corpus_personas, _ = split_family(personas, 0, seed=0)
-    cfg = CorpusConfig(spec=DEFAULT_SPEC, steps=steps, pack=pack, max_len=max_len, batch_size=1)
-    corpus = build_corpus(loaded, corpus_personas, cfg, settings().data_dir / "instant-corpus",
+    corpus_personas, _ = instant.split_family(personas, 0, seed=0)
+    cfg = instant.CorpusConfig(spec=instant.DEFAULT_SPEC, steps=steps, pack=pack, max_len=max_len, batch_size=1)
+    corpus = instant.build_corpus(loaded, corpus_personas, cfg, settings().data_dir / "instant-corpus",
                           say=lambda line: err_console.print(line))
-    gen = build_generator(loaded, corpus, cfg)
+    gen = instant.build_generator(loaded, corpus, cfg)
     with _open() as reg:
-        rev = commit_generator(reg, gen, ref or default_generator_ref(loaded), creator=actor_name(None))
+        rev = instant.commit_generator(reg, gen, ref or instant.default_generator_ref(loaded),
+                                       creator=actor_name(None))
     if as_json:
         _echo_json(rev.to_dict())
     else:
