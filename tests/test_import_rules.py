@@ -31,12 +31,13 @@ MAY_IMPORT: dict[str, set[str]] = {
     "training": {"adapters", "base", "registry"},  # the trainer, the job queue and its worker
     "evaluation": {"adapters", "base", "registry", "serving", "training"},  # metrics, personas, the gate
     "continual": {"adapters", "base", "registry", "serving", "training", "evaluation"},  # train → evaluate → gate
-    "api": {"adapters", "base", "registry", "serving", "training", "evaluation", "continual"},  # HTTP
+    "instant": {"adapters", "base", "registry", "serving", "training", "evaluation"},  # generated adapters
+    "api": {"adapters", "base", "registry", "serving", "training", "evaluation", "continual", "instant"},  # HTTP
     "cluster": {"adapters", "base", "registry", "serving", "training", "api"},  # Ray Serve replicas
     "bench": {"adapters", "base", "registry", "serving", "training", "evaluation"},  # the scale experiments
     "testing": {"adapters", "base", "registry", "serving", "api"},  # harnesses for tests and benchmarks
     "cli": {"adapters", "base", "registry", "serving", "training", "evaluation", "continual", "api", "cluster",
-            "bench"},  # every command; nothing imports it
+            "bench", "instant"},  # every command; nothing imports it
 }
 ROOMS = set(MAY_IMPORT)
 

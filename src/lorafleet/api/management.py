@@ -14,6 +14,7 @@ from pydantic import BaseModel, Field
 from lorafleet.api.auth import admin_key
 from lorafleet.api.errors import ApiError
 from lorafleet.api.keys import ApiKey
+from lorafleet.instant import InstantError, create_from_profile
 from lorafleet.training.data import dataset_from_records
 
 router = APIRouter(prefix="/v1", tags=["management"])
@@ -30,6 +31,11 @@ class AdapterCreate(BaseModel):
     description: str = Field("", max_length=2000)
     parent: str | None = Field(None, min_length=5, max_length=191,
                                description="stack it on this adapter of the same tenant (tenant/user/adapter)")
+    from_profile: str | None = Field(None, max_length=2000, description="generate revision #1 from this profile")
+    examples: list[dict] | None = Field(None, max_length=64, description="with from_profile: example conversations "
+                                        "({'messages': [...]}, at most 8)")
+    generator: str | None = Field(None, min_length=5, max_length=200, description="with from_profile: the generator "
+                                  "revision (default _instant/generators/<base>)")
 
 
 class ParentSet(BaseModel):
@@ -72,6 +78,16 @@ def _ref(tenant: str, user: str, name: str) -> str:
 
 @router.post("/adapters", status_code=201, summary="Create an adapter identity")
 def create_adapter(body: AdapterCreate, request: Request, key: Admin) -> dict:
+    if body.from_profile is not None:  # a generated first revision (docs/instant.md)
+        if body.parent is not None:
+            raise InstantError("from_profile makes a new adapter's first revision: it takes no parent")
+        svc = _svc(request)
+        out = create_from_profile(svc.registry, svc.base, body.ref, body.from_profile, body.examples,
+                                  generator=body.generator, creator=f"key:{key.id}")
+        return {**svc.registry.get_adapter(body.ref).to_dict(), "revision": out.revision.to_dict(),
+                "generation_seconds": out.seconds, "generator": out.generator}
+    if body.examples is not None or body.generator is not None:
+        raise InstantError("examples and generator go with from_profile")
     return _svc(request).registry.create_adapter(body.ref, creator=f"key:{key.id}", description=body.description,
                                                  parent=body.parent).to_dict()
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 from datetime import datetime
+from pathlib import Path
 from typing import Annotated, Any
 
 import typer
@@ -95,9 +96,23 @@ def create(
     exist_ok: Annotated[bool, typer.Option("--exist-ok", help="Succeed if it already exists.")] = False,
     parent: Annotated[str | None, typer.Option(
         "--parent", help="Stack it on this adapter of the same tenant (e.g. acme/_org/support).")] = None,
+    from_profile: Annotated[str | None, typer.Option(
+        "--from-profile", help="Generate revision #1 from this description of the user (docs/instant.md).")] = None,
+    examples: Annotated[str | None, typer.Option(
+        "--examples", help="With --from-profile: a JSONL file of up to 8 example conversations.")] = None,
+    generator: Annotated[str | None, typer.Option(
+        "--generator", help="With --from-profile: the generator revision (default _instant/generators/<base>).")] = None,
+    base: Annotated[str | None, typer.Option("--base", help="With --from-profile: the base (default $LORAFLEET_BASE).")] = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """Create an adapter identity (no revisions yet), optionally stacked on a parent adapter."""
+    """Create an adapter identity (no revisions yet), optionally stacked on a parent adapter; or, with
+    --from-profile, generate its first revision from a profile (a candidate, evaluated and gated like any other)."""
+    if from_profile is not None:
+        _create_generated(ref, from_profile, examples, generator, base, parent, exist_ok, as_json)
+        return
+    if examples is not None or generator is not None:
+        typer.echo("error: --examples and --generator go with --from-profile", err=True)
+        raise typer.Exit(2)
     with _open() as reg:
         info = reg.create_adapter(ref, creator=actor_name(None), description=description, exist_ok=exist_ok,
                                   parent=parent)
@@ -106,6 +121,62 @@ def create(
     else:
         on = f" on top of [bold]{info.parent}[/bold]" if info.parent else ""
         Console().print(f"created [bold]{info.ref}[/bold]{on}")
+
+
+def _create_generated(ref: str, profile: str, examples: str | None, generator: str | None, base: str | None,
+                      parent: str | None, exist_ok: bool, as_json: bool) -> None:
+    from lorafleet.instant import InstantError, check_profile, create_from_profile, read_examples  # noqa: PLC0415 - defers torch
+
+    if parent is not None or exist_ok:
+        raise InstantError("--from-profile makes a new adapter's first revision: it takes no --parent / --exist-ok")
+    records = None
+    if examples is not None:
+        try:
+            records = read_examples(Path(examples).read_text(encoding="utf-8"))
+        except OSError as exc:
+            raise InstantError(f"cannot read --examples {examples!r}: {exc.strerror or exc}") from None
+    check_profile(profile, records)  # bad input fails before the base loads
+    loaded = _load_base(base)
+    with _open() as reg:
+        out = create_from_profile(reg, loaded, ref, profile, records, generator=generator, creator=actor_name(None))
+    rev = out.revision
+    if as_json:
+        _echo_json({**rev.to_dict(), "generation_seconds": out.seconds, "generator": out.generator})
+    else:
+        Console().print(f"generated [bold]{rev.address}[/bold] in {out.seconds:.2f}s from {out.generator} "
+                        f"({rev.size:,} bytes, aliases {', '.join(rev.aliases)}); evaluate and gate it with "
+                        f"`lorafleet eval {rev.address}` / `lorafleet promote {rev.address}`")
+
+
+@app.command("build-generator")
+@handle_errors
+def build_generator_(
+    personas: Annotated[int, typer.Option("--personas", help="Corpus personas of the family (at most 685).")] = 200,
+    steps: Annotated[int, typer.Option("--steps", help="Training steps per corpus adapter.")] = 12,
+    pack: Annotated[int, typer.Option("--pack", help="Users per packed optimizer step.")] = 16,
+    max_len: Annotated[int, typer.Option("--max-len", help="Training tokens per row.")] = 80,
+    ref: Annotated[str | None, typer.Option("--ref", help="Where (default _instant/generators/<base>).")] = None,
+    base: Annotated[str | None, typer.Option("--base", help="The base (default $LORAFLEET_BASE).")] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Train the corpus (cached under $LORAFLEET_HOME/instant-corpus), fit the generator that --from-profile uses
+    and commit it as the next revision of its ref, live (docs/instant.md)."""
+    from lorafleet import instant  # noqa: PLC0415 - defers torch
+
+    loaded = _load_base(base)
+    corpus_personas, _ = instant.split_family(personas, 0, seed=0)
+    cfg = instant.CorpusConfig(spec=instant.DEFAULT_SPEC, steps=steps, pack=pack, max_len=max_len, batch_size=1)
+    corpus = instant.build_corpus(loaded, corpus_personas, cfg, settings().data_dir / "instant-corpus",
+                          say=lambda line: err_console.print(line))
+    gen = instant.build_generator(loaded, corpus, cfg)
+    with _open() as reg:
+        rev = instant.commit_generator(reg, gen, ref or instant.default_generator_ref(loaded),
+                                       creator=actor_name(None))
+    if as_json:
+        _echo_json(rev.to_dict())
+    else:
+        Console().print(f"generator [bold]{rev.address}[/bold] (live): {len(corpus_personas)} personas, corpus "
+                        f"{corpus.digest[:12]}…, {gen.components} components, {rev.size:,} bytes")
 
 
 @app.command("parent")
