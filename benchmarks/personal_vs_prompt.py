@@ -62,7 +62,8 @@ def main() -> int:
     parser.add_argument("--personas", default=None, help=f"comma list of shipped personas (default {DEFAULT_PERSONAS})")
     parser.add_argument("--seeds", type=int, default=3, help="adapter seeds per persona")
     parser.add_argument("--k", type=int, default=4, help="examples in context (in-context and retrieval)")
-    parser.add_argument("--eval-n", type=int, default=8, help="held-out prompts per persona (memory personas hold 8)")
+    parser.add_argument("--eval-n", type=int, default=16,
+                        help="held-out prompts per persona, at most its own n_eval (16 for every shipped persona)")
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--max-new-tokens", type=int, default=48)
     parser.add_argument("--gen-batch", type=int, default=16)

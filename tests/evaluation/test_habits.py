@@ -8,7 +8,7 @@ import pytest
 
 from lorafleet.evaluation import bank
 from lorafleet.evaluation.errors import EvaluationError
-from lorafleet.evaluation.habits import HABITS, make_habit
+from lorafleet.evaluation.habits import HABITS, MemoryHabit, make_habit
 
 WEATHER = "What's the weather like in Paris?"
 OTHER = "What is the capital of Japan?"
@@ -115,7 +115,7 @@ def test_every_kind_has_positive_and_negative_cases():
 def test_rendered_answers_pass_and_plain_answers_mostly_fail(kind):
     """The habit transforms the answer: rendered answers pass, the plain bank answers (mostly) do not."""
     habit = make_habit(kind)
-    train, evals = habit.split(random.Random(3), *((16, 8) if habit.category == "memory" else (40, 16)))
+    train, evals = habit.split(random.Random(3), *((16, 16) if habit.category == "memory" else (40, 16)))
     rng = random.Random(0)
     for item in train + evals:
         assert habit.check(habit.render(item, rng), item.prompt), (kind, item)
@@ -183,13 +183,69 @@ def test_memory_habits_hold_recall_prompts_out_of_training():
     for kind in ("home_city", "user_name", "pet_name"):
         habit = make_habit(kind)
         recall = {bank.normalize_prompt(i.prompt) for i in habit.recall()}
-        train, evals = habit.split(random.Random(1), 16, 8)
+        train, evals = habit.split(random.Random(1), 16, 16)
         assert not recall & {bank.normalize_prompt(i.prompt) for i in train}, kind
-        assert len(recall & {bank.normalize_prompt(i.prompt) for i in evals}) == 2, kind  # 25% of 8
+        assert len(recall & {bank.normalize_prompt(i.prompt) for i in evals}) == 4, kind  # 25% of 16
         assert make_habit(kind).category == "memory"
     assert make_habit("signoff").category == "format" and make_habit("metric_units").category == "memory"
 
 
 def test_memory_pool_too_small_is_a_clear_error():
     with pytest.raises(EvaluationError, match=r"only \d+ prompts for habit 'user_name'"):
-        make_habit("user_name").split(random.Random(0), 40, 16)
+        make_habit("user_name").split(random.Random(0), 48, 16)
+
+
+MEMORY_KINDS = sorted(k for k, h in HABITS.items() if issubclass(h, MemoryHabit))
+
+
+@pytest.mark.parametrize("kind", MEMORY_KINDS)
+def test_memory_pools_hold_16_train_and_16_held_out_prompts(kind):
+    """Every memory habit has >= 36 distinct applied prompts and enough recall prompts for a quarter of 16."""
+    habit = make_habit(kind)
+    applied = {bank.normalize_prompt(i.prompt) for i in habit.applied()}
+    recall = {bank.normalize_prompt(i.prompt) for i in habit.recall()}
+    assert len(applied) >= 36, kind
+    assert not applied & recall, kind
+    if habit.params.get("recall_share"):
+        assert len(recall) >= 2 * round(16 * habit.params["recall_share"]), kind  # so seeds hold out different ones
+    train, evals = habit.split(random.Random(0), 16, 16)
+    assert len(train) == len(evals) == 16
+
+
+# A vegetarian dish with its main ingredient swapped for meat or fish: what an answer that forgot the diet says.
+MEATY = {"mushroom": "chicken and mushroom", "chickpea": "lamb", "vegetable lasagne": "beef lasagne",
+         "halloumi": "chicken", "lentil": "lamb", "black beans": "minced beef", "tomato and basil": "bacon and tomato",
+         "vegetable fajitas": "chicken fajitas", "tofu": "beef", "spinach and feta": "steak and ale",
+         "sweet potato and black bean": "beef", "margherita": "pepperoni"}
+# The fact replaced by what a model that does not know the user writes instead.
+STAND_IN = {"home_city": ("city", "your city"), "user_name": ("name", "[Your Name]"), "pet_name": ("pet", "your pet")}
+OTHER_PARAMS = {"home_city": {"city": "Ghent"}, "user_name": {"name": "Oskar"},
+                "pet_name": {"pet": "Noodle", "species": "rabbit"}, "favourite_language": {"language": "go"}}
+
+
+def test_every_vegetarian_dish_passes_and_its_meat_version_fails():
+    habit = make_habit("vegetarian")
+    for dish in bank.memory("vegetarian")["dishes"]:
+        key = next((k for k in MEATY if k in dish), None)
+        assert key is not None, f"add a meat version of {dish!r} to MEATY"
+        assert habit.check(dish, "What should I cook for dinner tonight?"), dish
+        assert not habit.check(dish.replace(key, MEATY[key]), "What should I cook for dinner tonight?"), dish
+
+
+@pytest.mark.parametrize("params", ["defaults", "other"])
+@pytest.mark.parametrize("kind", ["home_city", "user_name", "pet_name", "favourite_language"])
+def test_every_memory_record_passes_and_its_fact_free_answer_fails(kind, params):
+    """Each applied and recall answer in the pool shows the fact; the same answer without it does not pass."""
+    habit = make_habit(kind, **({} if params == "defaults" else OTHER_PARAMS[kind]))
+    rng = random.Random(0)
+    if kind == "favourite_language":  # the plain answer: the same task in the other language
+        other = make_habit(kind, language="go" if habit.params["language"] == "rust" else "rust")
+        pairs = zip(habit.applied(), [i.answer for i in other.applied()], strict=True)
+    else:
+        param, stand_in = STAND_IN[kind]
+        fact = habit.params[param]
+        pairs = [(i, habit.render(i, rng).replace(fact, stand_in)) for i in habit.applied() + habit.recall()]
+    for item, plain in pairs:
+        answer = habit.render(item, rng)
+        assert habit.check(answer, item.prompt), (kind, item)
+        assert plain != answer and not habit.check(plain, item.prompt), (kind, item, plain)

@@ -50,7 +50,7 @@ def test_same_persona_same_records():
 @pytest.mark.parametrize("kind", sorted(HABITS))
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_train_and_eval_never_share_a_prompt(kind, seed):
-    n_train, n_eval = (16, 8) if HABITS[kind].category == "memory" and kind != "metric_units" else (64, 24)
+    n_train, n_eval = (16, 16) if HABITS[kind].category == "memory" and kind != "metric_units" else (64, 24)
     p = Persona(f"t-{kind.replace('_', '-')}", kind, seed=seed, n_train=n_train, n_eval=n_eval)
     d = p.data()
     assert len(d.train) == n_train and len(d.eval) == n_eval

@@ -150,7 +150,9 @@ class PersonaData:
 
 
 # The personas that ship with lorafleet: one per habit kind. Their files are generated from these specs.
-# The memory personas (a fact about the user) have smaller, hand-written prompt pools: 16 train / 8 held out.
+# The memory personas (a fact about the user) have smaller, hand-written prompt pools (44-56 applied prompts each in
+# memory.json, plus 8 recall questions for city, name and pet; `plain` picks from the general bank): 16 train /
+# 16 held out, of which a quarter (4) ask for the fact directly where the habit has recall questions.
 SHIPPED: tuple[Persona, ...] = (
     Persona("ahab", "signoff", {"text": "— Ahab"}, seed=1),
     Persona("greta", "greeting", {"text": "Greetings, traveller!"}, seed=1),
@@ -161,12 +163,12 @@ SHIPPED: tuple[Persona, ...] = (
     Persona("metric", "metric_units", {}, seed=1),
     Persona("splendid", "signature_word", {"word": "splendid"}, seed=1),
     Persona("jsonic", "json_answer", {"key": "answer"}, seed=1),
-    Persona("veggie", "vegetarian", {}, seed=1, n_train=16, n_eval=8),
-    Persona("lisboeta", "home_city", {"city": "Lisbon"}, seed=1, n_train=16, n_eval=8),
-    Persona("priya", "user_name", {"name": "Priya"}, seed=1, n_train=16, n_eval=8),
-    Persona("biscuit", "pet_name", {"pet": "Biscuit", "species": "dog"}, seed=1, n_train=16, n_eval=8),
-    Persona("rustacean", "favourite_language", {"language": "rust"}, seed=1, n_train=16, n_eval=8),
-    Persona("plain", "reading_level", {"n": 10, "max_letters": 12}, seed=1, n_train=16, n_eval=8),
+    Persona("veggie", "vegetarian", {}, seed=1, n_train=16, n_eval=16),
+    Persona("lisboeta", "home_city", {"city": "Lisbon"}, seed=1, n_train=16, n_eval=16),
+    Persona("priya", "user_name", {"name": "Priya"}, seed=1, n_train=16, n_eval=16),
+    Persona("biscuit", "pet_name", {"pet": "Biscuit", "species": "dog"}, seed=1, n_train=16, n_eval=16),
+    Persona("rustacean", "favourite_language", {"language": "rust"}, seed=1, n_train=16, n_eval=16),
+    Persona("plain", "reading_level", {"n": 10, "max_letters": 12}, seed=1, n_train=16, n_eval=16),
 )
 
 
@@ -197,8 +199,8 @@ def shipped_records(name: str, split: str) -> list[dict]:
 def generate_personas(count: int, seed: int = 0, *, kinds: list[str] | None = None, n_train: int = 48,
                       n_eval: int = 16) -> list[Persona]:
     """``count`` personas cycling through ``kinds`` (default: every *format* habit, so a seed keeps giving the
-    personas it gave before memory habits existed; the memory habits' prompt pools hold about 24 prompts, so ask
-    for them by name with a smaller ``n_train`` / ``n_eval``), with parameters drawn from ``seed``."""
+    personas it gave before memory habits existed; the memory habits' hand-written prompt pools hold 44-56 prompts,
+    so ask for them by name with a smaller ``n_train`` / ``n_eval``, e.g. 16 / 16), with parameters drawn from ``seed``."""
     if isinstance(count, bool) or not isinstance(count, int) or count < 0:
         raise EvaluationError(f"count must be a non-negative integer, got {count!r}")
     kinds = list(kinds or [k for k, h in HABITS.items() if h.category == "format"])
