@@ -149,7 +149,9 @@ def test_padded_and_gather_agree(idx, T):
     idx = torch.tensor(idx)
     x = torch.randn(idx.shape[0], T, A.shape[2])
     plan = _Plan(idx, A.shape[0])
-    assert (plan.used is None) == (3 * idx.unique().numel() >= A.shape[0])
+    u = idx.unique().numel()
+    # one adapter: a view of its slot; many: the whole table; few of many: those slots copied once
+    assert (isinstance(plan.pick, slice), plan.pick is None) == (u == 1, u > 1 and 3 * u >= A.shape[0])
     torch.testing.assert_close(_padded_bmm(x, A, B, scaling, plan), _gather_bmm(x, A, B, scaling, idx),
                                atol=1e-5, rtol=1e-5)
 
@@ -167,3 +169,29 @@ def test_one_plan_serves_every_projection_of_a_routing():
         got = lora_delta(x, A, B, scaling, slots, plans=plans)
         torch.testing.assert_close(got, lora_delta_reference(x, A, B, scaling, slots), atol=1e-5, rtol=1e-5)
     assert len(plans) == 2  # one per level, computed once
+
+
+@pytest.mark.parametrize("slots", [
+    [[1]] * 6,  # one adapter for every row: the identity placement, weights as a view
+    [[0], [1], [2], [3], [4], [0], [1], [2], [3], [4]],  # every slot twice, unsorted: one gather, no padding
+    [[3], [0], [3], [-1], [0], [0]],  # some base rows: index_add into the base output
+    [[2, 4], [0, -1], [-1, 3], [2, 2], [-1, -1]],  # stacks (two levels)
+])
+@pytest.mark.parametrize("T", [1, 2])
+@pytest.mark.parametrize("uniform", [True, False])
+def test_lora_add_equals_base_plus_reference(slots, T, uniform):
+    """lora_add (the serving path: the shared scaling folded into one add per level) equals y + the reference, and
+    leaves y itself unchanged; for one-token rows and for compact prompts, uniform and mixed scalings."""
+    from lorafleet.adapters.operator import lora_add  # noqa: PLC0415 - the serving entry under test
+
+    A, B, scaling = _random_tables()
+    if uniform:
+        scaling = torch.full_like(scaling, 2.0)
+    slots = torch.tensor(slots)
+    x = torch.randn(slots.shape[0], T, A.shape[2])
+    y = torch.randn(slots.shape[0], T, B.shape[1])
+    before = y.clone()
+    with torch.no_grad():
+        got = lora_add(y, x, A, B, scaling, slots, plans={})
+    torch.testing.assert_close(got, y + lora_delta_reference(x, A, B, scaling, slots), atol=1e-5, rtol=1e-5)
+    assert torch.equal(y, before)

@@ -467,6 +467,9 @@ def test_save_weights_external_is_a_peft_folder_downloadable_by_signed_urls(serv
     with pytest.raises(urllib.error.HTTPError) as e:
         urllib.request.urlopen(forged, timeout=30)
     assert e.value.code == 404
+    with pytest.raises(urllib.error.HTTPError) as e:  # a non-ASCII token (found by schemathesis): 404, not 500
+        urllib.request.urlopen(url.rsplit("/", 1)[0] + "/.%C2%80", timeout=30)
+    assert e.value.code == 404
     other = tinker.RestClient(base_url=server.url, api_key="tml-" + server.keys["globex"])
     with pytest.raises(Exception, match="does not exist"):
         other.get_external_weights_urls(path).result()

@@ -99,41 +99,102 @@ def _segmented(x: Tensor, A: Tensor, B: Tensor, scale: Tensor, idx: Tensor) -> T
 
 
 class _Plan:
-    """How one level's rows map onto padded per-slot groups for :func:`_padded_bmm` (computed once per forward
-    and shared by every projection: it depends on the slots alone)."""
+    """How one level's rows map onto padded per-slot groups for :func:`_padded` (computed once per routing and
+    shared by every projection: it depends on the slots alone).
 
-    def __init__(self, idx: Tensor, num_slots: int) -> None:
+    ``rows``: the rows with an adapter at this level (None: all); ``pick``: which slots' weights the groups read
+    (None: the whole table, a slice: one adapter as a view, a tensor: the few used of many, copied once);
+    ``dest``: row -> padded position; ``src``: padded position -> row where the groups need no padding (then the
+    placement is one gather, and nothing at all when it is the identity, e.g. every row on one adapter)."""
+
+    def __init__(self, level_slots: Tensor, num_slots: int) -> None:
+        valid = level_slots >= 0
+        n_valid = int(valid.sum())
+        self.empty = n_valid == 0
+        if self.empty:
+            return
+        if n_valid == level_slots.numel():  # every row has an adapter: no gather of x needed
+            self.rows, idx = None, level_slots
+        else:
+            self.rows = valid.nonzero(as_tuple=True)[0]
+            idx = level_slots.index_select(0, self.rows)
+        self.idx = idx
+        n = idx.numel()
         used, inverse = torch.unique(idx, return_inverse=True)  # (u,), (n,)
+        self.used = used
         u = used.numel()
-        if u == num_slots or 3 * u >= num_slots:  # read the whole table once: no copy of any adapter's weights
-            group, self.used = idx, None
-            self.groups = num_slots
+        if u == 1:  # one adapter for every row: its weights as a view, one group
+            s = int(used[0])
+            self.pick, group, self.groups = slice(s, s + 1), torch.zeros_like(idx), 1
+        elif 3 * u >= num_slots:  # read the whole table once: no copy of any adapter's weights
+            self.pick, group, self.groups = None, idx, num_slots
         else:  # few of many slots: copy those adapters once, then read them once
-            group, self.used = inverse, used
-            self.groups = u
+            self.pick, group, self.groups = used, inverse, u
         counts = torch.bincount(group, minlength=self.groups)
         self.width = int(counts.max())
         order = torch.argsort(group, stable=True)
         starts = torch.cumsum(counts, 0) - counts  # (groups,) first sorted position of each group
         within = torch.empty_like(order)
-        within[order] = torch.arange(order.numel(), device=idx.device) - starts.index_select(0, group.index_select(0, order))
+        within[order] = torch.arange(n, device=idx.device) - starts.index_select(0, group.index_select(0, order))
         self.dest = group * self.width + within  # (n,) row -> padded position
+        padded = self.groups * self.width
         # padding costs groups * width rows of work for n real ones: fine for one-token rows, bounded for prompts
-        self.compact = self.groups * self.width <= 2 * idx.numel()
+        self.compact = padded <= 2 * n
+        self.src = torch.argsort(self.dest) if padded == n else None  # a permutation: padded position -> row
+        self.identity = self.src is not None and bool((self.dest == torch.arange(n, device=idx.device)).all())
+        self._scale_of = None  # (scaling tensor, its uniform value over the used slots or None), cached
+
+    def uniform_scale(self, scaling: Tensor) -> float | None:
+        """The one scaling every used slot shares (then it is folded into the final add), else None."""
+        if self._scale_of is None or self._scale_of[0] is not scaling:
+            values = scaling.index_select(0, self.used).unique()
+            self._scale_of = (scaling, float(values[0]) if values.numel() == 1 else None)
+        return self._scale_of[1]
+
+
+def _padded(x: Tensor, A: Tensor, B: Tensor, scale: Tensor, plan: _Plan) -> tuple[Tensor, float]:
+    """Rows ``x: (n, T, in)`` (the plan's rows) placed into padded per-slot groups ``(G, width, in)``; each slot's
+    ``A``/``B`` is read once by two ``bmm``. Returns ``(part, alpha)``: the delta is ``alpha * part`` (the slots'
+    shared scaling is left to the caller's add; mixed scalings are applied per group and ``alpha`` is 1)."""
+    n, t, d_in = x.shape
+    alpha = plan.uniform_scale(scale)
+    if plan.pick is not None:
+        A, B, scale = A[plan.pick], B[plan.pick], scale[plan.pick]
+    g, w, d_out = plan.groups, plan.width, B.shape[1]
+    if plan.identity:
+        xp = x.reshape(g, w * t, d_in)
+    elif plan.src is not None:
+        xp = x.reshape(n, t * d_in).index_select(0, plan.src).view(g, w * t, d_in)
+    else:
+        xp = x.new_zeros(g * w, t * d_in).index_copy_(0, plan.dest, x.reshape(n, t * d_in)).view(g, w * t, d_in)
+    h = torch.bmm(xp, A.transpose(1, 2))  # (G, w*T, r)
+    if alpha is None:
+        h = h * scale[:, None, None]
+    out = torch.bmm(h, B.transpose(1, 2))  # (G, w*T, out)
+    if not plan.identity:
+        out = out.view(g * w, t * d_out).index_select(0, plan.dest)
+    return out.view(n, t, d_out), (1.0 if alpha is None else alpha)
 
 
 def _padded_bmm(x: Tensor, A: Tensor, B: Tensor, scale: Tensor, plan: _Plan) -> Tensor:
-    """Same result as :func:`_gather_bmm`, without a per-row copy of the weights: rows are placed into padded
-    per-slot groups ``(G, width, in)`` and each slot's ``A``/``B`` is read once by two ``bmm``. For decode steps of
-    many rows over many adapters this reads each adapter once per step instead of copying it once per row."""
-    n, t, d_in = x.shape
-    if plan.used is not None:
-        A, B, scale = A.index_select(0, plan.used), B.index_select(0, plan.used), scale.index_select(0, plan.used)
-    g, w = plan.groups, plan.width
-    xp = x.new_zeros(g * w, t * d_in).index_copy_(0, plan.dest, x.reshape(n, t * d_in))
-    h = torch.bmm(xp.view(g, w * t, d_in), A.transpose(1, 2)) * scale[:, None, None]  # (G, w*T, r)
-    out = torch.bmm(h, B.transpose(1, 2))  # (G, w*T, out)
-    return out.view(g * w, t * B.shape[1]).index_select(0, plan.dest).view(n, t, B.shape[1])
+    """Same result as :func:`_gather_bmm`, without a per-row copy of the weights (see :func:`_padded`): for decode
+    steps of many rows over many adapters this reads each adapter once per step instead of once per row."""
+    part, alpha = _padded(x, A, B, scale, plan)
+    return part if alpha == 1.0 else part * alpha
+
+
+def _is_inference(x: Tensor, A: Tensor, B: Tensor, dropout: Tensor | None) -> bool:
+    return dropout is None and not (torch.is_grad_enabled() and (x.requires_grad or A.requires_grad or B.requires_grad))
+
+
+def _plan_for(plans: dict | None, slots: Tensor, level: int, num_slots: int) -> _Plan:
+    key = (level, num_slots)
+    plan = None if plans is None else plans.get(key)
+    if plan is None:
+        plan = _Plan(slots[:, level], num_slots)
+        if plans is not None:
+            plans[key] = plan
+    return plan
 
 
 def lora_delta(
@@ -148,39 +209,34 @@ def lora_delta(
     """The operator's fast path. Shapes as in the module docstring; returns ``delta: (Bsz, T, out)``.
 
     Only rows with an adapter are computed. Inference (no grad) places rows into padded per-slot groups and runs
-    two ``bmm`` that read each adapter once (:func:`_padded_bmm`) — always for decode (``T == 1``), for prompts when
+    two ``bmm`` that read each adapter once (:func:`_padded`) — always for decode (``T == 1``), for prompts when
     the padding at most doubles the rows; otherwise (training, skewed prompts) ``T > 1`` runs one matmul pair per
-    adapter over all its rows' tokens and decode with gradients gathers per-row weights. ``dropout: (S,)`` per-slot probabilities (training only). ``plans``: a dict the caller keeps for
-    one routing (the same slots) so the row placement is computed once for all projections.
-    Differentiable w.r.t. ``x``, ``A`` and ``B``.
+    adapter over all its rows' tokens and decode with gradients gathers per-row weights. ``dropout: (S,)``
+    per-slot probabilities (training only). ``plans``: a dict the caller keeps for one routing (the same slots) so
+    the row placement is computed once for all projections. Differentiable w.r.t. ``x``, ``A`` and ``B``.
     """
     if triton_lora.wants_triton(x, A, B, dropout):  # CUDA inference: the Triton kernels (docs/operator.md)
         return triton_lora.lora_delta_triton(x, A, B, scaling, slots)
     slots = _as_levels(slots)
-    inference = dropout is None and not (torch.is_grad_enabled() and
-                                         (x.requires_grad or A.requires_grad or B.requires_grad))
+    inference = _is_inference(x, A, B, dropout)
     delta: Tensor | None = None
     for level in range(slots.shape[1]):
-        s = slots[:, level]
-        valid = s >= 0
-        n_valid = int(valid.sum())
-        if n_valid == 0:
-            continue
-        if n_valid == s.numel():  # every row has an adapter: no gather of x needed
-            rows, idx, xs = None, s, x
+        if inference:
+            plan = _plan_for(plans, slots, level, A.shape[0])
+            if plan.empty:
+                continue
+            rows, idx = plan.rows, plan.idx
         else:
-            rows = valid.nonzero(as_tuple=True)[0]
-            idx, xs = s.index_select(0, rows), x.index_select(0, rows)  # (n,), (n, T, in)
+            plan, s = None, slots[:, level]
+            valid = s >= 0
+            n_valid = int(valid.sum())
+            if n_valid == 0:
+                continue
+            rows = None if n_valid == s.numel() else valid.nonzero(as_tuple=True)[0]
+            idx = s if rows is None else s.index_select(0, rows)
+        xs = x if rows is None else x.index_select(0, rows)  # (n, T, in)
         if dropout is not None:
             xs = _row_dropout(xs, dropout.index_select(0, idx))
-        plan = None
-        if inference:
-            key = (level, A.shape[0])
-            plan = None if plans is None else plans.get(key)
-            if plan is None:
-                plan = _Plan(idx, A.shape[0])
-                if plans is not None:
-                    plans[key] = plan
         if plan is not None and (x.shape[1] == 1 or plan.compact):
             part = _padded_bmm(xs, A, B, scaling, plan)
         elif x.shape[1] >= GROUPED_MIN_TOKENS:
@@ -193,6 +249,36 @@ def lora_delta(
     if delta is None:
         return x.new_zeros(x.shape[0], x.shape[1], B.shape[1])
     return delta
+
+
+def lora_add(
+    y: Tensor,
+    x: Tensor,
+    A: Tensor,
+    B: Tensor,
+    scaling: Tensor,
+    slots: Tensor,
+    dropout: Tensor | None = None,
+    plans: dict | None = None,
+) -> Tensor:
+    """``y + lora_delta(x, ...)`` with ``y: (Bsz, T, out)`` the base output; a new tensor, ``y`` is not modified.
+
+    For inference on the padded path (decode, compact prompts) each level's part is added in one op with the slots'
+    shared scaling folded into that add (``index_add`` for a level where only some rows have an adapter): a decode
+    step then costs two ``bmm`` and one add per projection where every row has an adapter."""
+    slots = _as_levels(slots)
+    if triton_lora.wants_triton(x, A, B, dropout) or not _is_inference(x, A, B, dropout):
+        return y + lora_delta(x, A, B, scaling, slots, dropout, plans).to(y.dtype)
+    levels = [_plan_for(plans, slots, level, A.shape[0]) for level in range(slots.shape[1])]
+    if not all(p.empty or x.shape[1] == 1 or p.compact for p in levels):
+        return y + lora_delta(x, A, B, scaling, slots, dropout, plans).to(y.dtype)
+    for plan in levels:
+        if plan.empty:
+            continue
+        part, alpha = _padded(x if plan.rows is None else x.index_select(0, plan.rows), A, B, scaling, plan)
+        part = part.to(y.dtype)
+        y = torch.add(y, part, alpha=alpha) if plan.rows is None else y.index_add(0, plan.rows, part, alpha=alpha)
+    return y
 
 
 class SlotWeights(Protocol):
@@ -256,8 +342,9 @@ class MultiLoraLinear(nn.Module):
             y3 = y.view(shape[0], x3.shape[1], -1)  # (Bsz, T, out): the kernels accumulate into the base output
             triton_lora.lora_add_(y3, x3.contiguous(), ab[0], ab[1], table.scaling, slots, getattr(table, "ranks", None))
             return y
-        delta = lora_delta(x3, ab[0], ab[1], table.scaling, slots, table.dropout, self.routing.plans)
-        return y + delta.reshape(*shape[:-1], -1).to(y.dtype)
+        y3 = y.reshape(shape[0], x3.shape[1], -1)  # (Bsz, T, out)
+        out = lora_add(y3, x3, ab[0], ab[1], table.scaling, slots, table.dropout, self.routing.plans)
+        return out.reshape(y.shape)
 
 
 def _is_base_linear(module: nn.Module) -> bool:

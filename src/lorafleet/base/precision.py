@@ -56,7 +56,7 @@ GROUP = 32  # int4 group size along the input dimension (Q4_1's block)
 # At most this many rows (tokens) per call go through torch's low-precision op; more rows take an fp32 GEMM over
 # the weight dequantized on the fly. Measured on the shared 2-core AVX-512 machine (1 thread, a 1536x576 weight):
 # int4/int8 ops lead up to ~64 rows and lose at 256; the bf16 matmul loses to fp32 from 8 rows on.
-OP_MAX_ROWS = {"int4": 128, "int8": 128, "bf16": 4}
+OP_MAX_ROWS = {"int4": 128, "int8": 128}
 
 # GGUF tensor names of a llama block -> the transformers module path under model.layers.{i}.
 _GGUF_TO_HF = {
@@ -101,8 +101,8 @@ class _QuantMatmul(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad: Tensor):
-        w = ctx.layer.dequantize()  # (out, in) float32, transient
-        return grad.to(w.dtype) @ w, None
+        w = ctx.layer.dequantize(torch.bfloat16)  # (out, in), transient: a bf16 GEMM as in the forward
+        return (grad.to(torch.bfloat16) @ w).to(grad.dtype), None
 
 
 def _blocked(block: int, k_pairs: bool):
@@ -300,30 +300,31 @@ class QuantLinear(nn.Module):
         return self.in_features * self.out_features + (0 if self.bias is None else self.bias.numel())
 
     @torch.no_grad()
-    def dequantize(self) -> Tensor:
-        """The weight ``(out, in)`` in float32, exactly as the op sees it."""
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> Tensor:
+        """The weight ``(out, in)`` exactly as the op sees it, computed in float32 and returned in ``dtype``."""
         n, k = self.out_features, self.in_features
         if self.kind == "int4":
-            q = _unpack_int4(self.packed, n, k).float().view(n, k // GROUP, GROUP)
-            sz = self.scales_zeros.float()  # (k/G, n, 2)
-            scale, zero = sz[..., 0].t(), sz[..., 1].t()  # (n, k/G)
-            return ((q - 8.0) * scale[..., None] + zero[..., None]).view(n, k)
+            q = _unpack_int4(self.packed, n, k).view(n, k // GROUP, GROUP)
+            sz = self.scales_zeros.permute(1, 0, 2).float()  # (n, k/G, 2): scale, zero per group
+            scale = sz[..., 0:1]
+            zero = sz[..., 1:2] - 8.0 * scale  # (q - 8)*scale + zero, with the -8 folded (exact: see the tests)
+            return q.float().mul_(scale).add_(zero).view(n, k).to(dtype)
         if self.kind == "int8":
-            return self.qweight.float() * self.scale[:, None]
-        return self.weight_bf16.float()
+            return (self.qweight.float() * self.scale[:, None]).to(dtype)
+        return self.weight_bf16.to(dtype)
 
     def _matmul(self, x2d: Tensor) -> Tensor:
         xb = x2d.to(torch.bfloat16)
-        if x2d.shape[0] > OP_MAX_ROWS[self.kind]:
-            # the same math as the op (bf16-rounded activations, the same weight values, fp32 accumulation, a bf16
-            # result), so a row's result does not depend on how many rows share its batch
-            return (xb.to(x2d.dtype) @ self.dequantize().t()).to(torch.bfloat16).to(x2d.dtype)
-        if self.kind == "int4":
-            y = torch.ops.aten._weight_int4pack_mm_for_cpu(xb, self.packed, GROUP, self.scales_zeros)
-        elif self.kind == "int8":
-            y = torch.ops.aten._weight_int8pack_mm(xb, self.qweight, self.scale_bf16)
-        else:
+        if self.kind == "bf16":
             y = xb @ self.weight_bf16.t()
+        elif x2d.shape[0] > OP_MAX_ROWS[self.kind]:
+            # a bf16 GEMM (AVX-512 BF16, fp32 accumulation, a bf16 result like the op's) over the weight dequantized
+            # on the fly in bf16: ~5x the fp32 GEMM over the fp32 dequantized weight on this CPU at 512 rows
+            y = xb @ self.dequantize(torch.bfloat16).t()
+        elif self.kind == "int4":
+            y = torch.ops.aten._weight_int4pack_mm_for_cpu(xb, self.packed, GROUP, self.scales_zeros)
+        else:
+            y = torch.ops.aten._weight_int8pack_mm(xb, self.qweight, self.scale_bf16)
         return y.to(x2d.dtype)
 
     def forward(self, x: Tensor) -> Tensor:
