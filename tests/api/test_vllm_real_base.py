@@ -30,7 +30,7 @@ N = 12
 def real(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("vllm-real")
     reg = Registry(f"sqlite:///{tmp / 'reg.db'}", str(tmp / "blobs"))
-    base = load_base(None)
+    base = load_base(None, precision="fp32")
     engine = Engine(base, registry_fetch(reg), EngineConfig(max_batch=2, max_active=2, max_cached=2, max_rank=16))
     service = Service(reg, base, engine)
     _, admin = service.keys.create(admin=True, name="admin")
@@ -44,7 +44,7 @@ def test_load_lora_adapter_with_a_smollm2_peft_folder(real):
     from peft import LoraConfig, get_peft_model  # peft wraps a second copy of the base (only this test needs it)
 
     torch.manual_seed(5)
-    peft_model = get_peft_model(copy.deepcopy(load_base(None).model), LoraConfig(
+    peft_model = get_peft_model(copy.deepcopy(load_base(None, precision="fp32").model), LoraConfig(
         r=8, lora_alpha=16, init_lora_weights=False,
         target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])).eval()
     for name, p in peft_model.named_parameters():

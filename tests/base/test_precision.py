@@ -64,7 +64,7 @@ def test_env_var_sets_the_default(monkeypatch):
 
 
 def test_bad_precision_lists_the_choices():
-    with pytest.raises(BasePrecisionError, match="choose one of: native, int4, int8, bf16, fp32"):
+    with pytest.raises(BasePrecisionError, match="choose one of: auto, native, int4, int8, bf16, fp32"):
         load_base("tiny", precision="fp8")
 
 
@@ -211,6 +211,43 @@ def test_native_gguf_runs_the_shipped_blocks_and_refuses_a_damaged_file(tmp_path
         apply_precision(copy.deepcopy(model), "native", source_kind="gguf", source_path=path)
 
 
+def test_auto_is_native_where_the_base_can_run_it_else_fp32(tmp_path, fp32, monkeypatch):
+    """The default precision: native on a Q4_1 GGUF on the CPU; fp32 for a float base, a GGUF with other block
+    types (native itself refuses those) or another device, with the reason; the label says which it took."""
+    monkeypatch.delenv(P.ENV_VAR, raising=False)
+    assert P.resolve_precision(None) == "auto"
+    assert load_base("tiny").precision_label == "auto (fp32)"
+    model = copy.deepcopy(fp32.model)
+    path = tmp_path / "tiny.Q4_1.gguf"
+    _write_tiny_gguf(path, model)
+    assert P.auto_native_reason("gguf", path) is None
+    summary = apply_precision(copy.deepcopy(model), "auto", source_kind="gguf", source_path=path)
+    assert summary["effective"] == "native" and summary["modules"]["int4 (Q4_1 codes as shipped)"] == 14
+    assert "CPU only" in P.auto_native_reason("gguf", path, device="cuda")
+    assert "float weights" in P.auto_native_reason("hf", None)
+
+    import gguf  # noqa: PLC0415
+
+    other = tmp_path / "tiny.Q5_0.gguf"  # one block weight in a type native cannot run
+    writer = gguf.GGUFWriter(str(other), "llama")
+    for t in gguf.GGUFReader(str(path)).tensors:
+        if t.name == "blk.0.ffn_down.weight":
+            raw = gguf.quants.quantize(np.zeros((t.shape[1], t.shape[0]), np.float32), gguf.GGMLQuantizationType.Q5_0)
+            writer.add_tensor(t.name, raw, raw_dtype=gguf.GGMLQuantizationType.Q5_0)
+        else:
+            writer.add_tensor(t.name, np.asarray(t.data), raw_dtype=t.tensor_type)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    assert "Q5_0" in P.auto_native_reason("gguf", other)
+    victim = copy.deepcopy(model)
+    assert apply_precision(victim, "auto", source_kind="gguf", source_path=other)["effective"] == "fp32"
+    assert not any(isinstance(m, QuantLinear) for m in victim.modules())
+    with pytest.raises(BasePrecisionError, match="Q5_0"):
+        apply_precision(copy.deepcopy(model), "native", source_kind="gguf", source_path=other)
+
+
 @pytest.mark.parametrize("precision", ["int4", "int8"])
 def test_lora_training_over_a_quantized_base_reduces_loss_like_fp32(precision):
     """QLoRA-style: frozen quantized base, fp32 adapter; the loss falls and ends within 5% of the fp32 base's."""
@@ -300,7 +337,7 @@ def test_cli_base_dtype(monkeypatch, tmp_path):
     assert info["precision"] == "int8" and info["precision_modules"]
     result = runner.invoke(app, ["base", "info", "--base", "tiny", "--base-dtype", "fp4"])
     assert result.exit_code == 2 and "error: unknown base precision 'fp4'" in result.output
-    assert "native, int4, int8, bf16, fp32" in result.output
+    assert "auto, native, int4, int8, bf16, fp32" in result.output
     data = tmp_path / "d.jsonl"
     data.write_text(json.dumps({"messages": [{"role": "user", "content": "hi"},
                                              {"role": "assistant", "content": "yo"}]}) + "\n")

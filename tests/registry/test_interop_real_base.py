@@ -19,7 +19,7 @@ MSGS = [{"role": "user", "content": "Name three colours of the rainbow."}]
 def base():
     from lorafleet.base import load_base
 
-    return load_base(None)
+    return load_base(None, precision="fp32")
 
 
 @pytest.fixture(scope="module")
@@ -27,7 +27,7 @@ def plain():
     """A second, unwrapped copy of the same base for ``peft`` to wrap."""
     from lorafleet.base import load_base
 
-    return load_base(None).model
+    return load_base(None, precision="fp32").model
 
 
 @pytest.fixture

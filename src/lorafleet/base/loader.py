@@ -87,7 +87,7 @@ class BaseModel:
     load_seconds: float
     from_cache: bool
     extra: dict = field(default_factory=dict)
-    precision: str = "fp32"  # as asked (see lorafleet.base.precision); part of the serving configuration
+    precision: str = "auto"  # as asked (see lorafleet.base.precision); part of the serving configuration
     precision_info: dict = field(default_factory=dict)  # what apply_precision did (effective precision, modules)
 
     @property
@@ -303,7 +303,7 @@ def load_base(name_or_path: str | None = None, *, device: str | torch.device = "
               precision: str | None = None) -> BaseModel:
     """Load a base by name or path (see :func:`resolve_source`), frozen, in eval mode.
 
-    ``precision`` (default ``$LORAFLEET_BASE_DTYPE``, else ``fp32``): one of
+    ``precision`` (default ``$LORAFLEET_BASE_DTYPE``, else ``auto``: native where the base can run it, else fp32): one of
     :data:`lorafleet.base.precision.PRECISIONS`; an unknown one or one this base cannot take raises
     :class:`lorafleet.base.precision.BasePrecisionError` before anything loads (or, for a damaged GGUF, before the
     model is returned). The fingerprint is the shipped weights' whatever the precision.

@@ -5,6 +5,8 @@ r"""The shared base's precision: ``native``, ``int4``, ``int8``, ``bf16`` or ``f
 ``lm_head`` with :class:`QuantEmbedding` / an int8 :class:`QuantLinear`):
 
 =========  ===============================================================================================
+``auto``   the default: ``native`` where the base can run it (a Q4_1/Q8_0 GGUF on the CPU, e.g. SmolLM2), else
+           ``fp32`` (float directories, Gemma's Q4_K_M GGUF, a GPU). The chosen one is shown as ``auto (native)``.
 ``native`` GGUF bases keep the shipped quantization. Q4_1 blocks (32 weights, fp16 scale ``d`` and min ``m``,
            ``w = q*d + m``) run as torch's group-wise int4 op with the file's own 4-bit codes — no
            re-quantization. The op computes ``w = (q - 8)*scale + zero``, so ``scale = d`` and
@@ -49,9 +51,9 @@ from torch import Tensor, nn
 
 from lorafleet.errors import LorafleetError
 
-PRECISIONS = ("native", "int4", "int8", "bf16", "fp32")
+PRECISIONS = ("auto", "native", "int4", "int8", "bf16", "fp32")
 ENV_VAR = "LORAFLEET_BASE_DTYPE"
-DEFAULT_PRECISION = "fp32"
+DEFAULT_PRECISION = "auto"  # native where the base can run it (CPU, a Q4_1/Q8_0 GGUF), else fp32
 GROUP = 32  # int4 group size along the input dimension (Q4_1's block)
 # At most this many rows (tokens) per call go through torch's low-precision op; more rows take an fp32 GEMM over
 # the weight dequantized on the fly. Measured on the shared 2-core AVX-512 machine (1 thread, a 1536x576 weight):
@@ -488,6 +490,20 @@ def _native_gguf_linears(model: nn.Module, path, linears: dict[str, nn.Linear]) 
     return out
 
 
+def auto_native_reason(source_kind: str, source_path, device: str | torch.device = "cpu") -> str | None:
+    """Why ``auto`` does not take ``native`` for this base (None: it does). ``native`` runs torch's CPU int4/int8
+    ops over a GGUF's own Q4_1/Q8_0 blocks; anything else (a float directory, other GGUF types such as Gemma's
+    Q4_K_M, a GPU) keeps the fp32 reference under ``auto`` — ask for int4/int8/bf16 explicitly there."""
+    if torch.device(device).type != "cpu":
+        return f"native runs on the CPU only (device {device})"
+    if source_kind != "gguf":
+        return f"a {source_kind} base ships float weights"
+    other = sorted({t.tensor_type.name for name, t in _gguf_tensors(source_path).items()
+                    if name.startswith("blk.") and name.endswith(".weight") and any(f".{g}." in name for g in _GGUF_TO_HF)
+                    and t.tensor_type.name not in ("Q4_1", "Q8_0", "F32", "F16", "BF16")})
+    return f"its block weights include {', '.join(other)}" if other else None
+
+
 def apply_precision(model: nn.Module, precision: str, *, source_kind: str, source_path=None,
                     device: str | torch.device = "cpu") -> dict:
     """Replace the base's linears (and embedding / lm_head) for ``precision``; returns what was done.
@@ -497,7 +513,9 @@ def apply_precision(model: nn.Module, precision: str, *, source_kind: str, sourc
     """
     precision = resolve_precision(precision)
     effective = precision
-    if precision == "native" and source_kind != "gguf":
+    if precision == "auto":  # the default: the fastest precision that passes the correctness tests, where it can run
+        effective = "native" if auto_native_reason(source_kind, source_path, device) is None else "fp32"
+    if effective == "native" and source_kind != "gguf":
         effective = "fp32"  # tiny / HF directories ship float weights: native is their float32 path
     summary = {"precision": precision, "effective": effective, "modules": {}, "weight_bytes": None}
     if effective == "fp32":

@@ -42,8 +42,8 @@ def actor_name(actor: str | None = None) -> str:
 
 
 BaseDtypeOpt = typer.Option(None, "--base-dtype",
-                            help="base precision: native, int4, int8, bf16 or fp32 (default: $LORAFLEET_BASE_DTYPE "
-                                 "or fp32; see docs/base_precision.md)")
+                            help="base precision: auto, native, int4, int8, bf16 or fp32 (default: $LORAFLEET_BASE_DTYPE "
+                                 "or auto = native where the base can, else fp32; see docs/base_precision.md)")
 
 
 def use_base_dtype(value: str | None) -> None:

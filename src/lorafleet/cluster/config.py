@@ -60,7 +60,7 @@ class ClusterConfig:
     blob_url: str = field(metadata={"help": "the shared blob store: s3://bucket/prefix, or a directory every node sees"})
     base: str | None = field(default=None, metadata={"help": "base name or path (None = $LORAFLEET_BASE / default)"})
     base_dtype: str | None = field(default=None, metadata={
-        "help": "base precision for every replica (None = $LORAFLEET_BASE_DTYPE of the launching process / fp32)"})
+        "help": "base precision for every replica (None = $LORAFLEET_BASE_DTYPE of the launching process / auto)"})
     replicas: int = field(default=2, metadata={"help": "engine replicas, each holding the base and its own caches"})
     replica_cpus: float = field(default=1.0, metadata={"help": "CPUs Ray reserves per engine replica (may be < 1)"})
     replica_gpus: float = field(default=0.0, metadata={"help": "GPUs Ray reserves per engine replica"})
