@@ -35,7 +35,7 @@ MAY_IMPORT: dict[str, set[str]] = {
     "api": {"adapters", "base", "registry", "serving", "training", "evaluation", "continual", "instant"},  # HTTP
     "cluster": {"adapters", "base", "registry", "serving", "training", "api"},  # Ray Serve replicas
     "bench": {"adapters", "base", "registry", "serving", "training", "evaluation"},  # the scale experiments
-    "testing": {"adapters", "base", "registry", "serving", "api"},  # harnesses for tests and benchmarks
+    "testing": {"adapters", "base", "registry", "serving", "api", "instant"},  # harnesses for tests and benchmarks
     "cli": {"adapters", "base", "registry", "serving", "training", "evaluation", "continual", "api", "cluster",
             "bench", "instant"},  # every command; nothing imports it
 }

@@ -3,17 +3,14 @@
 import json
 
 import pytest
-import torch
 from typer.testing import CliRunner
 
-from lorafleet.adapters import LoraAdapter
 from lorafleet.base import load_base
 from lorafleet.cli import app
 from lorafleet.config import Settings
-from lorafleet.instant import DEFAULT_SPEC, commit_generator, default_generator_ref, fit_generator, split_family
-from lorafleet.instant.embed import profile_features_many
-from lorafleet.instant.generator import INIT_SEED, flatten, layout_of
+from lorafleet.instant import commit_generator, default_generator_ref
 from lorafleet.registry import Registry
+from lorafleet.testing.instant import synthetic_generator
 
 runner = CliRunner()
 
@@ -21,15 +18,7 @@ runner = CliRunner()
 @pytest.fixture(scope="module")
 def gen():
     base = load_base("tiny")
-    personas, _ = split_family(8, 0, seed=2)
-    feats = profile_features_many(base, [(p.describe(), None) for p in personas]
-                                  + [(p.describe(), p.data(2, 1)[0]) for p in personas])
-    init_adapter = LoraAdapter.create(base, DEFAULT_SPEC, seed=INIT_SEED)
-    init = flatten(init_adapter)
-    mix = torch.randn(feats.shape[1], init.numel(), generator=torch.Generator().manual_seed(0)) * 1e-4
-    return base, fit_generator(feats, init + (feats - feats.mean(0)) @ mix, spec=DEFAULT_SPEC,
-                               layout=layout_of(init_adapter), base_fingerprint=base.fingerprint,
-                               corpus_digest="2" * 64, components=4)
+    return base, synthetic_generator(base, corpus_digest="2" * 64)
 
 
 @pytest.fixture()
