@@ -26,10 +26,10 @@ r"""The shared base's precision: ``native``, ``int4``, ``int8``, ``bf16`` or ``f
 
 Activations, norms, the residual stream, LoRA deltas (the one operator) and the KV cache stay float32: each
 :class:`QuantLinear` takes and returns float32 and converts to bf16 only around the op. Batches of more than
-:data:`OP_MAX_ROWS` rows (per kind) run a float32 matmul over the weight dequantized on the fly (transient, not cached; activations and results rounded to bf16 as the op does,
-so a row's result does not depend on its batch):
-torch's CPU int4/int8/bf16 kernels are built for decode-sized batches and lose to fp32 GEMM beyond that
-(measured, see ``docs/results/base_precision.md``).
+:data:`OP_MAX_ROWS` rows (per kind) run a bf16 GEMM over the weight dequantized on the fly in bf16 (transient, not
+cached; bf16 activations and a bf16-rounded result as the op, so the two paths agree within one bf16 ulp): torch's
+CPU int4/int8 kernels are built for decode-sized batches and lose to the bf16 GEMM beyond that (measured, see
+``docs/results/base_precision.md``).
 
 Training over a low-precision base works QLoRA-style: :class:`QuantLinear`'s backward computes the input
 gradient through the dequantized weight and gives the frozen weight no gradient.
@@ -55,9 +55,10 @@ PRECISIONS = ("auto", "native", "int4", "int8", "bf16", "fp32")
 ENV_VAR = "LORAFLEET_BASE_DTYPE"
 DEFAULT_PRECISION = "auto"  # native where the base can run it (CPU, a Q4_1/Q8_0 GGUF), else fp32
 GROUP = 32  # int4 group size along the input dimension (Q4_1's block)
-# At most this many rows (tokens) per call go through torch's low-precision op; more rows take an fp32 GEMM over
-# the weight dequantized on the fly. Measured on the shared 2-core AVX-512 machine (1 thread, a 1536x576 weight):
-# int4/int8 ops lead up to ~64 rows and lose at 256; the bf16 matmul loses to fp32 from 8 rows on.
+# At most this many rows (tokens) per call go through torch's int4/int8 op; more rows take a bf16 GEMM over the
+# weight dequantized on the fly in bf16 (bf16 weights always take the bf16 GEMM). Measured on this 2-core AVX-512
+# machine (2 threads): the ops lead up to ~128 rows (SmolLM2's 576x3072 at 64 rows: op 0.65 ms, dequant + bf16 GEMM
+# 2.7 ms) and lose from ~256 on.
 OP_MAX_ROWS = {"int4": 128, "int8": 128}
 
 # GGUF tensor names of a llama block -> the transformers module path under model.layers.{i}.
@@ -451,8 +452,12 @@ def _hf_to_gguf_name(name: str) -> str | None:
     return None
 
 
-def _native_gguf_linears(model: nn.Module, path, linears: dict[str, nn.Linear]) -> dict[str, nn.Module]:
-    tensors = _gguf_tensors(path)
+NATIVE_GGUF_TYPES = frozenset({"Q4_1", "Q8_0", "F32", "F16", "BF16"})  # the GGUF block types native runs
+
+
+def _native_gguf_linears(model: nn.Module, path, linears: dict[str, nn.Linear], tensors: dict | None = None
+                         ) -> dict[str, nn.Module]:
+    tensors = _gguf_tensors(path) if tensors is None else tensors
     cfg = model.config
     out: dict[str, nn.Module] = {}
     unsupported: dict[str, str] = {}
@@ -479,7 +484,7 @@ def _native_gguf_linears(model: nn.Module, path, linears: dict[str, nn.Linear]) 
             out[name] = QuantLinear.from_q4_1(codes, d, m, lin.bias)
         elif kind == "Q8_0":
             out[name] = QuantLinear._int8(lin.weight.detach(), lin.bias, "int8 (Q8_0 re-quantized per channel)")
-        elif kind in ("F32", "F16", "BF16"):
+        elif kind in NATIVE_GGUF_TYPES:  # F32 / F16 / BF16
             continue  # float tensors stay as the loader made them (fp32)
         else:
             unsupported[gname] = kind
@@ -490,17 +495,20 @@ def _native_gguf_linears(model: nn.Module, path, linears: dict[str, nn.Linear]) 
     return out
 
 
-def auto_native_reason(source_kind: str, source_path, device: str | torch.device = "cpu") -> str | None:
+def auto_native_reason(source_kind: str, source_path, device: str | torch.device = "cpu", *,
+                       tensors: dict | None = None) -> str | None:
     """Why ``auto`` does not take ``native`` for this base (None: it does). ``native`` runs torch's CPU int4/int8
     ops over a GGUF's own Q4_1/Q8_0 blocks; anything else (a float directory, other GGUF types such as Gemma's
-    Q4_K_M, a GPU) keeps the fp32 reference under ``auto`` — ask for int4/int8/bf16 explicitly there."""
+    Q4_K_M, a GPU) keeps the fp32 reference under ``auto`` — ask for int4/int8/bf16 explicitly there.
+    ``tensors``: the GGUF's tensors where the caller has read them already."""
     if torch.device(device).type != "cpu":
         return f"native runs on the CPU only (device {device})"
     if source_kind != "gguf":
         return f"a {source_kind} base ships float weights"
-    other = sorted({t.tensor_type.name for name, t in _gguf_tensors(source_path).items()
+    tensors = _gguf_tensors(source_path) if tensors is None else tensors
+    other = sorted({t.tensor_type.name for name, t in tensors.items()
                     if name.startswith("blk.") and name.endswith(".weight") and any(f".{g}." in name for g in _GGUF_TO_HF)
-                    and t.tensor_type.name not in ("Q4_1", "Q8_0", "F32", "F16", "BF16")})
+                    and t.tensor_type.name not in NATIVE_GGUF_TYPES})
     return f"its block weights include {', '.join(other)}" if other else None
 
 
@@ -513,8 +521,11 @@ def apply_precision(model: nn.Module, precision: str, *, source_kind: str, sourc
     """
     precision = resolve_precision(precision)
     effective = precision
+    tensors = None  # a GGUF's tensors, read once for auto's check and native's blocks
     if precision == "auto":  # the default: the fastest precision that passes the correctness tests, where it can run
-        effective = "native" if auto_native_reason(source_kind, source_path, device) is None else "fp32"
+        if source_kind == "gguf" and torch.device(device).type == "cpu":
+            tensors = _gguf_tensors(source_path)
+        effective = "native" if auto_native_reason(source_kind, source_path, device, tensors=tensors) is None else "fp32"
     if effective == "native" and source_kind != "gguf":
         effective = "fp32"  # tiny / HF directories ship float weights: native is their float32 path
     summary = {"precision": precision, "effective": effective, "modules": {}, "weight_bytes": None}
@@ -526,7 +537,7 @@ def apply_precision(model: nn.Module, precision: str, *, source_kind: str, sourc
                                  f"on {device} choose bf16 or fp32")
     linears = _block_linears(model)
     if effective == "native":
-        new = _native_gguf_linears(model, source_path, linears)
+        new = _native_gguf_linears(model, source_path, linears, tensors)
     else:
         new = {name: QuantLinear.from_linear(lin, effective) for name, lin in linears.items()}
     emb = model.get_input_embeddings()
