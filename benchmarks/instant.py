@@ -40,15 +40,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--base", default="smollm2-135m-instruct")
     parser.add_argument("--corpus", type=int, default=200, help="corpus personas")
     parser.add_argument("--held-out", type=int, default=12, help="held-out personas (unseen combinations)")
-    parser.add_argument("--corpus-steps", type=int, default=12)
+    parser.add_argument("--corpus-steps", type=int, default=None, help="steps per corpus adapter (default: CorpusConfig)")
     parser.add_argument("--steps", default="5,10,30", help="N for the generated+N and from-scratch rows (0: none)")
-    parser.add_argument("--pack", type=int, default=16, help="users per packed optimizer step")
-    parser.add_argument("--batch", type=int, default=1, help="rows per user per step")
-    parser.add_argument("--max-len", type=int, default=48, help="training tokens per row")
+    parser.add_argument("--pack", type=int, default=None, help="users per packed optimizer step (default: CorpusConfig)")
+    parser.add_argument("--batch", type=int, default=None, help="rows per user per step (default: CorpusConfig)")
+    parser.add_argument("--max-len", type=int, default=None, help="training tokens per row (default: CorpusConfig)")
+    parser.add_argument("--lr", type=float, default=None, help="learning rate, corpus and held-out (default: CorpusConfig)")
     parser.add_argument("--n-train", type=int, default=16, help="training examples per persona")
-    parser.add_argument("--n-eval", type=int, default=6, help="held-out prompts per held-out persona")
+    parser.add_argument("--n-eval", type=int, default=8, help="held-out prompts per held-out persona")
     parser.add_argument("--k", type=int, default=4, help="examples in the profile (in-context and generator)")
-    parser.add_argument("--components", type=int, default=32)
+    parser.add_argument("--components", type=int, default=None, help="generator components (default 63)")
+    parser.add_argument("--gain", type=float, default=None, help="generator gain (default 2.0, see instant_tune.py)")
     parser.add_argument("--max-new-tokens", type=int, default=40)
     parser.add_argument("--cache", default=None, help="corpus cache (default $LORAFLEET_HOME/instant-corpus)")
     parser.add_argument("--out", default=None, help="result file (default docs/results/instant[_quick].md)")
@@ -64,9 +66,12 @@ def main(argv: list[str] | None = None) -> int:
     from lorafleet.base import load_base
     from lorafleet.config import Settings, quiet_libraries
     from lorafleet.evaluation.baselines import condition_prompts, prompt_tokens
+    from lorafleet.evaluation.engine_backend import EngineBackend
     from lorafleet.evaluation.generation import generate_responses
     from lorafleet.evaluation.metrics import perplexities
     from lorafleet.instant import (
+        DEFAULT_COMPONENTS,
+        DEFAULT_GAIN,
         DEFAULT_SPEC,
         CorpusConfig,
         build_corpus,
@@ -80,6 +85,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     from lorafleet.instant.generator import INIT_SEED
     from lorafleet.registry import Registry
+    from lorafleet.serving.params import EngineConfig
 
     quiet_libraries()
     steps = sorted({int(s) for s in args.steps.split(",") if s.strip() and int(s) > 0})  # "0": no training rows
@@ -88,12 +94,15 @@ def main(argv: list[str] | None = None) -> int:
     base = load_base(args.base)
     console.print(f"base {base.name} ({base.fingerprint[:12]}…); load average {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}")
     corpus_personas, held = split_family(args.corpus, args.held_out, seed=0)
-    cfg = CorpusConfig(spec=DEFAULT_SPEC, steps=args.corpus_steps, pack=args.pack, n_train=args.n_train, k=args.k,
-                       batch_size=args.batch, max_len=args.max_len)
+    given = {"steps": args.corpus_steps, "pack": args.pack, "batch_size": args.batch, "max_len": args.max_len,
+             "lr": args.lr}
+    cfg = CorpusConfig(spec=DEFAULT_SPEC, n_train=args.n_train, k=args.k,
+                       **{k: v for k, v in given.items() if v is not None})
     cache = Path(args.cache) if args.cache else Settings.from_env().data_dir / "instant-corpus"
     corpus = build_corpus(base, corpus_personas, cfg, cache, say=console.print)
     t0 = time.perf_counter()
-    gen = build_generator(base, corpus, cfg, components=args.components)
+    gen = build_generator(base, corpus, cfg, components=args.components or DEFAULT_COMPONENTS,
+                          gain=args.gain or DEFAULT_GAIN)
     fit_s = time.perf_counter() - t0
 
     # the product path: commit the generator, generate each held-out user's revision #1 through it
@@ -145,7 +154,12 @@ def main(argv: list[str] | None = None) -> int:
             adapters += [ads[i]] * len(msgs)
             owner += [(c, i, j) for j in range(len(msgs))]
     t0 = time.perf_counter()
-    responses = generate_responses(base, rows, adapters, max_new_tokens=args.max_new_tokens, batch_size=16)
+    # the serving engine (continuous batching, a different adapter per row), as the product serves them
+    engine_cfg = EngineConfig(max_batch=64, max_active=64, max_cached=128, max_rank=DEFAULT_SPEC.rank,
+                              max_prefill_tokens=4096)
+    with EngineBackend(base, config=engine_cfg) as backend:
+        responses = generate_responses(base, rows, adapters, max_new_tokens=args.max_new_tokens, batch_size=128,
+                                       backend=backend)
     t_eval = time.perf_counter() - t0
     distinct = {id(a): a for _, ads, _ in conditions for a in ads if a is not None}
     ppl = dict(zip(distinct, perplexities(base, [None, *distinct.values()])[1:], strict=True))
@@ -205,13 +219,13 @@ def main(argv: list[str] | None = None) -> int:
              f"(alpha 16), {cfg.steps} steps x {cfg.batch_size} rows, lr {cfg.lr}, max_len {cfg.max_len}, "
              f"{cfg.pack} users per packed step; digest `{corpus.digest[:16]}…`; built in {corpus.seconds:.0f} s "
              f"({corpus.cached} personas read from the cache)\n"
-             f"- generator: {gen.components} components, lambda {gen.info.get('lambda')}, validation relative error "
+             f"- generator: {gen.components} components, lambda {gen.info.get('lambda')}, gain {gen.info.get('gain')}, validation relative error "
              f"{gen.info.get('val_relative_error')}; fitted in {fit_s:.2f} s; committed as {gen_rev.address} "
              f"({gen_rev.size:,} bytes)\n"
              f"- held-out: {len(held)} personas (unseen combinations of 2-4 habits), {args.n_eval} held-out prompts "
              f"each, greedy, {args.max_new_tokens} new tokens; in-context = the description as a system prompt + "
              f"{args.k} training examples as earlier turns\n"
-             f"- training rows: the packed trainer, {len(held)} users per step, lr {cfg.lr}, {cfg.batch_size} rows "
+             f"- training rows: the packed trainer, {2 * len(held)} users per step (both starts), lr {cfg.lr}, {cfg.batch_size} rows "
              f"per user per step; {per_step_user:.2f} s per user-step at the packed rate; evaluation "
              f"{t_eval:.0f} s; total {time.perf_counter() - t_all:.0f} s")
     out = Path(args.out) if args.out else RESULTS / ("instant_quick.md" if args.quick else "instant.md")

@@ -69,6 +69,7 @@ def main() -> int:
     parser.add_argument("--gen-batch", type=int, default=16)
     parser.add_argument("--serve-new", type=int, default=16, help="new tokens per request in the serving measurement")
     parser.add_argument("--base", default="smollm2-135m-instruct")
+    parser.add_argument("--precision", default="auto", help="base precision (lorafleet.base.precision.PRECISIONS)")
     parser.add_argument("--out", default="personal_vs_prompt", help="result name under docs/results/")
     parser.add_argument("--no-write", action="store_true", help="print the tables only")
     parser.add_argument("--train-group", type=int, default=6, help="adapters packed per trainer (bounds memory)")
@@ -103,7 +104,7 @@ def main() -> int:
         personas.append(Persona(p.name, p.habit, p.params, seed=p.seed, n_train=p.n_train,
                                 n_eval=min(p.n_eval, args.eval_n)))
     seeds = list(range(args.seeds))
-    base = load_base(args.base)
+    base = load_base(args.base, precision=args.precision)
 
     # -- train: every (persona, seed) packed into the same steps, the CLI defaults ------------------------------
     spec = LoraSpec(rank=8, alpha=16.0, target_modules="all")
@@ -237,7 +238,7 @@ def main() -> int:
         f"{n_eval} held-out prompts in all (at most {args.eval_n} per persona), k={args.k}; {summary}.",
         f"- verdict: {verdict}.",
         f"- load average (1, 5, 15 min) at start {', '.join(f'{x:.1f}' for x in load_start)}, at end "
-        f"{', '.join(f'{x:.1f}' for x in load_end)}: a shared 2-core machine, run under `nice -n 19`; absolute times are "
+        f"{', '.join(f'{x:.1f}' for x in load_end)} (2 cores; the run's own load is about 2); absolute times are "
         "noisy, the conditions were measured back to back in one process.",
         f"- training: `MultiTenantTrainer`, the `lorafleet train` defaults (rank 8, alpha 16, targets all, "
         f"{args.steps} steps, lr 1e-3, 4 rows per step, max_len 256); format personas ship 48 training examples, "
@@ -252,7 +253,7 @@ def main() -> int:
         f"the prompt of {args.probe_conditions} (seed 0; '-' = not run), retention = share of the base's correct "
         "answers kept; probe ppl × = the "
         "adapter's plain-text perplexity over the base's (the gate's bound is 1.5x, retention ≥ 75%).",
-        f"- serving cost: the engine (`lorafleet.serving.engine`), float32 on CPU; per condition every persona's "
+        f"- serving cost: the engine (`lorafleet.serving.engine`), base precision {base.precision_label}; per condition every persona's "
         f"held-out requests submitted together (adapter conditions: each on its seed-0 adapter), {args.serve_new} new "
         "tokens each (ignore_eos), after a warm-up. tok/s = generated tokens / wall time; TTFT = mean time from submit "
         "to first token (includes waiting for the batch's prefill).",

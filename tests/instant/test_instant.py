@@ -113,6 +113,32 @@ def test_fit_recovers_a_low_rank_linear_map():
     assert str(gen.info["lambda"]) == min(scores, key=scores.get) and scores[str(gen.info["lambda"])] < 0.1
     with pytest.raises(InstantError, match="at least 3"):
         fit_generator(x[:2], theta[:2], spec=DEFAULT_SPEC, layout=layout, base_fingerprint="f", corpus_digest="d")
+    # gain scales the predicted departure from the corpus mean, folded into the stored map
+    doubled = fit_generator(x[:60], theta[:60], spec=DEFAULT_SPEC, layout=layout, base_fingerprint="f",
+                            corpus_digest="d", components=4, gain=2.0)
+    assert torch.allclose(doubled.predict(x[60:]), gen.mean + 2 * (gen.predict(x[60:]) - gen.mean), atol=1e-4)
+    assert doubled.info["gain"] == 2.0
+    for bad in (0, -1.0, float("nan")):
+        with pytest.raises(InstantError, match="gain"):
+            fit_generator(x[:60], theta[:60], spec=DEFAULT_SPEC, layout=layout, base_fingerprint="f",
+                          corpus_digest="d", gain=bad)
+
+
+def test_validation_split_keeps_a_personas_rows_together():
+    """Two profiles per persona share one target: split row by row, a validation row's twin sits in the fit and the
+    ridge pick looks perfect on noise; split by persona (groups) it sees no signal (targets unrelated to features)."""
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(40, 100, generator=g).repeat_interleave(2, dim=0)  # each persona's two rows: the same features
+    theta = torch.randn(40, 6, generator=g).repeat_interleave(2, dim=0)  # and the same target, unrelated to x
+    layout = [["m", [1, 3], [3, 1]]]  # more features than rows: a weak ridge can memorise the fit's rows
+    kw = {"spec": DEFAULT_SPEC, "layout": layout, "base_fingerprint": "f", "corpus_digest": "d", "components": 6}
+    leaky = fit_generator(x, theta, **kw).info["val_relative_error"]
+    grouped = fit_generator(x, theta, groups=torch.arange(40).repeat_interleave(2), **kw).info["val_relative_error"]
+    assert min(leaky.values()) < 0.2 and min(grouped.values()) > 0.9
+    with pytest.raises(InstantError, match="one group per row"):
+        fit_generator(x, theta, groups=torch.arange(3), **kw)
+    with pytest.raises(InstantError, match="3 distinct personas"):
+        fit_generator(x, theta, groups=torch.arange(80) % 2, **kw)
 
 
 def test_generator_blob_round_trips_and_is_never_servable(tiny_base, generator, reg):
@@ -247,3 +273,15 @@ def test_benchmark_quick_runs(tmp_path):
     for row in ("| base |", "| base + in-context profile |", "| generated (profile) |", "generated + 2 steps",
                 "from scratch, 2 steps", "## Goals"):
         assert row in text
+
+
+def test_tuning_benchmark_quick_runs(tmp_path):
+    root = Path(__file__).resolve().parents[2]
+    out = tmp_path / "tune.md"
+    run = subprocess.run([sys.executable, str(root / "benchmarks" / "instant_tune.py"), "--quick", "--out", str(out),
+                          "--cache", str(tmp_path / "cache")], capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "LORAFLEET_HOME": str(tmp_path / "home")})
+    assert run.returncode == 0, run.stderr[-2000:]
+    text = out.read_text()
+    assert "| trained corpus adapters |" in text and "## Verdict" in text
+    assert text.count("| generated (description) |") == 4  # 2 component counts x 2 gains

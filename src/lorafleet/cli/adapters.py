@@ -152,9 +152,9 @@ def _create_generated(ref: str, profile: str, examples: str | None, generator: s
 @handle_errors
 def build_generator_(
     personas: Annotated[int, typer.Option("--personas", help="Corpus personas of the family (at most 685).")] = 200,
-    steps: Annotated[int, typer.Option("--steps", help="Training steps per corpus adapter.")] = 12,
-    pack: Annotated[int, typer.Option("--pack", help="Users per packed optimizer step.")] = 16,
-    max_len: Annotated[int, typer.Option("--max-len", help="Training tokens per row.")] = 80,
+    steps: Annotated[int | None, typer.Option("--steps", help="Training steps per corpus adapter (default 24).")] = None,
+    pack: Annotated[int | None, typer.Option("--pack", help="Users per packed optimizer step (default 16).")] = None,
+    max_len: Annotated[int | None, typer.Option("--max-len", help="Training tokens per row (default 96).")] = None,
     ref: Annotated[str | None, typer.Option("--ref", help="Where (default _instant/generators/<base>).")] = None,
     base: Annotated[str | None, typer.Option("--base", help="The base (default $LORAFLEET_BASE).")] = None,
     as_json: JsonOpt = False,
@@ -165,7 +165,8 @@ def build_generator_(
 
     loaded = _load_base(base)
     corpus_personas, _ = instant.split_family(personas, 0, seed=0)
-    cfg = instant.CorpusConfig(spec=instant.DEFAULT_SPEC, steps=steps, pack=pack, max_len=max_len, batch_size=1)
+    given = {"steps": steps, "pack": pack, "max_len": max_len}  # unset: CorpusConfig's measured defaults
+    cfg = instant.CorpusConfig(spec=instant.DEFAULT_SPEC, **{k: v for k, v in given.items() if v is not None})
     corpus = instant.build_corpus(loaded, corpus_personas, cfg, settings().data_dir / "instant-corpus",
                           say=lambda line: err_console.print(line))
     gen = instant.build_generator(loaded, corpus, cfg)

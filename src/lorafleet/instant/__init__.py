@@ -16,6 +16,8 @@ from lorafleet.instant.embed import MAX_EXAMPLES, check_profile
 from lorafleet.instant.errors import GeneratorMismatchError, InstantError, NoGeneratorError
 from lorafleet.instant.family import ComboPersona, split_family
 from lorafleet.instant.generator import (
+    DEFAULT_COMPONENTS,
+    DEFAULT_GAIN,
     DEFAULT_SPEC,
     Generator,
     commit_generator,
@@ -25,15 +27,20 @@ from lorafleet.instant.generator import (
 )
 
 __all__ = [
-    "Corpus", "CorpusConfig", "ComboPersona", "DEFAULT_SPEC", "Generated", "Generator", "GeneratorMismatchError",
+    "Corpus", "CorpusConfig", "ComboPersona", "DEFAULT_COMPONENTS", "DEFAULT_GAIN", "DEFAULT_SPEC", "Generated", "Generator", "GeneratorMismatchError",
     "InstantError", "MAX_EXAMPLES", "NoGeneratorError", "check_profile", "build_corpus", "build_generator", "commit_generator", "create_from_profile",
     "default_generator_ref", "fit_generator", "load_generator", "read_examples", "split_family", "train_many",
 ]
 
 
-def build_generator(base, corpus: Corpus, config: CorpusConfig, *, components: int = 32) -> Generator:
-    """Fit a generator on a built corpus (both feature rows of every persona)."""
+def build_generator(base, corpus: Corpus, config: CorpusConfig, *, components: int = DEFAULT_COMPONENTS,
+                    gain: float = DEFAULT_GAIN) -> Generator:
+    """Fit a generator on a built corpus (both feature rows of every persona; the validation split keeps a
+    persona's two rows together)."""
+    import torch  # noqa: PLC0415 - the package's modules import it anyway; kept out of the import list above
+
     x, t = corpus.rows()
     return fit_generator(x, t, spec=config.spec, layout=corpus.layout, base_fingerprint=base.fingerprint,
-                         corpus_digest=corpus.digest, components=components,
+                         corpus_digest=corpus.digest, components=components, gain=gain,
+                         groups=torch.arange(len(corpus.personas)).repeat_interleave(2),
                          info={"personas": len(corpus.personas), "corpus": config.to_dict()})

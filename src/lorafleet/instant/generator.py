@@ -41,6 +41,14 @@ GENERATOR_TENANT, GENERATOR_USER = "_instant", "generators"
 MAX_COMPONENTS = 63  # the stored factor pair has rank H + 1 <= 64 (the blob format's largest rank)
 DEFAULT_SPEC = LoraSpec(rank=1, alpha=16.0, target_modules="all")
 INIT_SEED = 0  # every corpus adapter and every generated one start from LoraAdapter.create(..., seed=INIT_SEED)
+# Ridge predictions are shrunk toward the corpus mean (the fit minimises squared error; most of an adapter's
+# weights are per-user noise the profile cannot predict), and a weak adapter shows fewer habits. The generator
+# scales its predicted departure from the mean by ``gain``. Measured by adherence on 24 corpus personas held out of
+# the fit, never on the benchmark's held-out users (benchmarks/instant_tune.py -> docs/results/instant_tune.md):
+# gain 1 gives 10-18% strict adherence, gains 1.5-2.5 give 25-36% (a plateau, within the noise of 96 prompts);
+# 2.0 is its middle. 63 components (the most the blob holds) were best or tied at every gain.
+DEFAULT_GAIN = 2.0
+DEFAULT_COMPONENTS = 63
 
 
 def default_generator_ref(base) -> str:
@@ -170,18 +178,32 @@ class Generator:
 
 
 def fit_generator(features: Tensor, thetas: Tensor, *, spec: LoraSpec, layout: list[list], base_fingerprint: str,
-                  corpus_digest: str, components: int = 32, lambdas: tuple[float, ...] = (0.01, 0.1, 1.0, 10.0, 100.0),
-                  val_fraction: float = 0.2, seed: int = 0, info: dict | None = None) -> Generator:
+                  corpus_digest: str, components: int = DEFAULT_COMPONENTS, gain: float = 1.0, lambdas: tuple[float, ...] = (0.01, 0.1, 1.0, 10.0, 100.0),
+                  val_fraction: float = 0.2, seed: int = 0, info: dict | None = None,
+                  groups: Tensor | None = None) -> Generator:
     """Reduced-rank ridge from ``features (N, D)`` to ``thetas (N, P)``; the ridge strength (relative to the
-    mean feature variance) is picked on a held-out slice of the rows, then the generator is refit on all rows."""
+    mean feature variance) is picked on a held-out slice of the rows, then the generator is refit on all rows.
+
+    ``groups`` (N,): rows of one group (one persona's two profiles, which share their target) fall on the same
+    side of the validation split, so the pick is judged on personas the fit has not seen. ``gain`` scales the
+    predicted departure from the corpus mean (see :data:`DEFAULT_GAIN`); the validation error is of the ridge fit
+    (gain 1)."""
+    if not (isinstance(gain, (int, float)) and math.isfinite(gain) and gain > 0):
+        raise InstantError(f"gain must be a positive number, got {gain!r}")
     n = features.shape[0]
     if n < 3 or thetas.shape[0] != n:
         raise InstantError(f"a generator needs at least 3 (profile, adapter) pairs; got {n} features, "
                            f"{thetas.shape[0]} adapters")
     g = torch.Generator().manual_seed(seed)
-    perm = torch.randperm(n, generator=g)
-    n_val = max(1, int(round(n * val_fraction)))
-    val, tr = perm[:n_val], perm[n_val:]
+    groups = torch.arange(n) if groups is None else torch.as_tensor(groups)
+    if groups.shape != (n,):
+        raise InstantError(f"groups must give one group per row ({n}), got shape {tuple(groups.shape)}")
+    ids = torch.unique(groups)
+    if len(ids) < 3:
+        raise InstantError(f"a generator needs at least 3 distinct personas; got {len(ids)}")
+    chosen = ids[torch.randperm(len(ids), generator=g)[: max(1, int(round(len(ids) * val_fraction)))]]
+    in_val = torch.isin(groups, chosen)
+    val, tr = torch.nonzero(in_val).squeeze(1), torch.nonzero(~in_val).squeeze(1)
 
     def fit(rows: Tensor, lam: float) -> tuple:
         X, T = features[rows].double(), thetas[rows].double()
@@ -210,9 +232,10 @@ def fit_generator(features: Tensor, thetas: Tensor, *, spec: LoraSpec, layout: l
         scores[lam] = float(err / base_err.clamp(min=1e-30))
     best = min(scores, key=scores.get)
     mean, V, W, mu, sigma = fit(torch.arange(n), best)
-    meta = {**(info or {}), "personas_rows": n, "lambda": best,
+    meta = {**(info or {}), "personas_rows": n, "lambda": best, "gain": float(gain),
             "val_relative_error": {str(k): round(v, 4) for k, v in scores.items()}}
-    weight = W / sigma[:, None]  # standardization folded in: z = ((x - mu) / sigma) @ W = x @ weight + offset
+    # standardization and gain folded in: z = gain * ((x - mu) / sigma) @ W = x @ weight + offset
+    weight = gain * W / sigma[:, None]
     return Generator(spec=spec, layout=layout, mean=mean.float(), basis=V.float(), weight=weight.float(),
                      offset=(-(mu @ weight)).float(), base_fingerprint=base_fingerprint, corpus_digest=corpus_digest, info=meta)
 
