@@ -97,7 +97,7 @@ def main(argv: list[str] | None = None) -> int:
             for gain in (float(x) for x in args.gains.split(",")):
                 theta = gen.mean + gain * (pred - gen.mean)
                 s, c = adherence([unflatten(t, corpus.layout, DEFAULT_SPEC) for t in theta])
-                rows.append([f"generated (description)", str(gen.components), str(gen.info["lambda"]), f"{gain:g}",
+                rows.append(["generated (description)", str(gen.components), str(gen.info["lambda"]), f"{gain:g}",
                              f"{s:.0%}", f"{c:.0%}", f"{s / trained[0]:.0%}" if trained[0] else "-"])
                 console.print(f"H={gen.components} gain={gain:g}: strict {s:.0%}, habit-level {c:.0%} "
                               f"(relative weight error {rel:.3f})")
