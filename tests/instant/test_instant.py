@@ -262,26 +262,25 @@ def test_corpus_is_trained_packed_and_cached_by_digest(tiny_base, tmp_path):
     assert manifest["base"] == tiny_base.fingerprint and len(manifest["personas"]) == 3
 
 
-def test_benchmark_quick_runs(tmp_path):
+def _run_quick(script: str, tmp_path) -> str:
+    """Run ``benchmarks/<script> --quick`` in a scratch home and corpus cache; returns the result file's text."""
     root = Path(__file__).resolve().parents[2]
-    out = tmp_path / "instant.md"
-    run = subprocess.run([sys.executable, str(root / "benchmarks" / "instant.py"), "--quick", "--out", str(out),
+    out = tmp_path / "result.md"
+    run = subprocess.run([sys.executable, str(root / "benchmarks" / script), "--quick", "--out", str(out),
                           "--cache", str(tmp_path / "cache")], capture_output=True, text=True, timeout=300,
                          env={**os.environ, "LORAFLEET_HOME": str(tmp_path / "home")})
     assert run.returncode == 0, run.stderr[-2000:]
-    text = out.read_text()
+    return out.read_text()
+
+
+def test_benchmark_quick_runs(tmp_path):
+    text = _run_quick("instant.py", tmp_path)
     for row in ("| base |", "| base + in-context profile |", "| generated (profile) |", "generated + 2 steps",
                 "from scratch, 2 steps", "## Goals"):
         assert row in text
 
 
 def test_tuning_benchmark_quick_runs(tmp_path):
-    root = Path(__file__).resolve().parents[2]
-    out = tmp_path / "tune.md"
-    run = subprocess.run([sys.executable, str(root / "benchmarks" / "instant_tune.py"), "--quick", "--out", str(out),
-                          "--cache", str(tmp_path / "cache")], capture_output=True, text=True, timeout=300,
-                         env={**os.environ, "LORAFLEET_HOME": str(tmp_path / "home")})
-    assert run.returncode == 0, run.stderr[-2000:]
-    text = out.read_text()
+    text = _run_quick("instant_tune.py", tmp_path)
     assert "| trained corpus adapters |" in text and "## Verdict" in text
     assert text.count("| generated (description) |") == 4  # 2 component counts x 2 gains
