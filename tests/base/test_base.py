@@ -84,9 +84,11 @@ def test_real_smollm2_loads_caches_and_generates():
 def test_damaged_base_cache_is_rebuilt():
     from lorafleet.config import data_dir
 
-    load_base()  # make sure a cache exists
-    manifests = list((data_dir() / "bases").glob("*/lorafleet-manifest.json"))
-    assert manifests
+    fingerprint = load_base().fingerprint  # make sure a cache exists
+    # the cache of *this* base (the data dir may also hold other bases' caches, e.g. Gemma's)
+    manifests = [m for m in (data_dir() / "bases").glob("*/lorafleet-manifest.json")
+                 if json.loads(m.read_text()).get("fingerprint") == fingerprint]
+    assert len(manifests) == 1
     manifest = json.loads(manifests[0].read_text())
     manifest["weights_sha256"] = "0" * 64
     manifests[0].write_text(json.dumps(manifest))
