@@ -94,10 +94,8 @@ def main(argv: list[str] | None = None) -> int:
     base = load_base(args.base)
     console.print(f"base {base.name} ({base.fingerprint[:12]}…); load average {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}")
     corpus_personas, held = split_family(args.corpus, args.held_out, seed=0)
-    given = {"steps": args.corpus_steps, "pack": args.pack, "batch_size": args.batch, "max_len": args.max_len,
-             "lr": args.lr}
-    cfg = CorpusConfig(spec=DEFAULT_SPEC, n_train=args.n_train, k=args.k,
-                       **{k: v for k, v in given.items() if v is not None})
+    cfg = CorpusConfig.with_options(DEFAULT_SPEC, n_train=args.n_train, k=args.k, steps=args.corpus_steps,
+                                    pack=args.pack, batch_size=args.batch, max_len=args.max_len, lr=args.lr)
     cache = Path(args.cache) if args.cache else Settings.from_env().data_dir / "instant-corpus"
     corpus = build_corpus(base, corpus_personas, cfg, cache, say=console.print)
     t0 = time.perf_counter()

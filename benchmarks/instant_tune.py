@@ -56,16 +56,15 @@ def main(argv: list[str] | None = None) -> int:
     t_all = time.perf_counter()
     base = load_base(args.base)
     personas, _ = split_family(args.corpus, 12 if not args.quick else 2, seed=0)  # the same corpus as instant.py
-    cfg = CorpusConfig(spec=DEFAULT_SPEC, **cfg_over)
+    cfg = CorpusConfig.with_options(DEFAULT_SPEC, **cfg_over)
     cache = Path(args.cache) if args.cache else Settings.from_env().data_dir / "instant-corpus"
     corpus = build_corpus(base, personas, cfg, cache, say=console.print)
     multi = [i for i, p in enumerate(personas) if p.habits >= 2]
     val = multi[-args.val:]
-    fit_rows = torch.tensor([2 * i + j for i in range(len(personas)) if i not in val for j in (0, 1)])
-    X, T = corpus.rows()
-    groups = torch.arange(len(personas)).repeat_interleave(2)
+    X, T, groups = corpus.rows()
+    fit_rows = torch.nonzero(~torch.isin(groups, torch.tensor(val))).squeeze(1)
     vp = [personas[i] for i in val]
-    vx = X[torch.tensor([2 * i for i in val])]  # the description alone: the harder profile
+    vx = corpus.features[torch.tensor([2 * i for i in val])]  # row 2i: the description alone, the harder profile
     engine = EngineConfig(max_batch=64, max_active=64, max_cached=256, max_rank=DEFAULT_SPEC.rank,
                           max_prefill_tokens=4096)
 

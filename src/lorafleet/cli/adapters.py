@@ -165,8 +165,7 @@ def build_generator_(
 
     loaded = _load_base(base)
     corpus_personas, _ = instant.split_family(personas, 0, seed=0)
-    given = {"steps": steps, "pack": pack, "max_len": max_len}  # unset: CorpusConfig's measured defaults
-    cfg = instant.CorpusConfig(spec=instant.DEFAULT_SPEC, **{k: v for k, v in given.items() if v is not None})
+    cfg = instant.CorpusConfig.with_options(instant.DEFAULT_SPEC, steps=steps, pack=pack, max_len=max_len)
     corpus = instant.build_corpus(loaded, corpus_personas, cfg, settings().data_dir / "instant-corpus",
                           say=lambda line: err_console.print(line))
     gen = instant.build_generator(loaded, corpus, cfg)

@@ -37,10 +37,7 @@ def build_generator(base, corpus: Corpus, config: CorpusConfig, *, components: i
                     gain: float = DEFAULT_GAIN) -> Generator:
     """Fit a generator on a built corpus (both feature rows of every persona; the validation split keeps a
     persona's two rows together)."""
-    import torch  # noqa: PLC0415 - the package's modules import it anyway; kept out of the import list above
-
-    x, t = corpus.rows()
+    x, t, groups = corpus.rows()
     return fit_generator(x, t, spec=config.spec, layout=corpus.layout, base_fingerprint=base.fingerprint,
-                         corpus_digest=corpus.digest, components=components, gain=gain,
-                         groups=torch.arange(len(corpus.personas)).repeat_interleave(2),
+                         corpus_digest=corpus.digest, components=components, gain=gain, groups=groups,
                          info={"personas": len(corpus.personas), "corpus": config.to_dict()})

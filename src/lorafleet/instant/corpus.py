@@ -48,6 +48,11 @@ class CorpusConfig:
     # so it is not part of the corpus' identity (not in to_dict). A pack of 16 short rows fits in ~2.5 GB without it.
     checkpoint: str = "off"
 
+    @classmethod
+    def with_options(cls, spec: LoraSpec, **options) -> CorpusConfig:
+        """The config with the options a user gave; an option left None keeps its measured default above."""
+        return cls(spec=spec, **{k: v for k, v in options.items() if v is not None})
+
     def train_config(self, seed: int = 0, steps: int | None = None) -> TrainConfig:
         return TrainConfig(steps=steps or self.steps, lr=self.lr, batch_size=self.batch_size, max_len=self.max_len,
                            seed=seed)
@@ -67,9 +72,11 @@ class Corpus:
     seconds: float  # building time of what was not cached
     cached: int  # personas read back from the cache
 
-    def rows(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(features, targets)`` with each persona's adapter as the target of both its rows."""
-        return self.features, self.thetas.repeat_interleave(2, dim=0)
+    def rows(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(features, targets, groups)``: each persona's adapter is the target of both its rows, and ``groups``
+        gives each row its persona's index (what :func:`~lorafleet.instant.generator.fit_generator` splits by)."""
+        groups = torch.arange(len(self.personas)).repeat_interleave(2)
+        return self.features, self.thetas.repeat_interleave(2, dim=0), groups
 
 
 def _settings(base, cfg: CorpusConfig) -> dict:
