@@ -22,7 +22,6 @@ their spread is the 95% interval over prompts only. Adapter rows: mean ± std ov
 from __future__ import annotations
 
 import argparse
-import math
 import os
 import statistics
 import sys
@@ -37,16 +36,6 @@ DEFAULT_PERSONAS = f"{FORMAT},{MEMORY}"
 QUICK_PERSONAS = "quiet,veggie"
 LABELS = {"base": "base", "in_context": "base + in-context", "retrieval": "base + retrieval (BM25)",
           "adapter": "adapter", "adapter_in_context": "adapter + in-context"}
-
-
-def wilson(passed: int, n: int, z: float = 1.96) -> tuple[float, float]:
-    """95% Wilson score interval of a pass rate."""
-    if n == 0:
-        return (math.nan, math.nan)
-    p = passed / n
-    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
-    return max(0.0, centre - half), min(1.0, centre + half)
 
 
 def mean_std(xs: list[float]) -> str:
@@ -91,7 +80,7 @@ def main() -> int:
     from lorafleet.base import load_base
     from lorafleet.config import quiet_libraries
     from lorafleet.evaluation.baselines import CONDITIONS, BaselineConfig, Profile, compare_conditions
-    from lorafleet.evaluation.metrics import EvalSet, perplexities
+    from lorafleet.evaluation.metrics import EvalSet, perplexities, wilson_interval
     from lorafleet.evaluation.personas import Persona, get_persona
     from lorafleet.training.trainer import MultiTenantTrainer, TrainConfig
 
@@ -183,7 +172,7 @@ def main() -> int:
         rates = {w: [pooled(c, s, w) for s in per_seed] for w in ("all", "format", "memory", "apply", "recall")}
         allp = sum(a for a, _ in rates["all"])
         alln = sum(b for _, b in rates["all"])
-        lo, hi = wilson(allp, alln)
+        lo, hi = wilson_interval(allp, alln)
         tokens = statistics.fmean(row_of(p.name, 0, c)["prompt_tokens"] for p in personas)
         loss = [row_of(p.name, s, c)["eval_loss"] for p in personas for s in per_seed]
         retention = [row_of(p.name, 0, c)["probe_retention"] for p in personas]

@@ -30,10 +30,25 @@ def markdown_table(headers: list[str], rows: list[list]) -> str:
     return "\n".join(lines)
 
 
-def write_markdown(path: Path, title: str, sections: list[tuple[str, str]], notes: str = "") -> Path:
-    """Write a result file with date, machine, the exact command, then the sections (heading, text)."""
-    body = [f"# {title}", "", f"- date: {datetime.now(UTC).strftime('%Y-%m-%d %H:%M UTC')}",
-            f"- machine: {machine()}", f"- command: `{command_line()}`", ""]
+def origin() -> dict:
+    """When, where and by which command a result is being measured: kept in a result's JSON so a report redone
+    from it later (``lorafleet bench render``) still names the run that measured it."""
+    return {"date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"), "machine": machine(), "command": command_line()}
+
+
+def write_markdown(path: Path, title: str, sections: list[tuple[str, str]], notes: str = "",
+                   measured: dict | None = None) -> Path:
+    """Write a result file with date, machine, the exact command, then the sections (heading, text).
+
+    ``measured`` = the :func:`origin` of a run whose saved numbers are being re-rendered: its date, machine and
+    command head the file, followed by a line saying when and by which command the report was redone."""
+    now = origin()
+    head = measured or now
+    body = [f"# {title}", "", f"- date: {head['date']}", f"- machine: {head['machine']}",
+            f"- command: `{head['command']}`"]
+    if measured:
+        body.append(f"- report redone from the saved numbers on {now['date']}: `{now['command']}`")
+    body.append("")
     for heading, text in sections:
         body += [f"## {heading}", "", text, ""]
     if notes:

@@ -32,10 +32,10 @@ from lorafleet.adapters.peft_io import decode_blob
 from lorafleet.adapters.vera import as_lora
 from lorafleet.evaluation.engine_backend import EngineBackend
 from lorafleet.evaluation.errors import EvaluationError
-from lorafleet.evaluation.metrics import EvalSet, evaluate_adapters
+from lorafleet.evaluation.metrics import EvalSet, evaluate_adapters, wilson_interval
 from lorafleet.evaluation.personas import Persona, get_persona
 from lorafleet.registry import Provenance, Registry
-from lorafleet.results import markdown_table, pyplot, write_markdown
+from lorafleet.results import markdown_table, origin, pyplot, write_markdown
 from lorafleet.serving.params import EngineConfig
 from lorafleet.training.trainer import MultiTenantTrainer, TrainConfig
 
@@ -190,7 +190,7 @@ def _write_json(path: Path, result: dict) -> Path:
     import json  # noqa: PLC0415
     from dataclasses import asdict  # noqa: PLC0415
 
-    data = {k: v for k, v in result.items() if k != "files"}
+    data = {k: v for k, v in result.items() if k not in ("files", "measured")}
     data["settings"] = asdict(result["settings"])
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(data, indent=1, default=str, allow_nan=True) + "\n")
@@ -288,7 +288,8 @@ def run_scale_down(s: ScaleSettings, out_dir: Path, say: Say = print) -> dict:
             served = as_lora(decode_blob(reg.read_blob(rev.digest), base))  # what the engine will hold
             items.append((served, rev.digest, eval_sets[p.name]))
             meta.append({"format": fmt.name, "family": fmt.family, "rank": fmt.rank, "targets": fmt.targets,
-                         "codec": codec, "persona": p.name, "seed": seed, "bytes": len(blob),
+                         "codec": codec, "persona": p.name, "category": p.category, "n_eval": s.n_eval,
+                         "seed": seed, "bytes": len(blob),
                          "parameters": stored.num_parameters})
     train_loss = {}
     for fmt, _p, _seed, key in runs:
@@ -307,15 +308,28 @@ def run_scale_down(s: ScaleSettings, out_dir: Path, say: Say = print) -> dict:
         m["train_loss"] = _mean(train_loss[m["format"]])
         m.update(adherence=res["adherence"], eval_loss=res["eval_loss"], base_adherence=res["base_adherence"],
                  base_eval_loss=res["base_eval_loss"])
-    summary = summarize_scale_down(meta)
-    result = {"settings": s, "runs": meta, "summary": summary, "base": base.name,
+    summary = summarize_scale_down(meta, s.n_eval)
+    result = {"settings": s, "runs": meta, "summary": summary, "base": base.name, "origin": origin(),
               "train_seconds": train_s, "eval_seconds": eval_s, "seconds": time.perf_counter() - t0}
     result["files"] = write_scale_down(result, out_dir)
     return result
 
 
-def summarize_scale_down(runs: list[dict]) -> list[dict]:
-    """Per (format, codec): bytes, adherence mean and seed spread, held-out loss, % of the reference."""
+def _category(run: dict) -> str:
+    """``format`` or ``memory``: stored with the run; older result files name only the persona."""
+    return run.get("category") or get_persona(run["persona"]).category
+
+
+def pooled_interval(runs: list[dict], n_eval: int) -> tuple[float, float]:
+    """95% Wilson interval of the pass rate over every checked answer of ``runs`` (personas x seeds x prompts)."""
+    n = [r.get("n_eval", n_eval) for r in runs]
+    passed = sum(round(r["adherence"] * k) for r, k in zip(runs, n, strict=True) if math.isfinite(r["adherence"]))
+    return wilson_interval(passed, sum(n))
+
+
+def summarize_scale_down(runs: list[dict], n_eval: int) -> list[dict]:
+    """Per (format, codec): bytes, adherence mean and seed spread, its 95% interval over all checked answers, the
+    format / memory personas' adherence, held-out loss, % of the reference."""
     rows: dict[tuple, list[dict]] = {}
     for r in runs:
         rows.setdefault((r["format"], r["codec"]), []).append(r)
@@ -327,6 +341,9 @@ def summarize_scale_down(runs: list[dict]) -> list[dict]:
                     "targets": rs[0]["targets"], "bytes": int(statistics.median(r["bytes"] for r in rs)),
                     "parameters": rs[0]["parameters"], "adherence": _mean(per_seed), "spread": _spread(per_seed),
                     "seed_min": min(per_seed), "seed_max": max(per_seed),
+                    "ci": pooled_interval(rs, n_eval),
+                    **{f"{c}_adherence": _mean(r["adherence"] for r in rs if _category(r) == c)
+                       for c in ("format", "memory")},
                     "eval_loss": _mean(r["eval_loss"] for r in rs),
                     "loss_spread": _spread([_mean(r["eval_loss"] for r in rs if r["seed"] == sd) for sd in seeds]),
                     "train_loss": rs[0].get("train_loss", math.nan),
@@ -353,19 +370,46 @@ def _pct(x: float) -> str:
     return "n/a" if not math.isfinite(x) else f"{x:.0%}"
 
 
+def _ci(ci) -> str:
+    lo, hi = ci
+    return "n/a" if not (math.isfinite(lo) and math.isfinite(hi)) else f"{lo:.0%}–{hi:.0%}"
+
+
+def _ref_ci(summary: list[dict]) -> str:
+    ref = next((o for o in summary if o["format"] == REFERENCE and o["codec"] == "fp16"), None)
+    return f", whose 95% CI is {_ci(ref['ci'])}" if ref else ""
+
+
+def _per_persona_table(runs: list[dict], codec: str) -> str:
+    """Rows = personas (with their category), columns = formats under ``codec``: which habits are hard, per format."""
+    fmts = list(dict.fromkeys(r["format"] for r in runs if r["codec"] == codec))
+    names = list(dict.fromkeys(r["persona"] for r in runs))
+    rows = []
+    for name in names:
+        row = [name, _category(next(r for r in runs if r["persona"] == name))]
+        for fmt in fmts:
+            xs = [r["adherence"] for r in runs if r["persona"] == name and r["format"] == fmt and r["codec"] == codec]
+            row.append(f"{_pct(_mean(xs))} ({_pct(min(xs))}–{_pct(max(xs))})" if xs else "-")
+        rows.append(row)
+    return markdown_table(["persona", "kind", *fmts], rows)
+
+
 def write_scale_down(result: dict, out_dir: Path) -> list[Path]:
     s, summary = result["settings"], result["summary"]
-    headers = ["format", "codec", "bytes / user", "parameters", "adherence (mean of seeds)", "seed spread (sd)",
-               "seed min–max", "held-out loss", "final train loss", "vs rank-8 fp16"]
-    rows = [[o["format"], o["codec"], _kb(o["bytes"]), f"{o['parameters']:,}", _pct(o["adherence"]),
-             f"±{o['spread']:.0%}", f"{_pct(o['seed_min'])}–{_pct(o['seed_max'])}", f"{o['eval_loss']:.3f}",
-             f"{o['train_loss']:.3f}", _pct(o["vs_reference"])] for o in summary]
+    headers = ["format", "codec", "bytes / user", "parameters", "adherence (mean of seeds)", "95% CI (all answers)",
+               "seed spread (sd)", "seed min–max", "format personas", "memory personas", "held-out loss",
+               "final train loss", "vs rank-8 fp16"]
+    rows = [[o["format"], o["codec"], _kb(o["bytes"]), f"{o['parameters']:,}", _pct(o["adherence"]), _ci(o["ci"]),
+             f"±{o['spread']:.0%}", f"{_pct(o['seed_min'])}–{_pct(o['seed_max'])}", _pct(o["format_adherence"]),
+             _pct(o["memory_adherence"]), f"{o['eval_loss']:.3f}", f"{o['train_loss']:.3f}", _pct(o["vs_reference"])]
+            for o in summary]
     best = smallest_keeping(summary)
     base_adh = _mean(o["base_adherence"] for o in summary)
     base_loss = _mean(o["base_eval_loss"] for o in summary)
     headline = (f"Smallest format keeping >= {KEEP:.0%} of {REFERENCE} (fp16) adherence: "
                 + (f"**{best['format']} {best['codec']}, {best['bytes']:,} bytes per user** "
-                   f"({_pct(best['adherence'])} adherence, {_pct(best['vs_reference'])} of the reference)"
+                   f"({_pct(best['adherence'])} adherence, 95% CI {_ci(best['ci'])}; "
+                   f"{_pct(best['vs_reference'])} of the reference{_ref_ci(summary)})"
                    if best else "**none** (no format reached it)")
                 + f". Base without adapter: adherence {_pct(base_adh)}, held-out loss {base_loss:.3f}.")
     grid = (f"base `{result['base']}`; personas {', '.join(s.personas)}; {s.seeds} seeds; {s.steps} steps x "
@@ -375,9 +419,10 @@ def write_scale_down(result: dict, out_dir: Path) -> list[Path]:
     files = [*_plot_scale_down(summary, out_dir), _write_json(out_dir / "scale_down.json", result)]
     notes = NOTES_DOWN + ("\n\nQuick (smoke) settings: the tiny random model; the numbers mean nothing." if s.quick else "")
     sections = [("Result", headline), ("Grid", grid), ("Formats (sorted by bytes per user)", markdown_table(headers, rows)),
+                ("Per persona (first codec; mean of seeds, min–max)", _per_persona_table(result["runs"], s.codecs[0])),
                 ("Plots", "\n".join(f"![{p.stem}]({p.name})" for p in files if p.suffix == ".png"))]
     files.insert(0, write_markdown(out_dir / "scale_down.md", "Scale down: bytes per user vs habit adherence",
-                                    sections, notes))
+                                    sections, notes, measured=result.get("measured")))
     return files
 
 
@@ -386,7 +431,10 @@ NOTES_DOWN = """\
   included), median over personas and seeds. VeRA stores only its vectors; in a serving slot it is expanded
   to a rank-r LoRA (slot memory = rank-r LoRA), and it is served in the same batches as the LoRA users.
 - adherence = share of held-out prompts whose greedy answer passes the persona's checker, averaged over
-  personas per seed; "seed spread" is the standard deviation of that over seeds (reliability).
+  personas per seed; "seed spread" is the standard deviation of that over seeds (reliability). "95% CI" is the
+  Wilson score interval over every checked answer of the row (personas x seeds x held-out prompts, pooled): two
+  rows whose intervals overlap are not told apart by this grid. "format personas" / "memory personas" split the
+  adherence by the persona's kind (a surface habit vs a fact about the user applied or recalled).
 - codecs do not retrain: each trained adapter is stored under each codec and dequantized on load.
 - reduced grid by default (the rank sweep on all targets, the target sweep at rank 8, VeRA r16 on attention and on
   all targets): the full 3 x 5 LoRA grid is `--full-grid` (about twice the training time)."""
@@ -513,17 +561,30 @@ def run_scale_up(s: ScaleSettings, out_dir: Path, say: Say = print, fmt: Format 
             f"{len(s.personas)} personas x {s.seeds} seeds, {fmt.name}")
         per_base.append(_scale_up_one(base, s, fmt, say))
         del base
-    result = {"settings": s, "format": fmt.name, "bases": per_base, "blocked": blocked,
+    result = {"settings": s, "format": fmt.name, "bases": per_base, "blocked": blocked, "origin": origin(),
               "seconds": time.perf_counter() - t0}
     result["files"] = write_scale_up(result, out_dir)
     return result
 
 
+def _point_runs(point: dict) -> list[dict]:
+    """A scale-up checkpoint's per-persona lists as one run dict per (persona, seed)."""
+    return [{"persona": name, "adherence": a} for name, v in point["per_persona"].items() for a in v["adherence"]]
+
+
+def _point_interval(point: dict, n_eval: int) -> tuple[float, float]:
+    return pooled_interval(_point_runs(point), n_eval)
+
+
+def _point_category(point: dict, category: str) -> float:
+    return _mean(r["adherence"] for r in _point_runs(point) if _category(r) == category)
+
+
 def write_scale_up(result: dict, out_dir: Path) -> list[Path]:
     s = result["settings"]
     headers = ["base", "parameters", "base adherence", "adherence at " + "/".join(str(c * s.batch) for c in s.eval_steps)
-               + " examples", "held-out loss (base → adapter, last)", "examples to 80% (mean)",
-               "examples to 80% per persona"]
+               + " examples", "95% CI, last (all answers)", "format / memory personas, last",
+               "held-out loss (base → adapter, last)", "examples to 80% (mean)", "examples to 80% per persona"]
     rows = []
     for b in result["bases"]:
         curve = b["curve"]
@@ -534,7 +595,8 @@ def write_scale_up(result: dict, out_dir: Path) -> list[Path]:
         not_reached = f">{last['examples']}"
         per = ", ".join(f"{n}: {examples_to_reach(curve, persona=n) or not_reached}" for n in last["per_persona"])
         rows.append([b["base"], f"{b['parameters']:,}", _pct(last["base_adherence"]),
-                     " / ".join(_pct(p["adherence"]) for p in curve),
+                     " / ".join(_pct(p["adherence"]) for p in curve), _ci(_point_interval(last, s.n_eval)),
+                     " / ".join(_pct(_point_category(last, c)) for c in ("format", "memory")),
                      f"{last['base_eval_loss']:.3f} → {last['eval_loss']:.3f}",
                      reach if reach is not None else f">{last['examples']}", per])
     blocked = "\n".join(f"- `{n}`: {why}" for n, why in result["blocked"].items()) or "none"
@@ -547,13 +609,15 @@ def write_scale_up(result: dict, out_dir: Path) -> list[Path]:
     sections = [("Grid", grid), ("Per base", markdown_table(headers, rows)), ("Bases that could not be measured", blocked),
                 ("Plots", "\n".join(f"![{p.stem}]({p.name})" for p in files if p.suffix == ".png"))]
     files.insert(0, write_markdown(out_dir / "scale_up.md", "Scale up: the same personal models on stronger bases",
-                                    sections, notes))
+                                    sections, notes, measured=result.get("measured")))
     return files
 
 
 NOTES_UP = """\
 - random-init = the SmolLM2-135M architecture and tokenizer with freshly initialised weights (same shape,
   no knowledge): what an adapter can do without a pretrained base.
+- "95% CI, last" = the Wilson score interval of the last checkpoint's adherence over every checked answer
+  (personas x seeds x held-out prompts, pooled); "format / memory personas" splits it by the persona's kind.
 - examples to 80% = examples per user (steps x rows per step) at the first checkpoint whose adherence (mean over
   personas and seeds) reaches 80%; ">N" = not reached within the run. Checkpoints are coarse: the true number lies
   between the previous checkpoint and the one given."""
@@ -585,6 +649,42 @@ def _plot_scale_up(result: dict, out_dir: Path) -> list[Path]:
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return [path]
+
+
+def load_result(path: Path) -> tuple[str, dict]:
+    """A saved ``scale_down.json`` / ``scale_up.json`` -> ("scale-down" | "scale-up", the result dict with its
+    ScaleSettings rebuilt); a file that is neither is a clear error."""
+    import json  # noqa: PLC0415
+    from dataclasses import fields  # noqa: PLC0415
+
+    try:
+        data = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as exc:
+        raise EvaluationError(f"cannot read the result file {path}: {exc}") from None
+    kind = "scale-down" if isinstance(data, dict) and "runs" in data else \
+        "scale-up" if isinstance(data, dict) and "bases" in data else None
+    if kind is None or not isinstance(data.get("settings"), dict):
+        raise EvaluationError(f"{path} is not a scale_down.json or scale_up.json written by `lorafleet bench`")
+    known = {f.name for f in fields(ScaleSettings)}
+    given = {k: tuple(v) if isinstance(v, list) else v for k, v in data["settings"].items() if k in known}
+    try:
+        given["formats"] = tuple(Format(**f) for f in given.get("formats", ()))
+        data["settings"] = ScaleSettings(**given)
+    except TypeError as exc:
+        raise EvaluationError(f"{path}: the settings cannot be read back: {exc}") from None
+    return kind, data
+
+
+def render_result(path: Path, out_dir: Path | None = None) -> list[Path]:
+    """Redo the markdown table and plots of a saved result (the current writer, no training), next to the file or
+    into ``out_dir``."""
+    kind, result = load_result(path)
+    result["measured"] = result.get("origin")  # None for files saved before origins were kept: headed as of now
+    out_dir = Path(out_dir) if out_dir is not None else Path(path).parent
+    if kind == "scale-down":
+        result["summary"] = summarize_scale_down(result["runs"], result["settings"].n_eval)
+        return write_scale_down(result, out_dir)
+    return write_scale_up(result, out_dir)
 
 
 def reduced_settings(**overrides) -> ScaleSettings:

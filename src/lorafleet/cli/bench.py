@@ -86,6 +86,20 @@ def scale_down(
         _say(f"wrote {path}")
 
 
+@bench_app.command("render")
+@handle_errors
+def render(
+    result: Path = typer.Argument(..., help="a scale_down.json or scale_up.json written by scale-down / scale-up"),
+    out: Path | None = typer.Option(None, "--out", help="directory for the .md and .png (default: next to the file)"),
+) -> None:
+    """Redo a scale-down / scale-up report (table and plots) from its saved JSON, without training."""
+    quiet_libraries()
+    from lorafleet.bench.scale import render_result  # noqa: PLC0415 - defers torch
+
+    for path in render_result(result, out):
+        _say(f"wrote {path}")
+
+
 @bench_app.command("scale-up")
 @handle_errors
 def scale_up(

@@ -205,6 +205,16 @@ def clear_base_cache() -> None:
     _base_cache.clear()
 
 
+def wilson_interval(passed: int, n: int, z: float = 1.96) -> tuple[float, float]:
+    """95% Wilson score interval of a pass rate (``passed`` of ``n`` checked answers); NaNs for ``n == 0``."""
+    if n == 0:
+        return (math.nan, math.nan)
+    p = passed / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
 def adherence_rate(eval_set: EvalSet, responses: list[str]) -> float | None:
     """Share of responses that pass the persona's checker; None without a persona."""
     if eval_set.persona is None:
