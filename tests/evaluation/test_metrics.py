@@ -50,6 +50,26 @@ def test_perplexities_finite_and_base_first_class(tiny_base, adapters):
     assert all(math.isfinite(x) and x > 1 for x in ppl)
 
 
+def test_perplexity_texts_keep_the_tokenizers_special_tokens(tiny_base, monkeypatch):
+    """A tokenizer that starts documents with a BOS (Gemma's) gets it in the probe's plain texts too: without it
+    Gemma-3-270M's perplexity was 262 instead of 15 and every ratio against it was measured off-distribution."""
+    import dataclasses
+
+    real, bos, seen = tiny_base.tokenizer, 1, []
+
+    class WithBos:  # the tiny tokenizer, plus a BOS where the tokenizer adds its special tokens
+        def __call__(self, text, add_special_tokens=True, **kw):
+            ids = real(text, add_special_tokens=False, **kw)["input_ids"]
+            return {"input_ids": [bos, *ids] if add_special_tokens else ids}
+
+        def __getattr__(self, name):
+            return getattr(real, name)
+
+    monkeypatch.setattr(metrics, "_mean_nll", lambda base, adapters, rows, n: seen.extend(rows) or [2.0] * n)
+    ppl = metrics.perplexities(dataclasses.replace(tiny_base, tokenizer=WithBos()), [None], texts=("Hello world.",))
+    assert seen and seen[0][1][0] == bos and ppl == [math.exp(2.0)]
+
+
 def test_adherence_uses_the_personas_checker(tiny_base, adapters):
     es = EvalSet.from_persona(SMALL)
     (m,) = evaluate_adapters(tiny_base, [adapters[0]], [es], max_new_tokens=4, backend=_gold_backend(es))

@@ -186,11 +186,14 @@ def eval_losses(base, adapters: list, record_lists: list[list[dict]], *, max_len
 
 
 def perplexities(base, adapters: list, texts: tuple[str, ...] = probe.PROBE_TEXTS) -> list[float]:
-    """Perplexity of plain ``texts`` (no chat template) under each adapter (None = base)."""
+    """Perplexity of plain ``texts`` (no chat template) under each adapter (None = base).
+
+    Each text is encoded as the model's own tokenizer encodes a document, special tokens included: Gemma's adds
+    ``<bos>``, without which Gemma-3-270M's perplexity on these texts is 262 instead of 15 (SmolLM2's adds none)."""
     rows = []
     for k in range(len(adapters)):
         for text in texts:
-            ids = base.tokenizer(text, add_special_tokens=False)["input_ids"][:MAX_LEN]
+            ids = base.tokenizer(text)["input_ids"][:MAX_LEN]
             rows.append((k, ids, list(ids)))
     return [math.exp(x) if math.isfinite(x) else math.nan for x in _mean_nll(base, adapters, rows, len(adapters))]
 

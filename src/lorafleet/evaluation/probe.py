@@ -18,7 +18,7 @@ from __future__ import annotations
 import re
 from collections import Counter
 
-PROBE_VERSION = 2
+PROBE_VERSION = 3  # 3: the plain texts keep the tokenizer's special tokens (Gemma's <bos>)
 
 PROBE_TEXTS: tuple[str, ...] = (
     "The library opens at nine in the morning and closes at six in the evening. Visitors can borrow up to "
