@@ -3,7 +3,7 @@ the competence probe and the gate's verdict, per base.
 
 ``personal_vs_prompt.py`` trains with the ``lorafleet train`` defaults (rank 8 on every projection, alpha 16, 30
 steps, 4 rows per step, max_len 256, lr 1e-3). On Gemma-3-270M those adapters kept 33% of the base's probe answers
-and raised its plain-text perplexity 26x, so the gate would refuse them all. This benchmark keeps everything but the
+and raised its plain-text perplexity 3.5x (docs/results/lr_competence_gemma3-270m.md), so the gate refuses them all. This benchmark keeps everything but the
 learning rate and, for each lr, trains the same personas (packed, one trainer per lr), then measures on the same
 held-out prompts, through the serving engine: habit adherence, held-out loss, the competence probe (retention of
 the base's correct answers, perplexity ratio on plain text) and what the promotion gate decides against the base
@@ -33,9 +33,9 @@ def refusal(why: str) -> str:
         return "ppl"
     if why.startswith("competence probe failed: kept"):
         return "retention"
-    if "below the floor" in why:
-        return "adherence floor"
-    return "no gain over the base" if "probe" not in why.split(";")[0] else why.split(";")[0]
+    if why.startswith("competence probe missing"):
+        return "no probe"
+    return "adherence floor" if "below the floor" in why else "no gain over the base"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -86,13 +86,13 @@ def main(argv: list[str] | None = None) -> int:
     console.print(f"base {base.name}; {len(personas)} personas x {args.seeds} seed(s) per lr; lrs {lrs}; {steps} steps")
 
     # -- train: one packed trainer per lr (bounds the packed batch's logits memory) ------------------------------
+    jobs = {lr: {f"{lr}:{p.name}:{s}": (p, s) for p in personas for s in range(args.seeds)} for lr in lrs}
     adapters, train_s, train_loss = {}, {}, {}
     for lr in lrs:
         trainer = MultiTenantTrainer(base)
-        for p in personas:
-            for s in range(args.seeds):
-                cfg = TrainConfig(steps=steps, lr=lr, batch_size=defaults.batch_size, max_len=defaults.max_len, seed=s)
-                trainer.add(f"{lr}:{p.name}:{s}", LoraAdapter.create(base, spec, seed=s), p.data().train_dataset(), cfg)
+        for key, (p, s) in jobs[lr].items():
+            cfg = TrainConfig(steps=steps, lr=lr, batch_size=defaults.batch_size, max_len=defaults.max_len, seed=s)
+            trainer.add(key, LoraAdapter.create(base, spec, seed=s), p.data().train_dataset(), cfg)
         t0 = time.perf_counter()
         for step in range(steps):
             losses = trainer.step()
@@ -108,12 +108,13 @@ def main(argv: list[str] | None = None) -> int:
     t1 = time.perf_counter()
     sets = {p.name: EvalSet.from_persona(p) for p in personas}
     keys = list(adapters)
+    eval_set = {key: sets[p.name] for per_lr in jobs.values() for key, (p, _s) in per_lr.items()}
     backend = EngineBackend(base, config=EngineConfig(max_batch=32, max_active=32, max_cached=64, max_rank=16))
     try:
         for a in adapters.values():
             backend.add(a)
         metrics = dict(zip(keys, evaluate_adapters(base, [adapters[k] for k in keys],
-                                                    [sets[k.split(":")[1]] for k in keys],
+                                                    [eval_set[k] for k in keys],
                                                     max_new_tokens=args.max_new_tokens, backend=backend), strict=True))
     finally:
         backend.close()
@@ -123,26 +124,23 @@ def main(argv: list[str] | None = None) -> int:
     gate_cfg = GateConfig()
     headers = ["lr", "adherence", "95% CI (all answers)", "format", "memory", "held-out loss", "final train loss",
                "probe retention (mean, min)", "probe ppl × (mean, max)", "gate would promote", "refusals"]
-    rows, by_lr = [], {}
+    rows = []
     first = metrics[keys[0]]
-    rows.append(["base (no adapter)", f"{statistics.fmean(metrics[k]['base_adherence'] for k in keys if k.startswith(f'{lrs[0]}:')):.0%}",
+    rows.append(["base (no adapter)", f"{statistics.fmean(metrics[k]['base_adherence'] for k in jobs[lrs[0]]):.0%}",
                  "", "", "", f"{statistics.fmean(m['base_eval_loss'] for m in metrics.values()):.3f}", "", "100%", "1.00",
                  "", ""])
     for lr in lrs:
-        ms = [(k, metrics[k]) for k in keys if k.startswith(f"{lr}:")]
-        size = {k: len(sets[k.split(":")[1]].user_prompts) for k, _ in ms}
+        ms = [(k, metrics[k]) for k in jobs[lr]]
+        size = {k: len(eval_set[k].user_prompts) for k, _ in ms}
         n, passed = sum(size.values()), sum(round(m["adherence"] * size[k]) for k, m in ms)
         lo, hi = wilson_interval(passed, n)
-        cat = {c: [m["adherence"] for k, m in ms if get_persona(k.split(":")[1]).category == c] for c in ("format", "memory")}
+        cat = {c: [m["adherence"] for k, m in ms if jobs[lr][k][0].category == c] for c in ("format", "memory")}
         ret = [m["probe_retention"] for _, m in ms if m.get("probe_retention") is not None]
         ppl = [m["probe_ppl_ratio"] for _, m in ms if m.get("probe_ppl_ratio") is not None]
         verdicts = [decide(m, {"adherence": m["base_adherence"], "eval_loss": m["base_eval_loss"]}, gate_cfg,
                            reference_name="base") for _, m in ms]
         refused = [refusal(why) for ok, why in verdicts if not ok]
         reasons = ", ".join(f"{r} x{refused.count(r)}" for r in sorted(set(refused))) or "-"
-        by_lr[lr] = {"adherence": passed / n, "ci": (lo, hi), "retention": statistics.fmean(ret) if ret else None,
-                     "ppl": statistics.fmean(ppl) if ppl else None, "promoted": len(verdicts) - len(refused),
-                     "n": len(verdicts)}
         console.print(f"lr {lr:g}: adherence {passed}/{n}, probe retention "
                       f"{statistics.fmean(ret) if ret else float('nan'):.0%}, ppl x"
                       f"{statistics.fmean(ppl) if ppl else float('nan'):.2f}; the gate would promote "

@@ -572,10 +572,6 @@ def _point_runs(point: dict) -> list[dict]:
     return [{"persona": name, "adherence": a} for name, v in point["per_persona"].items() for a in v["adherence"]]
 
 
-def _point_interval(point: dict, n_eval: int) -> tuple[float, float]:
-    return pooled_interval(_point_runs(point), n_eval)
-
-
 def _point_category(point: dict, category: str) -> float:
     return _mean(r["adherence"] for r in _point_runs(point) if _category(r) == category)
 
@@ -595,7 +591,7 @@ def write_scale_up(result: dict, out_dir: Path) -> list[Path]:
         not_reached = f">{last['examples']}"
         per = ", ".join(f"{n}: {examples_to_reach(curve, persona=n) or not_reached}" for n in last["per_persona"])
         rows.append([b["base"], f"{b['parameters']:,}", _pct(last["base_adherence"]),
-                     " / ".join(_pct(p["adherence"]) for p in curve), _ci(_point_interval(last, s.n_eval)),
+                     " / ".join(_pct(p["adherence"]) for p in curve), _ci(pooled_interval(_point_runs(last), s.n_eval)),
                      " / ".join(_pct(_point_category(last, c)) for c in ("format", "memory")),
                      f"{last['base_eval_loss']:.3f} → {last['eval_loss']:.3f}",
                      reach if reach is not None else f">{last['examples']}", per])
